@@ -1,0 +1,356 @@
+"""Typed, validated configs: the ground floor every other module reads.
+
+Configs are frozen dataclasses with no side effects. They load from YAML (or dicts) with strict
+checking: an unknown field, a wrong type or a value outside its allowed set raises `ConfigError`
+naming the field path, the value and what is allowed. Checks that need the model (a layer index
+beyond its depth) live in `raysae.models.validate_sites`, which runs before any Ray work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+Site = Literal["resid_pre", "resid_post"]
+StorageDtype = Literal["float32", "float16", "bfloat16"]
+ModelDtype = Literal["float32", "float16", "bfloat16"]
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the field, the value and what is allowed."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic strict loading
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp`, converting dicts into nested dataclasses."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for opt in options:
+            if opt is type(None):
+                continue
+            try:
+                return _coerce(value, opt, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{path}: got {value!r}, expected {_type_name(tp)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: got {value!r}, expected a list")
+        (item_tp, *_) = get_args(tp) or (Any,)
+        return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: got {value!r}, expected a mapping")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: got {value!r}, expected a mapping of {tp.__name__} fields")
+        return from_dict(tp, value, path)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, float) and value.is_integer() and abs(value) >= 1e3:
+        return int(value)  # YAML reads 1e6 as a float; accept it where a token count is meant
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{path}: got {value!r} ({type(value).__name__}), expected {tp.__name__}")
+    return value
+
+
+T = typing.TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
+    """Build dataclass `cls` from a dict, rejecting unknown fields and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(
+            f"unknown field {where}{unknown[0]!r} in {cls.__name__}; allowed fields: {', '.join(names)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # missing required field
+        raise ConfigError(f"{path or cls.__name__}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config as plain dicts and lists (for YAML and manifests)."""
+    out = dataclasses.asdict(cfg)
+
+    def fix(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: fix(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [fix(v) for v in x]
+        return x
+
+    return fix(out)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, str]:
+    """`a.b.c -> str(value)` pairs, the form MLflow params take."""
+    flat: dict[str, str] = {}
+    for k, v in (to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k != "from_config":
+            flat.update(flatten(v, key + "."))
+        else:
+            flat[key] = str(v)
+    return flat
+
+
+def _fail(path: str, value: Any, expected: str) -> None:
+    raise ConfigError(f"{path}: got {value!r}, expected {expected}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The configs
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which language model to load."""
+
+    name: str
+    """Hub name or local path of a Hugging Face causal LM; a label when `from_config` is set."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit); None for the default branch or a local path."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub. Off unless a config turns it on."""
+    dtype: ModelDtype = "float32"
+    """Dtype the model's weights are loaded in."""
+    from_config: dict[str, Any] | None = None
+    """Build a randomly initialised model from this HF config dict (tests, benchmarks)."""
+    init_seed: int = 0
+    """Seed for the weights of a model built from `from_config`."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the tokens come from and how many."""
+
+    source: str
+    """A `datasets` hub name, or a local .parquet/.arrow/.jsonl file or directory of them."""
+    context_length: int
+    """Tokens per sequence fed to the model."""
+    num_tokens: int
+    """Token budget: sequences are taken until their total reaches this (rounded up to a sequence)."""
+    column: str = "input_ids"
+    """Column holding token ids (lists of ints) or text (strings, tokenized with `tokenizer`)."""
+    split: str = "train"
+    """Dataset split."""
+    tokenizer: str | None = None
+    """Tokenizer name/path; defaults to the model's. Needed for text columns and special tokens."""
+    prepend_bos: bool = False
+    """Put the BOS token at the start of every sequence (text sources only)."""
+
+    def __post_init__(self) -> None:
+        if self.context_length < 1:
+            _fail("data.context_length", self.context_length, "a positive integer")
+        if self.num_tokens < self.context_length:
+            _fail("data.num_tokens", self.num_tokens, f">= context_length ({self.context_length})")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The activation-caching stage: which sites to record and how to store them."""
+
+    sites: tuple[Site, ...] = ("resid_post",)
+    """Hook sites recorded at every layer in `layers`."""
+    layers: tuple[int, ...] = (0,)
+    """Block indices to record (0-based); checked against the model before any work starts."""
+    dtype: StorageDtype = "float32"
+    """Storage dtype of the vectors; bfloat16 is stored as its raw 16 bits (uint16)."""
+    batch_size: int = 8
+    """Sequences per forward pass in one LM actor."""
+    shard_tokens: int = 65536
+    """Approximate tokens per shard file (a shard holds whole forward batches)."""
+    num_actors: int = 1
+    """LM actors in the Ray Data pool (one per GPU when use_gpu)."""
+    actor_cpus: float = 0.5
+    """CPUs reserved per LM actor; below 1 so Ray Data's read tasks never starve on small nodes."""
+    use_gpu: bool = False
+    """Place each LM actor on a GPU."""
+    exclude_special: bool = True
+    """Drop BOS/EOS/PAD positions from the shards."""
+    out_dir: str = "runs/activations"
+    """Root of the activation cache."""
+
+    def __post_init__(self) -> None:
+        if not self.sites:
+            _fail("cache.sites", self.sites, "at least one site")
+        if not self.layers or any(i < 0 for i in self.layers):
+            _fail("cache.layers", self.layers, "a non-empty list of non-negative block indices")
+        if len(set(self.layers)) != len(self.layers):
+            _fail("cache.layers", self.layers, "no repeated layers")
+        for name in ("batch_size", "shard_tokens", "num_actors"):
+            if getattr(self, name) < 1:
+                _fail(f"cache.{name}", getattr(self, name), "a positive integer")
+        if self.actor_cpus <= 0:
+            _fail("cache.actor_cpus", self.actor_cpus, "a positive number")
+
+
+Architecture = Literal["relu", "topk", "jumprelu"]
+BDecInit = Literal["mean", "geometric_median", "zeros"]
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """The sparse autoencoder: architecture, width and sparsity."""
+
+    architecture: Architecture = "relu"
+    """relu (ReLU + decoder-norm-weighted L1), topk (k largest pre-activations) or jumprelu."""
+    expansion_factor: int = 8
+    """d_sae = expansion_factor * d_in (ignored when d_sae is set)."""
+    d_sae: int | None = None
+    """Explicit dictionary width."""
+    k: int = 64
+    """Active latents per token (topk)."""
+    l1_coefficient: float = 5.0
+    """Sparsity coefficient: L1 weight for relu, L0 weight for jumprelu."""
+    jumprelu_threshold: float = 0.001
+    """Initial per-feature threshold (jumprelu)."""
+    jumprelu_bandwidth: float = 0.001
+    """Width of the straight-through window of the threshold gradient (jumprelu)."""
+    b_dec_init: BDecInit = "geometric_median"
+    """How a scratch SAE's b_dec is set from a data sample."""
+
+    def __post_init__(self) -> None:
+        if self.expansion_factor < 1:
+            _fail("sae.expansion_factor", self.expansion_factor, "a positive integer")
+        if self.d_sae is not None and self.d_sae < 1:
+            _fail("sae.d_sae", self.d_sae, "a positive integer or null")
+        if self.k < 1:
+            _fail("sae.k", self.k, "a positive integer")
+        if self.l1_coefficient < 0:
+            _fail("sae.l1_coefficient", self.l1_coefficient, "a non-negative number")
+        if self.jumprelu_threshold <= 0:
+            _fail("sae.jumprelu_threshold", self.jumprelu_threshold, "a positive number")
+        if self.jumprelu_bandwidth <= 0:
+            _fail("sae.jumprelu_bandwidth", self.jumprelu_bandwidth, "a positive number")
+
+    def width(self, d_in: int) -> int:
+        """The dictionary width for inputs of width `d_in`."""
+        return self.d_sae if self.d_sae is not None else self.expansion_factor * d_in
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The SAE training loop: token budget, optimiser, schedule, checkpoints."""
+
+    num_tokens: int = 1_000_000
+    """Token budget; training stops at exactly this many tokens."""
+    batch_size: int = 4096
+    """Activation vectors per optimiser step (global, across workers)."""
+    lr: float = 3e-5
+    """Peak learning rate (paper: 3e-5 scratch, 1e-5 fine-tune)."""
+    adam_betas: tuple[float, ...] = (0.0, 0.999)
+    """Adam (beta1, beta2)."""
+    lr_warmup_frac: float = 0.05
+    """Fraction of steps of linear lr warm-up."""
+    lr_decay_frac: float = 0.2
+    """Fraction of final steps of linear lr decay to zero."""
+    l1_warmup_frac: float = 0.05
+    """Fraction of steps over which the sparsity coefficient ramps up from 0."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip (0 disables)."""
+    checkpoint_every_tokens: int = 250_000
+    """Tokens between checkpoints (paper: 100M of 500M)."""
+    dead_window_tokens: int = 1_000_000
+    """A latent that has not fired in this many tokens counts as dead."""
+    eval_tokens: int = 16384
+    """Held-out tokens used for the metrics at each checkpoint."""
+    seed: int = 0
+    """Seed for initialisation and data order."""
+    num_workers: int = 1
+    """Ray Train workers (data parallel)."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    autocast_bf16: bool = False
+    """bf16 autocast for the SAE forward (GPU)."""
+    log_every_steps: int = 100
+    """Optimiser steps between metric reports (the only points where the loop syncs the host)."""
+
+    def __post_init__(self) -> None:
+        if self.num_tokens < self.batch_size:
+            _fail("train.num_tokens", self.num_tokens, f">= batch_size ({self.batch_size})")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            _fail("train.adam_betas", self.adam_betas, "two numbers in [0, 1)")
+        for name in ("lr_warmup_frac", "lr_decay_frac", "l1_warmup_frac"):
+            if not 0 <= getattr(self, name) <= 1:
+                _fail(f"train.{name}", getattr(self, name), "a fraction in [0, 1]")
+        if self.lr_warmup_frac + self.lr_decay_frac > 1:
+            _fail("train.lr_decay_frac", self.lr_decay_frac, "lr_warmup_frac + lr_decay_frac <= 1")
+        for name in (
+            "batch_size",
+            "checkpoint_every_tokens",
+            "dead_window_tokens",
+            "num_workers",
+            "eval_tokens",
+            "log_every_steps",
+        ):
+            if getattr(self, name) < 1:
+                _fail(f"train.{name}", getattr(self, name), "a positive integer")
+        if self.lr <= 0:
+            _fail("train.lr", self.lr, "a positive number")
+        if self.grad_clip < 0:
+            _fail("train.grad_clip", self.grad_clip, "a non-negative number (0 disables)")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """One job: a model, its data, and the stages to run on it."""
+
+    name: str
+    """Experiment name (MLflow experiment, output folder)."""
+    model: ModelConfig
+    """The language model."""
+    data: DataConfig
+    """The token source."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """Activation caching."""
+    runs_dir: str = "runs"
+    """Root of everything the job writes."""
+
+
+def load_config(path: str | Path) -> JobConfig:
+    """Read a YAML job config; raise ConfigError naming the file on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return from_dict(JobConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -1,0 +1,142 @@
+"""Ray Data activation caching: token sequences -> a pool of LM actors -> Arrow shards.
+
+Each Ray Data batch is one shard's worth of sequences. An actor runs the truncated forward for
+every requested site at once and writes the shards itself, returning only their manifest
+records, so activations never travel through the object store. The driver writes the
+manifests once every shard is on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from ray.data import ActorPoolStrategy
+
+from raysae import shards
+from raysae.activations import (
+    ShardCacher,
+    load_rows,
+    plan_cache,
+    prepare_dirs,
+    special_token_ids,
+    token_sequences,
+    write_manifests,
+)
+from raysae.config import JobConfig, ModelConfig, from_dict, to_dict
+from raysae.models import load_tokenizer
+
+log = logging.getLogger("raysae.caching")
+
+
+class _LMActor:
+    """A Ray Data actor holding one LM (on its GPU when one is assigned)."""
+
+    def __init__(self, model: dict, threads: int, **kwargs: Any) -> None:
+        torch.set_num_threads(threads)
+        device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        self.cacher = ShardCacher(from_dict(ModelConfig, model), device=device, **kwargs)
+
+    def __call__(self, batch: pa.Table) -> dict[str, list]:
+        ids = batch.column("input_ids").combine_chunks()
+        ids_NT = ids.values.to_numpy().reshape(len(batch), ids.type.list_size)
+        records = self.cacher(batch.column("seq_index").to_numpy(), ids_NT)
+        return {k: [r[k] for r in records] for k in records[0]}
+
+
+def sequences_dataset(tokens_NT: np.ndarray, seqs_per_shard: int) -> ray.data.Dataset:
+    """One Ray Data block per shard of (seq_index, input_ids) rows."""
+    n, t = tokens_NT.shape
+    ids = pa.FixedSizeListArray.from_arrays(pa.array(tokens_NT.reshape(-1)), t)
+    table = pa.table({"seq_index": pa.array(np.arange(n, dtype=np.int64)), "input_ids": ids})
+    return ray.data.from_arrow(
+        [table.slice(s, seqs_per_shard) for s in range(0, n, seqs_per_shard)]
+    )
+
+
+def cache_activations(job: JobConfig) -> dict[str, Path]:
+    """Cache every (site, layer) of the job; reuse complete shard sets. Returns hook -> dir."""
+    plan = plan_cache(job)  # raises on bad layers before any Ray work
+    if not plan.missing:
+        log.info("activation cache %s is complete; reusing it", plan.fingerprint)
+        return plan.dirs
+    cache, data = job.cache, job.data
+    tokenizer = load_tokenizer(job.model, data)
+    tokens_NT = token_sequences(
+        load_rows(data.source, data.split, data.column),
+        data.context_length,
+        data.num_tokens,
+        tokenizer,
+        data.prepend_bos,
+    )
+    seqs_per_shard = max(1, cache.shard_tokens // data.context_length)
+    prepare_dirs(plan)
+    log.info(
+        "caching %d sites x %d tokens into %d shards each under %s",
+        len(plan.missing),
+        tokens_NT.size,
+        -(-len(tokens_NT) // seqs_per_shard),
+        Path(cache.out_dir) / plan.fingerprint,
+    )
+    t0 = time.perf_counter()
+    records = (
+        sequences_dataset(tokens_NT, seqs_per_shard)
+        .map_batches(
+            _LMActor,
+            batch_size=seqs_per_shard,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=cache.num_actors),
+            num_cpus=cache.actor_cpus,
+            num_gpus=1 if cache.use_gpu else 0,
+            fn_constructor_kwargs=dict(
+                model=to_dict(job.model),
+                threads=max(1, round(cache.actor_cpus)),
+                sites=list(plan.missing),
+                dirs={k: str(v) for k, v in plan.dirs.items()},
+                dtype=cache.dtype,
+                batch_size=cache.batch_size,
+                special_ids=special_token_ids(job.model, tokenizer) if cache.exclude_special else [],
+            ),
+        )
+        .take_all()
+    )
+    write_manifests(job, plan, records)
+    dt = time.perf_counter() - t0
+    log.info("cached %d tokens in %.1f s (%.0f tokens/s)", tokens_NT.size, dt, tokens_NT.size / dt)
+    return plan.dirs
+
+
+def _read_shard_batch(batch: dict[str, np.ndarray], directory: str, verify: bool) -> dict[str, np.ndarray]:
+    manifest = shards.read_manifest(directory)
+    infos = {s.file: s for s in manifest.shards}
+    tables = [shards.load_shard(Path(directory), infos[f], verify) for f in batch["file"]]
+    table = pa.concat_tables(tables)
+    acts = shards.decode_vectors(table.column("acts"), manifest.dtype, manifest.d_model)
+    return {
+        "acts": acts.float().numpy(),
+        "token_id": table.column("token_id").to_numpy(),
+        "position": table.column("position").to_numpy(),
+    }
+
+
+def activation_dataset(
+    directory: str | Path, *, verify: bool = True, seed: int | None = 0, **expect: Any
+) -> ray.data.Dataset:
+    """A Ray Dataset of one verified shard set (column `acts`: float32 [d_model] tensors), shard
+    order shuffled by `seed`. Iterate with `iter_torch_batches(batch_size=B,
+    local_shuffle_buffer_size=...)` for shuffled batches of B vectors."""
+    reader = shards.ActivationReader(directory, verify=verify, **expect)
+    files = [s.file for s in reader.manifest.shards]
+    if seed is not None:
+        files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
+    return ray.data.from_items([{"file": f} for f in files]).map_batches(
+        _read_shard_batch,
+        batch_size=1,
+        fn_kwargs={"directory": str(reader.directory), "verify": verify},
+    )

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny models built from a config, a local token file, one Ray instance."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raysae.config import CacheConfig, DataConfig, JobConfig, ModelConfig
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+TINY_NEOX = dict(
+    model_type="gpt_neox",
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=256,
+    vocab_size=128,
+    max_position_embeddings=64,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=2,
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local parquet of token-id rows; every row starts with BOS (id 0) like a real corpus."""
+    rng = np.random.default_rng(0)
+    rows = rng.integers(3, TINY_NEOX["vocab_size"], size=(64, 32)).astype(np.int32)
+    rows[:, 0] = 0
+    path = tmp_path_factory.mktemp("tokens") / "tokens.parquet"
+    pq.write_table(pa.table({"input_ids": pa.array(list(rows))}), path)
+    return path
+
+
+def build_cfg(tmp: Path, token_file: Path, **overrides: object) -> JobConfig:
+    """A small valid job; keyword overrides replace whole sections (model=, data=, cache=)."""
+    parts: dict[str, object] = dict(
+        name="test",
+        model=ModelConfig(name="tiny-neox", from_config=TINY_NEOX),
+        data=DataConfig(source=str(token_file), context_length=16, num_tokens=512),
+        cache=CacheConfig(layers=(0, 2), sites=("resid_post",), shard_tokens=128, out_dir=str(tmp / "acts")),
+        runs_dir=str(tmp),
+    )
+    parts.update(overrides)
+    return JobConfig(**parts)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session (starting Ray costs seconds)."""
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=200_000_000,
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()

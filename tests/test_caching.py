@@ -1,0 +1,94 @@
+"""Ray Data caching end to end on a tiny model and a local token file."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import build_cfg
+
+from raysae import shards
+from raysae.activations import plan_cache
+from raysae.config import CacheConfig, ConfigError
+from raysae.models import load_lm, run_with_cache
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def cached(ray_local, tmp_path_factory, token_file):
+    from raysae.distributed.caching import cache_activations
+
+    tmp = tmp_path_factory.mktemp("cache")
+    cfg = build_cfg(tmp, token_file)
+    cfg = build_cfg(tmp, token_file, cache=CacheConfig(
+        layers=(0, 2), sites=("resid_post", "resid_pre"), shard_tokens=128, batch_size=3,
+        num_actors=2, out_dir=str(tmp / "acts")))
+    return cfg, cache_activations(cfg)
+
+
+def test_cache_matches_direct_forward_token_by_token(cached, token_file):
+    cfg, dirs = cached
+    assert sorted(dirs) == ["blocks.0.hook_resid_post", "blocks.0.hook_resid_pre",
+                            "blocks.2.hook_resid_post", "blocks.2.hook_resid_pre"]
+    rows = np.stack(pq.read_table(token_file).column("input_ids").to_pylist())
+    ids = torch.from_numpy(rows.reshape(-1)[: cfg.data.num_tokens].reshape(-1, 16)).long()
+    model = load_lm(cfg.model)
+    direct = run_with_cache(model, ids, [("resid_post", 2), ("resid_pre", 0)])
+    for name in ["blocks.2.hook_resid_post", "blocks.0.hook_resid_pre"]:
+        reader = shards.ActivationReader(dirs[name], layer=int(name.split(".")[1]), d_model=64)
+        m = reader.manifest
+        assert len(m.shards) == 4 and m.context_length == 16 and m.dtype == "float32"
+        n_bos = int((ids == 0).sum())
+        assert m.num_tokens == ids.numel() - n_bos  # the BOS positions are excluded
+        for info in m.shards:
+            t = reader.read_shard(info)
+            seq = t.column("seq_index").to_numpy()
+            pos = t.column("position").to_numpy()
+            assert (t.column("token_id").to_numpy() != 0).all()  # no BOS
+            assert np.array_equal(t.column("token_id").to_numpy(), ids[seq, pos].numpy())
+            assert torch.allclose(reader.vectors(t), direct[name][seq, pos], atol=1e-5)
+
+
+def test_rerun_reuses_complete_cache_and_fills_missing(cached, token_file):
+    from raysae.distributed.caching import cache_activations
+
+    cfg, dirs = cached
+    mtimes = {k: os.path.getmtime(v / shards.MANIFEST) for k, v in dirs.items()}
+    assert plan_cache(cfg).missing == ()
+    assert cache_activations(cfg) == dirs
+    assert {k: os.path.getmtime(v / shards.MANIFEST) for k, v in dirs.items()} == mtimes
+    # a half-written set (no manifest) is computed again, the complete ones are left alone
+    (dirs["blocks.2.hook_resid_pre"] / shards.MANIFEST).unlink()
+    assert plan_cache(cfg).missing == (("resid_pre", 2),)
+    cache_activations(cfg)
+    assert os.path.getmtime(dirs["blocks.0.hook_resid_post"] / shards.MANIFEST) == mtimes["blocks.0.hook_resid_post"]
+    shards.ActivationReader(dirs["blocks.2.hook_resid_pre"])
+
+
+def test_ray_dataset_reader(cached):
+    from raysae.distributed.caching import activation_dataset
+
+    _, dirs = cached
+    d = dirs["blocks.0.hook_resid_post"]
+    ds = activation_dataset(d, layer=0, d_model=64)
+    batches = list(ds.iter_torch_batches(batch_size=32, local_shuffle_buffer_size=64))
+    got = torch.cat([b["acts"] for b in batches])
+    plain = torch.cat(list(shards.ActivationReader(d).iter_batches(1000, shuffle=False)))
+    assert got.shape == plain.shape
+    key = lambda t: t[torch.argsort(t[:, 0])]  # noqa: E731
+    assert torch.equal(key(got), key(plain))
+    with pytest.raises(shards.ShardError, match="site='resid_post', but 'resid_pre'"):
+        activation_dataset(d, site="resid_pre")
+
+
+def test_bad_layer_fails_before_any_work(ray_local, tmp_path, token_file):
+    from raysae.distributed.caching import cache_activations
+
+    cfg = build_cfg(tmp_path, token_file, cache=CacheConfig(layers=(5,), out_dir=str(tmp_path / "a")))
+    with pytest.raises(ConfigError, match="layer 5 is outside"):
+        cache_activations(cfg)
+    assert not (tmp_path / "a").exists()

@@ -1,0 +1,81 @@
+"""Config loading: every mistake is named with its field, its value and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from conftest import TINY_NEOX
+
+from raysae.config import (
+    CacheConfig,
+    ConfigError,
+    JobConfig,
+    SAEConfig,
+    TrainConfig,
+    flatten,
+    from_dict,
+    load_config,
+    to_dict,
+)
+
+BASE = {
+    "name": "t",
+    "model": {"name": "tiny", "from_config": TINY_NEOX},
+    "data": {"source": "tokens.parquet", "context_length": 16, "num_tokens": 1e3},
+    "cache": {"layers": [0, 2], "sites": ["resid_post", "resid_pre"]},
+}
+
+
+def write(tmp_path, data):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_round_trip(tmp_path):
+    cfg = load_config(write(tmp_path, BASE))
+    assert cfg.cache.layers == (0, 2) and cfg.data.num_tokens == 1000
+    assert from_dict(JobConfig, to_dict(cfg)) == cfg
+    flat = flatten(cfg)
+    assert flat["cache.layers"] == "[0, 2]" and flat["model.trust_remote_code"] == "False"
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "pattern"),
+    [
+        (("cache", "layerz"), [0], r"unknown field cache\.'layerz'.*allowed fields: sites, layers"),
+        (("data", "context_length"), "16", r"data\.context_length: got '16' \(str\), expected int"),
+        (("cache", "sites"), ["resid_mid"], r"cache\.sites\[0\]: got 'resid_mid', expected one of 'resid_pre', 'resid_post'"),
+        (("cache", "dtype"), "int8", r"cache\.dtype: got 'int8', expected one of 'float32'"),
+        (("model", "trust_remote_code"), "yes", r"model\.trust_remote_code: got 'yes'"),
+        (("cache", "layers"), [1, 1], r"cache\.layers: got \(1, 1\), expected no repeated layers"),
+        (("data", "num_tokens"), 8, r"data\.num_tokens: got 8, expected >= context_length \(16\)"),
+    ],
+)
+def test_errors_name_field_value_and_allowed(tmp_path, path, value, pattern):
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    data[path[0]][path[1]] = value
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(write(tmp_path, data))
+
+
+def test_missing_file_and_bad_top_level(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(tmp_path / "list.yaml")
+    with pytest.raises(ConfigError, match=r"JobConfig.*model"):
+        from_dict(JobConfig, {"name": "x", "data": BASE["data"]})
+
+
+def test_sae_and_train_validation():
+    with pytest.raises(ConfigError, match=r"architecture: got 'gated', expected one of 'relu', 'topk', 'jumprelu'"):
+        from_dict(SAEConfig, {"architecture": "gated"})
+    with pytest.raises(ConfigError, match=r"train\.adam_betas"):
+        TrainConfig(adam_betas=(0.9,))
+    with pytest.raises(ConfigError, match=r"train\.lr_decay_frac"):
+        TrainConfig(lr_warmup_frac=0.5, lr_decay_frac=0.6)
+    with pytest.raises(ConfigError, match=r"cache\.batch_size: got 0"):
+        CacheConfig(batch_size=0)
+    assert SAEConfig(expansion_factor=8).width(64) == 512
