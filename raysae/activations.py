@@ -135,7 +135,7 @@ def plan_cache(job: JobConfig) -> CachePlan:
     """Validate the sites against the model (cheap: config only) and find what is missing."""
     d_model = validate_sites(job.model, job.cache.sites, job.cache.layers)
     fp = fingerprint(job)
-    root = Path(job.cache.out_dir) / fp
+    root = Path(job.runs_dir) / job.cache.out_dir / fp
     dirs, missing = {}, []
     for layer in job.cache.layers:
         for site in job.cache.sites:

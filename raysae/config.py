@@ -202,8 +202,8 @@ class CacheConfig:
     """Place each LM actor on a GPU."""
     exclude_special: bool = True
     """Drop BOS/EOS/PAD positions from the shards."""
-    out_dir: str = "runs/activations"
-    """Root of the activation cache."""
+    out_dir: str = "activations"
+    """Root of the activation cache, relative to the job's runs_dir unless absolute."""
 
     def __post_init__(self) -> None:
         if not self.sites:
@@ -339,7 +339,7 @@ class JobConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     """Activation caching."""
     runs_dir: str = "runs"
-    """Root of everything the job writes."""
+    """Root of everything the job writes (a shared filesystem on a multi-node cluster)."""
 
 
 def load_config(path: str | Path) -> JobConfig:

@@ -82,7 +82,7 @@ def cache_activations(job: JobConfig) -> dict[str, Path]:
         len(plan.missing),
         tokens_NT.size,
         -(-len(tokens_NT) // seqs_per_shard),
-        Path(cache.out_dir) / plan.fingerprint,
+        next(iter(plan.dirs.values())).parent,
     )
     t0 = time.perf_counter()
     records = (
