@@ -20,7 +20,14 @@ import torch
 
 from raysae import shards
 from raysae.config import JobConfig, ModelConfig, to_dict
-from raysae.models import hook_name, load_lm, model_hf_config, run_with_cache, validate_sites
+from raysae.models import (
+    hook_name,
+    load_lm,
+    load_tokenizer,
+    model_hf_config,
+    run_with_cache,
+    validate_sites,
+)
 
 log = logging.getLogger("raysae.activations")
 
@@ -64,10 +71,14 @@ def token_sequences(
     num_tokens: int,
     tokenizer: Any | None = None,
     prepend_bos: bool = False,
+    skip_tokens: int = 0,
 ) -> np.ndarray:
     """Pack rows (token-id lists, or texts with a tokenizer) into [n_seq, context_length] int32
-    windows until num_tokens is reached. Documents are joined with EOS when texts are tokenized."""
+    windows until num_tokens is reached, after dropping the windows that cover the first
+    skip_tokens (held-out data follows the cached data this way). Documents are joined with
+    EOS when texts are tokenized."""
     n_seq = -(-num_tokens // context_length)
+    skip = -(-skip_tokens // context_length)
     bos = [tokenizer.bos_token_id] if prepend_bos and tokenizer is not None else []
     body = context_length - len(bos)
     out = np.empty((n_seq, context_length), dtype=np.int32)
@@ -84,14 +95,30 @@ def token_sequences(
             ids = list(row)
         buf.extend(ids)
         while len(buf) >= body and filled < n_seq:
-            out[filled] = bos + buf[:body]
+            if skip:
+                skip -= 1
+            else:
+                out[filled] = bos + buf[:body]
+                filled += 1
             del buf[:body]
-            filled += 1
         if filled == n_seq:
             return out
     raise ValueError(
-        f"data.num_tokens: the source holds only {filled * context_length + len(buf)} tokens, "
-        f"fewer than the {num_tokens} requested"
+        f"data.source: the source ran out after {filled * context_length + len(buf)} of the "
+        f"{num_tokens} tokens requested (after skipping {skip_tokens})"
+    )
+
+
+def job_tokens(job: JobConfig, num_tokens: int, skip_tokens: int = 0) -> np.ndarray:
+    """The job's token windows: the cached ones (skip 0), or held-out ones after them."""
+    data = job.data
+    return token_sequences(
+        load_rows(data.source, data.split, data.column),
+        data.context_length,
+        num_tokens,
+        load_tokenizer(job.model, data),
+        data.prepend_bos,
+        skip_tokens,
     )
 
 

@@ -338,6 +338,10 @@ class JobConfig:
     """The token source."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     """Activation caching."""
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    """The SAE architecture and width."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """SAE training."""
     runs_dir: str = "runs"
     """Root of everything the job writes (a shared filesystem on a multi-node cluster)."""
 

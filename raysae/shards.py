@@ -245,3 +245,30 @@ class ActivationReader:
                 yield x[s : s + batch_size]
             if full < len(x):
                 pending.append(x[full:])
+
+    def stream(
+        self,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shards: Sequence[ShardInfo] | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Iterator[torch.Tensor]:
+        """Endless batches of exactly batch_size rows: shuffled epochs (seed, seed+1, ...) over
+        the shards, rows left at the end of an epoch carried into the next. Training budgets
+        larger than the cache cycle through it this way."""
+        shards = list(self.manifest.shards if shards is None else shards)
+        if not shards or sum(s.num_tokens for s in shards) == 0:
+            raise ShardError(f"{self.directory}: no activation rows to stream")
+        carry: torch.Tensor | None = None
+        epoch = 0
+        while True:
+            for x in self.iter_batches(batch_size, seed=seed + epoch, shards=shards, dtype=dtype):
+                if carry is not None:
+                    x, carry = torch.cat([carry, x]), None
+                while len(x) >= batch_size:
+                    yield x[:batch_size]
+                    x = x[batch_size:]
+                if len(x):
+                    carry = x
+            epoch += 1

@@ -22,11 +22,10 @@ from ray.data import ActorPoolStrategy
 from raysae import shards
 from raysae.activations import (
     ShardCacher,
-    load_rows,
+    job_tokens,
     plan_cache,
     prepare_dirs,
     special_token_ids,
-    token_sequences,
     write_manifests,
 )
 from raysae.config import JobConfig, ModelConfig, from_dict, to_dict
@@ -68,13 +67,7 @@ def cache_activations(job: JobConfig) -> dict[str, Path]:
         return plan.dirs
     cache, data = job.cache, job.data
     tokenizer = load_tokenizer(job.model, data)
-    tokens_NT = token_sequences(
-        load_rows(data.source, data.split, data.column),
-        data.context_length,
-        data.num_tokens,
-        tokenizer,
-        data.prepend_bos,
-    )
+    tokens_NT = job_tokens(job, data.num_tokens)
     seqs_per_shard = max(1, cache.shard_tokens // data.context_length)
     prepare_dirs(plan)
     log.info(

@@ -1,0 +1,103 @@
+"""The MLflow adapter: one run per training, found again by a stable key so that a resumed
+training continues its own run instead of opening a second one.
+
+The tracking URI is `MLFLOW_TRACKING_URI` when set (a server, for clusters), else a sqlite
+file under the job's runs directory. Experiments created here keep their artifacts under the
+runs directory too (not in `./mlruns` of whatever directory a Ray worker happens to run in).
+Every call goes through an explicit run id (MlflowClient), never the process-global active run,
+so Ray workers and restarts cannot mix runs up.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+RUN_KEY_TAG = "raysae.run_key"
+PARENT_TAG = "mlflow.parentRunId"
+_MAX_BATCH = 100  # MLflow's log_batch limit on params per call
+
+
+def tracking_uri(runs_dir: str | Path) -> str:
+    """MLFLOW_TRACKING_URI, else sqlite:///<runs_dir>/mlflow.db (absolute)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    path = Path(runs_dir).resolve() / "mlflow.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+class Tracker:
+    """One MLflow experiment, seen through explicit run ids."""
+
+    @classmethod
+    def for_runs_dir(cls, runs_dir: str | Path, experiment: str) -> Tracker:
+        """The job's tracker: its URI, artifacts under `<runs_dir>/mlartifacts`."""
+        return cls(tracking_uri(runs_dir), experiment, Path(runs_dir) / "mlartifacts")
+
+    def __init__(self, uri: str, experiment: str, artifact_root: str | Path | None = None) -> None:
+        """`artifact_root`: where a new experiment keeps artifacts (sqlite backends only)."""
+        self.uri = uri
+        self.client = MlflowClient(uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            self.experiment_id = found.experiment_id
+        else:
+            artifacts = None
+            if uri.startswith("sqlite:") and artifact_root is not None:
+                artifacts = Path(artifact_root).resolve().as_uri()
+            try:
+                self.experiment_id = self.client.create_experiment(experiment, artifacts)
+            except Exception:  # created concurrently by another worker or trial
+                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+
+    def find(self, key: str) -> str | None:
+        """The run id carrying this stable key, if any."""
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=2
+        )
+        return runs[0].info.run_id if runs else None
+
+    def open_run(
+        self,
+        key: str,
+        name: str,
+        tags: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        parent: str | None = None,
+    ) -> str:
+        """Resume the run with this key (setting it RUNNING again), or create it."""
+        run_id = self.find(key)
+        if run_id is not None:
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        all_tags = {RUN_KEY_TAG: key, **(tags or {})}
+        if parent is not None:
+            all_tags[PARENT_TAG] = parent
+        run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name)
+        run_id = run.info.run_id
+        items = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
+        for s in range(0, len(items), _MAX_BATCH):
+            self.client.log_batch(run_id, params=items[s : s + _MAX_BATCH])
+        return run_id
+
+    def log_metrics(self, run_id: str, values: Mapping[str, float], step: int) -> None:
+        """Metrics at one step (raysae uses tokens seen as the step)."""
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(step)) for k, v in values.items()]
+        self.client.log_batch(run_id, metrics=batch)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str) -> None:
+        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
