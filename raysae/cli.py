@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from raysae.config import ConfigError, JobConfig, load_config
-from raysae.models import validate_sites
+from raysae.models import parse_hook_name, validate_sites
+from raysae.tracking import tracking_uri
 
 log = logging.getLogger("raysae")
 
@@ -44,7 +45,30 @@ def cmd_cache(cfg: JobConfig) -> None:
         print(f"{name}: {directory}")
 
 
-COMMANDS = {"check": cmd_check, "cache": cmd_cache}
+def cmd_train(cfg: JobConfig) -> None:
+    """Cache, then train and evaluate one scratch SAE per cached site, one after another."""
+    from raysae.distributed.caching import cache_activations
+    from raysae.distributed.training import TrainSpec, train_on_ray, training_key
+
+    _init_ray()
+    for hook, directory in cache_activations(cfg).items():
+        site, layer = parse_hook_name(hook)
+        spec = TrainSpec(
+            key=training_key(cfg, hook, None),
+            name=f"L{layer} {site} scratch",
+            shards_dir=str(directory),
+            tags={"raysae.layer": str(layer), "raysae.init": "scratch"},
+        )
+        result = train_on_ray(cfg, spec)
+        m = result.metrics
+        print(
+            f"{hook}: CES {m['eval/ces']:.3f}  EV {m['eval/explained_variance']:.3f}  "
+            f"L0 {m['eval/l0']:.1f}  dead {m['eval/dead_fraction']:.3f}  -> {result.sae_dir}"
+        )
+    print(f"MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg.runs_dir)}")
+
+
+COMMANDS = {"check": cmd_check, "cache": cmd_cache, "train": cmd_train}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,10 +27,17 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    CheckpointConsistencyMode,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchTrainer
 
-from raysae.activations import job_tokens, special_token_ids
+from raysae.activations import fingerprint, job_tokens, special_token_ids
 from raysae.config import JobConfig, flatten, from_dict, to_dict
 from raysae.evaluate import evaluate_sae
 from raysae.models import load_lm, load_tokenizer, parse_hook_name
@@ -80,6 +87,18 @@ class TrainResult:
     """MLflow run id."""
     metrics: dict[str, float]
     """Evaluation metrics of the final checkpoint."""
+
+
+def training_key(job: JobConfig, hook: str, init_from: str | None) -> str:
+    """A stable identity for a training: its site, its start, and every setting that changes it."""
+    setting = {
+        "cache": fingerprint(job),
+        "sae": to_dict(job.sae),
+        "train": to_dict(job.train),
+        "init_from": init_from,
+    }
+    digest = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{hook}|{'scratch' if init_from is None else 'transfer'}|{digest}"
 
 
 def run_name_for(key: str) -> str:
@@ -277,6 +296,9 @@ def _worker(config: dict[str, Any]) -> None:
                 checkpoint=Checkpoint.from_directory(tmp),
                 checkpoint_dir_name=f"tokens_{st.tokens_seen:012d}",
             )
+        # Wait until the controller has registered it: a worker that dies before that would
+        # send the run back to the previous checkpoint, costing a whole interval.
+        ray.train.get_all_reported_checkpoints(CheckpointConsistencyMode.COMMITTED)
 
     final = train_sae(
         sae,
