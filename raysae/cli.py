@@ -16,11 +16,37 @@ from raysae.tracking import tracking_uri
 log = logging.getLogger("raysae")
 
 
+TOY_SCHEME = "toy://"
+TOY_MEMBERS = ("small", "large", "corpus", "heldout", "tokenizer")
+
+
+def resolve_toy(cfg: JobConfig) -> JobConfig:
+    """Replace `toy://<preset>/<member>` names by the paths of the toy pair, built under
+    `<runs_dir>/toy` on first use (a few minutes) and reused after."""
+
+    def resolve(uri: str | None) -> str | None:
+        if uri is None or not uri.startswith(TOY_SCHEME):
+            return uri
+        from raysae.toy import ensure_toy_pair, preset
+
+        name, _, member = uri.removeprefix(TOY_SCHEME).partition("/")
+        if member not in TOY_MEMBERS:
+            raise ConfigError(f"{uri!r}: expected toy://<preset>/<{'|'.join(TOY_MEMBERS)}>")
+        paths = ensure_toy_pair(preset(name), root=Path(cfg.runs_dir) / "toy")
+        return str(getattr(paths, member).resolve())
+
+    model = dataclasses.replace(cfg.model, name=resolve(cfg.model.name))
+    data = dataclasses.replace(
+        cfg.data, source=resolve(cfg.data.source), tokenizer=resolve(cfg.data.tokenizer)
+    )
+    return dataclasses.replace(cfg, model=model, data=data)
+
+
 def _load(args: argparse.Namespace) -> JobConfig:
     cfg = load_config(args.config)
     runs_dir = args.runs_dir or os.environ.get("RAYSAE_RUNS_DIR")
-    if runs_dir:
-        cfg = dataclasses.replace(cfg, runs_dir=str(Path(runs_dir).resolve()))
+    cfg = dataclasses.replace(cfg, runs_dir=str(Path(runs_dir or cfg.runs_dir).resolve()))
+    cfg = resolve_toy(cfg)
     validate_sites(cfg.model, cfg.cache.sites, cfg.cache.layers)  # before Ray starts any work
     return cfg
 
@@ -29,8 +55,8 @@ def _init_ray() -> None:
     import ray
 
     # Under `ray job submit` (or after `ray start`) this joins that cluster; otherwise it starts
-    # a local one whose dashboard listens on 127.0.0.1 only.
-    ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
+    # a local one, whose dashboard ray.init binds to 127.0.0.1 by default.
+    ray.init()
 
 
 def cmd_check(cfg: JobConfig) -> None:
@@ -57,7 +83,6 @@ def cmd_train(cfg: JobConfig) -> None:
             key=training_key(cfg, hook, None),
             name=f"L{layer} {site} scratch",
             shards_dir=str(directory),
-            tags={"raysae.layer": str(layer), "raysae.init": "scratch"},
         )
         result = train_on_ray(cfg, spec)
         m = result.metrics

@@ -59,9 +59,10 @@ def build_cfg(tmp: Path, token_file: Path, **overrides: object) -> JobConfig:
     return JobConfig(**parts)  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """One local Ray instance for the whole session (starting Ray costs seconds)."""
+    """One local Ray instance per test module (a few seconds to start). Not session-wide: the
+    job-submission test runs its own `ray start --head` and `ray stop` stops every instance."""
     import ray
 
     ray.init(
@@ -73,3 +74,15 @@ def ray_local():
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def toy_pair(tmp_path_factory: pytest.TempPathFactory):
+    """The toy language and model pair of the "test" preset, built once per session.
+
+    Set RAYSAE_TOY_ROOT to a directory to keep the build between sessions (it is then reused).
+    """
+    from raysae.toy import ensure_toy_pair, preset
+
+    root = os.environ.get("RAYSAE_TOY_ROOT") or tmp_path_factory.mktemp("toy")
+    return ensure_toy_pair(preset("test"), root=root)

@@ -273,7 +273,16 @@ def _worker(config: dict[str, Any]) -> None:
     tracker = run_id = evaluator = None
     if rank == 0:
         tracker = Tracker(config["uri"], job.name)
-        tags = {"raysae.site": site_name, "init": spec.init_from or "scratch", **spec.tags}
+        site, layer = parse_hook_name(site_name)
+        tags = {
+            "raysae.model": job.model.name,
+            "raysae.site": site,
+            "raysae.layer": str(layer),
+            "raysae.hook": site_name,
+            "raysae.architecture": job.sae.architecture,
+            "raysae.init": spec.init_from or "scratch",
+            **spec.tags,
+        }
         run_id = tracker.open_run(spec.key, spec.name, tags, flatten(job), spec.parent_run)
         evaluator = _CheckpointEvaluator(job, spec, sae, tracker, run_id)
 

@@ -1,0 +1,75 @@
+"""`ray job submit` end to end: a real head on 127.0.0.1, the train job, MLflow, the analysis."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+from conftest import TINY_NEOX
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token"}
+    port, dash = free_port(), free_port()
+    subprocess.run(
+        [BIN / "ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
+         "--object-store-memory", "200000000", "--disable-usage-stats"],
+        check=True, env=env, capture_output=True,
+    )
+    try:
+        yield env, f"http://127.0.0.1:{dash}"
+    finally:
+        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True)
+
+
+def test_submit_train_job_and_analyse(head, tmp_path, token_file):
+    env, address = head
+    config = {
+        "name": "submit-test",
+        "model": {"name": "tiny-neox", "from_config": TINY_NEOX},
+        "data": {"source": str(token_file), "context_length": 16, "num_tokens": 1024},
+        "cache": {"layers": [0, 2], "shard_tokens": 256},
+        "sae": {"architecture": "topk", "expansion_factor": 2, "k": 8},
+        "train": {"num_tokens": 4096, "batch_size": 512, "lr": 3e-3, "checkpoint_every_tokens": 2048,
+                  "eval_tokens": 128, "log_every_steps": 2},
+    }
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    runs = tmp_path / "runs"
+    out = subprocess.run(
+        [BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+         "python", "jobs/demo.py", str(cfg_path), "--runs-dir", str(runs)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "succeeded" in out.stdout
+    assert "mlflow ui --backend-store-uri sqlite:///" in out.stdout
+    # the job wrote to the runs dir we named, not into Ray's copy of the working dir
+    assert (runs / "mlflow.db").is_file()
+    table = pl.read_csv(runs / "analysis" / "submit-test" / "layers.csv")
+    assert table["layer"].to_list() == [0, 2]
+    assert (table["tokens"] == 4096).all()
+    assert (table["L0"] <= 8 + 1e-9).all()  # topk keeps at most k latents
+    assert table["explained variance"].is_between(-1.0, 1.0).all()
+    saes = sorted(p.name for p in (runs / "saes").iterdir())
+    assert len(saes) == 2 and all((runs / "saes" / s / "cfg.json").is_file() for s in saes)
