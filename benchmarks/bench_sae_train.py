@@ -1,0 +1,222 @@
+"""SAE training throughput against the matmul bound (a script, not a test).
+
+For each architecture, times raysae's full training step (forward, backward, clipping, Adam,
+decoder renormalisation) and compares it with "the bound": the same step's dense matrix
+products alone, timed with bare `torch.mm` on tensors of the same shapes:
+
+    encoder   x[B,D] @ W_enc[D,F]            decoder  f[B,F] @ W_dec[F,D]
+    backward  g[B,D] @ W_dec^T[D,F]  (df)    f^T[F,B] @ g[B,D]  (dW_dec)
+              x^T[D,B] @ g_pre[B,F]  (dW_enc)
+
+A ReLU step cannot beat this (every product is needed); a TopK step can, because it decodes
+and back-propagates through the k active latents only. `topk (dense decode)` times the same
+TopK loss through a dense [B, F] decode, for contrast.
+
+    python benchmarks/bench_sae_train.py [--d-in 512 --d-sae 4096 --batch 4096 --k 64]
+    python benchmarks/bench_sae_train.py --saelens-python /tmp/saelens-venv/bin/python
+
+With `--saelens-python`, the same configurations also run through SAELens's own
+`SAETrainer._train_step` in that interpreter (a separate venv with sae-lens installed).
+
+Measured (2-core shared CPU VM, torch 2.13 CPU, MKL, `--threads 1 --rounds 5`, other jobs
+running; tokens/s, fraction of the bound):
+
+    bound (5 dense matmuls)        4,004   1.00
+    relu                           3,845   0.94
+    topk  (k=64)                   9,309   2.33
+    topk  (dense decode)           3,856   0.94
+    jumprelu                       2,335   0.58
+    SAELens 6.54.12 standard       2,561   0.64
+    SAELens 6.54.12 topk           2,336   0.59
+    SAELens topk, use_sparse_activations=True: fails on CPU (aten::view on SparseCPU)
+
+With the default 2 threads on the same loaded machine the relu fraction was 0.82-0.87 (0.87 in
+the quietest run) and topk 1.0-2.1: waiting for a second thread at every op costs the
+memory-bound parts most when another process holds a core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from raysae.config import SAEConfig, TrainConfig
+from raysae.sae import SAE
+from raysae.train import _train_step, make_optimizer
+
+
+def bound_step(B: int, D: int, F: int) -> Callable[[], None]:
+    """The five dense products of one ReLU SAE step, as bare torch.mm calls."""
+    x_BD, g_BD = torch.randn(B, D), torch.randn(B, D)
+    f_BF, g_BF = torch.randn(B, F), torch.randn(B, F)
+    W_enc_DF, W_dec_FD = torch.randn(D, F), torch.randn(F, D)
+
+    def products() -> None:
+        torch.mm(x_BD, W_enc_DF)
+        torch.mm(f_BF, W_dec_FD)
+        torch.mm(g_BD, W_dec_FD.t())
+        torch.mm(f_BF.t(), g_BD)
+        torch.mm(x_BD.t(), g_BF)
+
+    return products
+
+
+def raysae_step(
+    arch: str, B: int, D: int, F: int, k: int, dense: bool = False
+) -> Callable[[], None]:
+    """One raysae training step (dense=True: the TopK loss through a dense decode)."""
+    sae = SAE(SAEConfig(architecture=arch, d_sae=F, k=k, l1_coefficient=5.0), D)
+    cfg = TrainConfig(num_tokens=B * 1000, batch_size=B, lr=3e-5)
+    opt = make_optimizer(sae, cfg)
+    x_BD = torch.randn(B, D)
+    if not dense:
+        return lambda: _train_step(sae, opt, x_BD, 3e-5, 5.0, cfg, None)
+
+    def dense_step() -> None:
+        out = sae(x_BD, 5.0)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(sae.parameters()), 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sae.normalize_decoder_()
+
+    return dense_step
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], rounds: int, warmup: int
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, one call of each per round.
+
+    Interleaving puts every candidate under the same machine load in each round, so per-round
+    ratios stay meaningful on a shared machine even when absolute times drift.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+SAELENS_SCRIPT = r"""
+import json, sys, time, torch
+from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens.config import SAETrainerConfig
+from sae_lens.training.sae_trainer import SAETrainer
+import sae_lens
+B, D, F, k, rounds, warmup, threads = (int(a) for a in sys.argv[1:8])
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+x = torch.randn(B, D)
+xb, gb = torch.randn(B, D), torch.randn(B, D)
+fb, gfb = torch.randn(B, F), torch.randn(B, F)
+We, Wd = torch.randn(D, F), torch.randn(F, D)
+def bound():
+    torch.mm(xb, We); torch.mm(fb, Wd); torch.mm(gb, Wd.t()); torch.mm(fb.t(), gb)
+    torch.mm(xb.t(), gfb)
+def trainer_step(sae):
+    cfg = SAETrainerConfig(total_training_samples=B * 10**6, train_batch_size_samples=B,
+                           lr=3e-5, lr_end=3e-6, adam_beta1=0.0, adam_beta2=0.999)
+    trainer = SAETrainer(cfg, sae, data_provider=iter(()))
+    return lambda: trainer._train_step(sae, x)
+fns = {
+    "bound": bound,
+    "relu (standard)": trainer_step(StandardTrainingSAE(StandardTrainingSAEConfig(
+        d_in=D, d_sae=F, l1_coefficient=5.0))),
+    "topk": trainer_step(TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=F, k=k))),
+    "topk (use_sparse_activations)": trainer_step(TopKTrainingSAE(TopKTrainingSAEConfig(
+        d_in=D, d_sae=F, k=k, use_sparse_activations=True))),
+}
+errors = {}
+for n, fn in list(fns.items()):
+    try:
+        for _ in range(warmup):
+            fn()
+    except Exception as e:  # a configuration SAELens cannot run here: report, don't abort
+        errors[n] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        del fns[n]
+times = {n: [] for n in fns}
+for _ in range(rounds):
+    for n, fn in fns.items():
+        t0 = time.perf_counter(); fn(); times[n].append(time.perf_counter() - t0)
+med = lambda xs: sorted(xs)[len(xs) // 2]
+out = {n: med(ts) for n, ts in times.items()}
+out["ratio"] = {n: med([b / t for b, t in zip(times["bound"], ts)]) for n, ts in times.items()}
+out["version"] = sae_lens.__version__
+out["errors"] = errors
+print(json.dumps(out))
+"""
+
+
+def saelens_seconds(python: str, B: int, D: int, F: int, k: int, steps: int, warmup: int) -> dict:
+    args = [str(v) for v in (B, D, F, k, steps, warmup, torch.get_num_threads())]
+    res = subprocess.run(
+        [python, "-c", SAELENS_SCRIPT, *args], capture_output=True, text=True, check=False
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"SAELens run failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--d-in", type=int, default=512)
+    p.add_argument("--d-sae", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--archs", default="relu,topk,jumprelu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--saelens-python", default=None, help="python of a venv with sae-lens")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    B, D, F, k = a.batch, a.d_in, a.d_sae, a.k
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    print(f"B={B} d_in={D} d_sae={F} k={k} threads={threads} torch={torch.__version__}")
+
+    fns: dict[str, Callable[[], object]] = {"bound (5 dense matmuls)": bound_step(B, D, F)}
+    for arch in a.archs.split(","):
+        fns[arch] = raysae_step(arch, B, D, F, k)
+        if arch == "topk":
+            fns["topk (dense decode)"] = raysae_step(arch, B, D, F, k, dense=True)
+    times = time_interleaved(fns, a.rounds, a.warmup)
+    bound = times["bound (5 dense matmuls)"]
+    rows = [
+        (name, _median(ts), _median([b / t for b, t in zip(bound, ts)]))
+        for name, ts in times.items()
+    ]
+    if a.saelens_python:
+        sl = saelens_seconds(a.saelens_python, B, D, F, k, a.rounds, a.warmup)
+        version, ratio, errors = sl.pop("version"), sl.pop("ratio"), sl.pop("errors")
+        rows += [(f"SAELens {version} {n}", t, ratio[n]) for n, t in sl.items()]
+
+    print(f"{'step':<34}{'ms/step':>10}{'tokens/s':>12}{'of bound':>10}")
+    for name, t, frac in rows:
+        print(f"{name:<34}{t * 1e3:>10.1f}{B / t:>12,.0f}{frac:>10.2f}")
+    print("(of bound: median over rounds of bound time / step time, measured in the same round)")
+    if a.saelens_python:
+        for name, err in errors.items():
+            print(f"SAELens {name}: could not run ({err})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
