@@ -23,6 +23,9 @@ GPT2 = dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=128, n
 LLAMA = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, intermediate_size=128, vocab_size=128, bos_token_id=0,
              eos_token_id=1)
+GEMMA2 = dict(model_type="gemma2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=128,
+              bos_token_id=0, eos_token_id=1, pad_token_id=2)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +75,7 @@ def test_truncation_stops_early_and_matches_full_forward(neox):
     assert torch.equal(cache["blocks.1.hook_resid_pre"], hs[1])
 
 
-@pytest.mark.parametrize("spec", [GPT2, LLAMA], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("spec", [GPT2, LLAMA, GEMMA2], ids=["gpt2", "llama", "gemma2"])
 def test_other_families(spec):
     model = load_lm(ModelConfig(name="m", from_config=spec))
     ids = torch.randint(3, 128, (2, 8))
