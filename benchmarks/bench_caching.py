@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--context", type=int, default=256)
-    p.add_argument("--tokens", type=int, default=262_144)
+    p.add_argument("--tokens", type=int, default=524_288)
     p.add_argument("--cache-layers", default="3,5", help="comma-separated block indices to cache")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward")
     p.add_argument("--dtype", default="float32")
@@ -55,8 +56,10 @@ def main() -> None:
         eos_token_id=1,
         pad_token_id=2,
     )
-    model_cfg = ModelConfig(name=f"neox-w{args.width}-l{args.layers}", from_config=spec)
     tmp = Path(tempfile.mkdtemp(prefix="raysae-bench-"))
+    # Saved and loaded back like a hub model, so the actors take the real from_pretrained path.
+    load_lm(ModelConfig(name="random", from_config=spec)).save_pretrained(tmp / "model")
+    model_cfg = ModelConfig(name=str(tmp / "model"))
     rows = np.random.default_rng(0).integers(
         3, 4096, size=(args.tokens // args.context, args.context)
     )
@@ -124,6 +127,7 @@ def main() -> None:
     print(f"{'bare truncated forward':<28}{bare:>12,.0f} tokens/s")
     print(f"{'caching pipeline (Ray Data)':<28}{pipe:>12,.0f} tokens/s")
     print(f"{'ratio':<28}{pipe / bare:>12.2f}   (target >= 0.85)")
+    shutil.rmtree(tmp)
 
 
 if __name__ == "__main__":

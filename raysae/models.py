@@ -88,15 +88,21 @@ def load_lm(cfg: ModelConfig, device: str | torch.device = "cpu") -> nn.Module:
 
 
 def load_tokenizer(model: ModelConfig, data: DataConfig | None = None) -> Any | None:
-    """The data config's tokenizer, else the model's; None for a config-built model without one."""
+    """The data config's tokenizer, else the model's; None when the model has none (token-id
+    sources need none: special ids then come from the model config)."""
     name = data.tokenizer if data is not None and data.tokenizer else None
     if name is None and model.from_config is not None:
         return None
-    return AutoTokenizer.from_pretrained(
-        name or model.name,
-        revision=None if name else model.revision,
-        trust_remote_code=model.trust_remote_code,
-    )
+    try:
+        return AutoTokenizer.from_pretrained(
+            name or model.name,
+            revision=None if name else model.revision,
+            trust_remote_code=model.trust_remote_code,
+        )
+    except (OSError, ValueError):
+        if name is not None:
+            raise  # a tokenizer the config names must load
+        return None  # a model folder without one: token-id data still works
 
 
 def get_blocks(model: nn.Module) -> nn.ModuleList:

@@ -79,3 +79,27 @@ def test_sae_and_train_validation():
     with pytest.raises(ConfigError, match=r"cache\.batch_size: got 0"):
         CacheConfig(batch_size=0)
     assert SAEConfig(expansion_factor=8).width(64) == 512
+
+
+# Depths of the real models the shipped configs name (their HF configs' num_hidden_layers).
+KNOWN_DEPTHS = {
+    "EleutherAI/pythia-70m-deduped": 6,
+    "EleutherAI/pythia-160m-deduped": 12,
+    "openai-community/gpt2": 12,
+    "openai-community/gpt2-medium": 24,
+}
+
+
+def test_shipped_configs_load_and_fit_their_models():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parent.parent / "jobs" / "configs").glob("*.yaml"))
+    assert len(configs) >= 6
+    for path in configs:
+        cfg = load_config(path)
+        if cfg.model.name.startswith("toy://"):
+            assert cfg.data.source.startswith("toy://")
+            continue
+        depth = KNOWN_DEPTHS[cfg.model.name]
+        assert all(0 <= i < depth for i in cfg.cache.layers), path.name
+        assert cfg.train.batch_size % cfg.train.num_workers == 0
