@@ -18,21 +18,7 @@ TopK loss through a dense [B, F] decode, for contrast.
 With `--saelens-python`, the same configurations also run through SAELens's own
 `SAETrainer._train_step` in that interpreter (a separate venv with sae-lens installed).
 
-Measured (2-core shared CPU VM, torch 2.13 CPU, MKL, `--threads 1 --rounds 5`, other jobs
-running; tokens/s, fraction of the bound):
-
-    bound (5 dense matmuls)        4,004   1.00
-    relu                           3,845   0.94
-    topk  (k=64)                   9,309   2.33
-    topk  (dense decode)           3,856   0.94
-    jumprelu                       2,335   0.58
-    SAELens 6.54.12 standard       2,561   0.64
-    SAELens 6.54.12 topk           2,336   0.59
-    SAELens topk, use_sparse_activations=True: fails on CPU (aten::view on SparseCPU)
-
-With the default 2 threads on the same loaded machine the relu fraction was 0.82-0.87 (0.87 in
-the quietest run) and topk 1.0-2.1: waiting for a second thread at every op costs the
-memory-bound parts most when another process holds a core.
+Figures: see the README's Benchmarks section (measured on the 2-core CPU machine).
 """
 
 from __future__ import annotations
