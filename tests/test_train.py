@@ -27,14 +27,7 @@ from raysae.train import (
 D_IN, N_TRUE = 16, 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from threads, and on a shared machine waiting for a second
-    thread at every op makes these tests several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build_train_cfg(**overrides: object) -> TrainConfig:
