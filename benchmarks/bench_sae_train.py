@@ -36,12 +36,16 @@ from raysae.config import SAEConfig, TrainConfig
 from raysae.sae import SAE
 from raysae.train import _train_step, make_optimizer
 
+DEVICE = torch.device("cpu")
+DTYPE = torch.float32  # the dtype of the bound's products (bf16 with --bf16)
+
 
 def bound_step(B: int, D: int, F: int) -> Callable[[], None]:
     """The five dense products of one ReLU SAE step, as bare torch.mm calls."""
-    x_BD, g_BD = torch.randn(B, D), torch.randn(B, D)
-    f_BF, g_BF = torch.randn(B, F), torch.randn(B, F)
-    W_enc_DF, W_dec_FD = torch.randn(D, F), torch.randn(F, D)
+    kw = dict(device=DEVICE, dtype=DTYPE)
+    x_BD, g_BD = torch.randn(B, D, **kw), torch.randn(B, D, **kw)
+    f_BF, g_BF = torch.randn(B, F, **kw), torch.randn(B, F, **kw)
+    W_enc_DF, W_dec_FD = torch.randn(D, F, **kw), torch.randn(F, D, **kw)
 
     def products() -> None:
         torch.mm(x_BD, W_enc_DF)
@@ -57,10 +61,11 @@ def raysae_step(
     arch: str, B: int, D: int, F: int, k: int, dense: bool = False
 ) -> Callable[[], None]:
     """One raysae training step (dense=True: the TopK loss through a dense decode)."""
-    sae = SAE(SAEConfig(architecture=arch, d_sae=F, k=k, l1_coefficient=5.0), D)
-    cfg = TrainConfig(num_tokens=B * 1000, batch_size=B, lr=3e-5)
+    sae = SAE(SAEConfig(architecture=arch, d_sae=F, k=k, l1_coefficient=5.0), D, device=DEVICE)
+    bf16 = DTYPE == torch.bfloat16
+    cfg = TrainConfig(num_tokens=B * 1000, batch_size=B, lr=3e-5, autocast_bf16=bf16)
     opt = make_optimizer(sae, cfg)
-    x_BD = torch.randn(B, D)
+    x_BD = torch.randn(B, D, device=DEVICE)
     if not dense:
         return lambda: _train_step(sae, opt, x_BD, 3e-5, 5.0, cfg, None)
 
@@ -89,10 +94,30 @@ def time_interleaved(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            _sync()
             t0 = time.perf_counter()
             fn()
+            _sync()
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak_tflops(n: int = 8192, reps: int = 10) -> float:
+    """The device's measured dense matmul throughput in DTYPE (a large square product)."""
+    a = torch.randn(n, n, device=DEVICE, dtype=DTYPE)
+    b = torch.randn(n, n, device=DEVICE, dtype=DTYPE)
+    torch.mm(a, b)
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(a, b)
+    _sync()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
 def _median(xs: list[float]) -> float:
@@ -171,13 +196,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--archs", default="relu,topk,jumprelu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--saelens-python", default=None, help="python of a venv with sae-lens")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (and a bf16 bound)")
     a = p.parse_args(argv)
+    global DEVICE, DTYPE
+    DEVICE = torch.device(a.device)
+    DTYPE = torch.bfloat16 if a.bf16 else torch.float32
     if a.threads:
         torch.set_num_threads(a.threads)
     B, D, F, k = a.batch, a.d_in, a.d_sae, a.k
     torch.manual_seed(0)
     threads = torch.get_num_threads()
-    print(f"B={B} d_in={D} d_sae={F} k={k} threads={threads} torch={torch.__version__}")
+    print(f"B={B} d_in={D} d_sae={F} k={k} threads={threads} torch={torch.__version__} "
+          f"device={DEVICE} dtype={DTYPE}")
 
     fns: dict[str, Callable[[], object]] = {"bound (5 dense matmuls)": bound_step(B, D, F)}
     for arch in a.archs.split(","):
@@ -199,6 +230,12 @@ def main(argv: list[str] | None = None) -> None:
     for name, t, frac in rows:
         print(f"{name:<34}{t * 1e3:>10.1f}{B / t:>12,.0f}{frac:>10.2f}")
     print("(of bound: median over rounds of bound time / step time, measured in the same round)")
+    if DEVICE.type == "cuda":
+        peak = matmul_peak_tflops(n=8192)
+        step_flops = 10 * B * D * F  # the five products of the bound
+        print(f"measured matmul peak: {peak:.1f} TFLOP/s ({DTYPE})")
+        for name, t, _ in rows:
+            print(f"{name:<34}{step_flops / t / 1e12:>8.1f} TFLOP/s  {step_flops / t / 1e12 / peak:>5.2f} of peak")
     if a.saelens_python:
         for name, err in errors.items():
             print(f"SAELens {name}: could not run ({err})")
