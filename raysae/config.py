@@ -344,6 +344,52 @@ class JobConfig:
     """SAE training."""
     runs_dir: str = "runs"
     """Root of everything the job writes (a shared filesystem on a multi-node cluster)."""
+    sweep: SweepConfig | None = None
+    """The layer-wise transfer grid (`raysae.grid`); None for a job without a sweep."""
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The layer-wise transfer grid; scratch budget and checkpoint interval come from `train`."""
+
+    layers: tuple[int, ...]
+    """Layers of the sweep, strictly increasing; each must be in `cache.layers`."""
+    finetune_budgets: tuple[int, ...]
+    """Token budgets of the transfer trials (each a separate trial)."""
+    site: Site = "resid_post"
+    """Hook site the SAEs are trained on; must be in `cache.sites`."""
+    offsets: tuple[int, ...] = (-1, 1)
+    """Source layer = target + offset: -1 is forward SAE_{i<-i-1}, +1 backward SAE_{i<-i+1}."""
+    finetune_lr: float = 1e-5
+    """Peak learning rate of the transfer trials (paper: 1e-5)."""
+    compute_plan: bool = True
+    """Add the Appendix B.1 plan: scratch on alternate layers, transfer to the rest."""
+    compute_plan_budget_fraction: float = 0.5
+    """Fraction of the scratch budget the plan's transfer trials train for."""
+    max_failures: int = 2
+    """Ray retries per trial before it counts as failed."""
+
+    def __post_init__(self) -> None:
+        if not self.layers or any(i < 0 for i in self.layers):
+            _fail("sweep.layers", self.layers, "a non-empty list of non-negative block indices")
+        if any(b <= a for a, b in zip(self.layers, self.layers[1:])):
+            _fail("sweep.layers", self.layers, "strictly increasing layers (no repeats)")
+        if not self.finetune_budgets or any(b < 1 for b in self.finetune_budgets):
+            expected = "a non-empty list of positive token counts"
+            _fail("sweep.finetune_budgets", self.finetune_budgets, expected)
+        if len(set(self.finetune_budgets)) != len(self.finetune_budgets):
+            _fail("sweep.finetune_budgets", self.finetune_budgets, "no repeated budgets")
+        if 0 in self.offsets:
+            _fail("sweep.offsets", self.offsets, "non-zero offsets (0 is the scratch SAE itself)")
+        if len(set(self.offsets)) != len(self.offsets):
+            _fail("sweep.offsets", self.offsets, "no repeated offsets")
+        if self.finetune_lr <= 0:
+            _fail("sweep.finetune_lr", self.finetune_lr, "a positive number")
+        if not 0 < self.compute_plan_budget_fraction <= 1:
+            fraction = self.compute_plan_budget_fraction
+            _fail("sweep.compute_plan_budget_fraction", fraction, "a fraction in (0, 1]")
+        if self.max_failures < 0:
+            _fail("sweep.max_failures", self.max_failures, "a non-negative integer")
 
 
 def load_config(path: str | Path) -> JobConfig:

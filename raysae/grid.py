@@ -1,0 +1,265 @@
+"""One sweep declaration -> every trial of the layer-wise transfer study, its phases and tags.
+
+`expand(job, sweep, job_digest)` turns a `SweepConfig` into `Trial`s: a scratch SAE per layer,
+the zero-shot matrix (SAE_j evaluated on layer i, diagonal included), transfer trials
+SAE_{i<-i+o} for every offset o and fine-tuning budget, and the compute plan of Appendix B.1
+(scratch on alternate layers, transfer to the rest). Every trial's key hashes its own fields,
+the keys of the trials it starts from and a job-level digest, so the same declaration always
+yields the same keys and any change of setting yields new ones. Pure: no ray, no mlflow; the
+Tune param space and the MLflow tags are derived here and wrapped by the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from raysae.config import ConfigError, JobConfig, SweepConfig, TrainConfig, to_dict
+
+Phase = Literal["scratch", "zeroshot", "transfer", "plan"]
+PHASES: tuple[Phase, ...] = ("scratch", "zeroshot", "transfer", "plan")
+"""Phases in dependency order: everything after `scratch` starts from a scratch SAE."""
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One run of the grid: a scratch training, a zero-shot evaluation or a fine-tuning."""
+
+    phase: Phase
+    """Which part of the study the trial belongs to."""
+    layer: int
+    """Target layer: the activations the SAE is trained or evaluated on."""
+    source_layer: int | None
+    """Layer of the scratch SAE the trial starts from (None for scratch)."""
+    direction: str
+    """'scratch', 'self' (zero-shot diagonal), 'fwd' (offset -1), 'bwd' (+1) or 'offset+2' etc."""
+    budget: int
+    """Training tokens (0 for a zero-shot evaluation)."""
+    lr: float | None
+    """Peak learning rate (None for a zero-shot evaluation)."""
+    key: str
+    """Stable identity: MLflow run key, Ray run name seed, dependency reference."""
+    name: str
+    """Readable run name, e.g. 'L3 scratch', 'L3←L2 fwd', 'L3←L2 fwd 50%'."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """MLflow tags, one per grid axis (`raysae.phase`, `raysae.layer`, ...)."""
+    depends_on: tuple[str, ...] = ()
+    """Keys of the trials whose SAE this one starts from."""
+
+    @property
+    def trains(self) -> bool:
+        """Whether the trial trains an SAE (everything but zero-shot evaluation)."""
+        return self.phase != "zeroshot"
+
+
+def job_digest(job: JobConfig, cache_fingerprint: str) -> str:
+    """The job-level part of every trial key: the activations (`activations.fingerprint`),
+    the SAE architecture and the training settings."""
+    setting = {"cache": cache_fingerprint, "sae": to_dict(job.sae), "train": to_dict(job.train)}
+    return hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def direction_of(offset: int) -> str:
+    """The direction label of source = target + offset."""
+    if offset == 0:
+        return "self"
+    return {-1: "fwd", 1: "bwd"}.get(offset, f"offset{offset:+d}")
+
+
+def format_tokens(n: int) -> str:
+    """A token count as people write it: 500M, 1B, 250k (exact multiples only)."""
+    for unit, scale in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
+
+
+def _key(
+    digest: str,
+    site: str,
+    kind: str,
+    layer: int,
+    source: int | None,
+    budget: int,
+    lr: float | None,
+    depends_on: tuple[str, ...],
+) -> str:
+    # The phase is left out on purpose: a plan trial identical to a transfer trial is the same
+    # run, and must get the same key so that it is trained once.
+    setting = [digest, site, kind, layer, source, budget, lr, list(depends_on)]
+    h = hashlib.sha256(json.dumps(setting).encode()).hexdigest()[:12]
+    src = "" if source is None else f"<L{source}"
+    return f"{kind}:{site}:L{layer}{src}:{h}"
+
+
+def _make(
+    job: JobConfig,
+    sweep: SweepConfig,
+    digest: str,
+    phase: Phase,
+    layer: int,
+    source: Trial | None,
+    budget: int,
+    lr: float | None,
+    name: str,
+) -> Trial:
+    """A trial on `layer` starting from the scratch trial `source` (None: a scratch trial)."""
+    depends_on = () if source is None else (source.key,)
+    src = None if source is None else source.layer
+    direction = "scratch" if src is None else direction_of(src - layer)
+    kind = "eval" if phase == "zeroshot" else "train"
+    tags = {
+        "raysae.phase": phase,
+        "raysae.layer": str(layer),
+        "raysae.source_layer": "" if src is None else str(src),
+        "raysae.direction": direction,
+        "raysae.budget": str(budget),
+        "raysae.architecture": job.sae.architecture,
+        "raysae.site": sweep.site,
+    }
+    key = _key(digest, sweep.site, kind, layer, src, budget, lr, depends_on)
+    return Trial(phase, layer, src, direction, budget, lr, key, name, tags, depends_on)
+
+
+def validate(job: JobConfig, sweep: SweepConfig) -> None:
+    """Checks that need both the job and the sweep; raise ConfigError naming the field."""
+    missing = [i for i in sweep.layers if i not in job.cache.layers]
+    if missing:
+        raise ConfigError(
+            f"sweep.layers: got {list(sweep.layers)}, expected layers cached by cache.layers "
+            f"{list(job.cache.layers)} (missing {missing})"
+        )
+    if sweep.site not in job.cache.sites:
+        raise ConfigError(
+            f"sweep.site: got {sweep.site!r}, expected one of cache.sites {list(job.cache.sites)}"
+        )
+    layers = set(sweep.layers)
+    for o in sweep.offsets:
+        if not any(i + o in layers for i in layers):
+            raise ConfigError(
+                f"sweep.offsets: offset {o} pairs no two of sweep.layers {list(sweep.layers)}"
+            )
+    small = [b for b in sweep.finetune_budgets if b < job.train.batch_size]
+    if small:
+        raise ConfigError(
+            f"sweep.finetune_budgets: got {small}, expected budgets >= train.batch_size "
+            f"({job.train.batch_size})"
+        )
+    if sweep.compute_plan and plan_budget(job, sweep) < job.train.batch_size:
+        raise ConfigError(
+            f"sweep.compute_plan_budget_fraction: got {sweep.compute_plan_budget_fraction}, "
+            f"which leaves {plan_budget(job, sweep)} tokens, below train.batch_size "
+            f"({job.train.batch_size})"
+        )
+
+
+def plan_budget(job: JobConfig, sweep: SweepConfig) -> int:
+    """Tokens of each transfer trial of the compute plan."""
+    return round(sweep.compute_plan_budget_fraction * job.train.num_tokens)
+
+
+def plan_pairs(sweep: SweepConfig) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+    """The compute plan: (scratch layers, (target, source) pairs). Scratch on every other layer
+    of the sweep; each remaining layer transfers from its nearest scratch layer, the one below
+    (forward) on a tie."""
+    scratch = sweep.layers[::2]
+    pairs = tuple(
+        (i, min(scratch, key=lambda s, i=i: (abs(s - i), s > i))) for i in sweep.layers[1::2]
+    )
+    return scratch, pairs
+
+
+def expand(job: JobConfig, sweep: SweepConfig, job_digest: str) -> list[Trial]:
+    """Every trial of the sweep, in phase order (see `PHASES`)."""
+    validate(job, sweep)
+    S, tc = job.train.num_tokens, job.train
+    many = len(sweep.finetune_budgets) > 1
+    make = functools.partial(_make, job, sweep, job_digest)
+
+    scratch = {i: make("scratch", i, None, S, tc.lr, f"L{i} scratch") for i in sweep.layers}
+    trials = list(scratch.values())
+
+    for i in sweep.layers:
+        for j in sweep.layers:
+            trials.append(make("zeroshot", i, scratch[j], 0, None, f"L{i}←L{j} zero-shot"))
+
+    for i in sweep.layers:
+        for o in sweep.offsets:
+            if i + o not in scratch:
+                continue
+            for b in sweep.finetune_budgets:
+                name = f"L{i}←L{i + o} {direction_of(o)}" + (f" {format_tokens(b)}" if many else "")
+                trials.append(make("transfer", i, scratch[i + o], b, sweep.finetune_lr, name))
+
+    if sweep.compute_plan:
+        seen = {t.key for t in trials}
+        budget = plan_budget(job, sweep)
+        pct = f"{sweep.compute_plan_budget_fraction * 100:g}%"
+        for i, s in plan_pairs(sweep)[1]:
+            name = f"L{i}←L{s} {direction_of(s - i)} {pct}"
+            t = make("plan", i, scratch[s], budget, sweep.finetune_lr, name)
+            if t.key not in seen:
+                trials.append(t)
+                seen.add(t.key)
+    return trials
+
+
+def phases(trials: list[Trial]) -> dict[str, list[Trial]]:
+    """Trials grouped by phase, in dependency order; every dependency must sit in an earlier
+    phase (ValueError otherwise), so running the phases in order never waits on a later one."""
+    out: dict[str, list[Trial]] = {p: [] for p in PHASES}
+    for t in trials:
+        out[t.phase].append(t)
+    done: set[str] = set()
+    for p in PHASES:
+        for t in out[p]:
+            late = [k for k in t.depends_on if k not in done]
+            if late:
+                raise ValueError(
+                    f"trial {t.name!r} ({p}) depends on {late}, not in an earlier phase"
+                )
+        done.update(t.key for t in out[p])
+    return out
+
+
+def tune_param_space(trials: list[Trial]) -> dict[str, list[str]]:
+    """The Tune param space as plain data: `{"key": [...]}`; the caller wraps the list in
+    `tune.grid_search` and looks each key up with `by_key`."""
+    return {"key": [t.key for t in trials]}
+
+
+def by_key(trials: list[Trial]) -> dict[str, Trial]:
+    """Trials indexed by key."""
+    return {t.key: t for t in trials}
+
+
+def train_config_for(job: JobConfig, trial: Trial) -> TrainConfig:
+    """The job's training settings with the trial's budget and learning rate."""
+    if not trial.trains or trial.lr is None:
+        raise ValueError(f"trial {trial.name!r} is an evaluation, it has no training config")
+    return dataclasses.replace(job.train, num_tokens=trial.budget, lr=trial.lr)
+
+
+def plan_token_summary(job: JobConfig, sweep: SweepConfig, trials: list[Trial]) -> dict[str, Any]:
+    """Total training tokens of the compute plan against scratch on every layer (Appendix B.1),
+    with the keys of the trials that make up the plan (a plan trial that duplicates a transfer
+    trial is that transfer trial)."""
+    S, budget = job.train.num_tokens, plan_budget(job, sweep)
+    scratch_layers, pairs = plan_pairs(sweep)
+    index = {(t.layer, t.source_layer, t.budget, t.lr): t.key for t in trials if t.trains}
+    keys = [index.get((i, None, S, job.train.lr)) for i in scratch_layers]
+    keys += [index.get((i, s, budget, sweep.finetune_lr)) for i, s in pairs]
+    everywhere = S * len(sweep.layers)
+    plan = S * len(scratch_layers) + budget * len(pairs)
+    return {
+        "scratch_everywhere_tokens": everywhere,
+        "plan_tokens": plan,
+        "saved_fraction": 1 - plan / everywhere,
+        "plan_scratch_layers": list(scratch_layers),
+        "plan_transfers": [list(p) for p in pairs],
+        "plan_trial_keys": [k for k in keys if k is not None],
+    }

@@ -1,0 +1,231 @@
+"""The sweep grid: one declaration expands to the expected trials, keys and names."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from raysae.config import (
+    CacheConfig,
+    ConfigError,
+    DataConfig,
+    JobConfig,
+    ModelConfig,
+    SAEConfig,
+    SweepConfig,
+    TrainConfig,
+    from_dict,
+    to_dict,
+)
+from raysae.grid import (
+    by_key,
+    expand,
+    job_digest,
+    phases,
+    plan_token_summary,
+    train_config_for,
+    tune_param_space,
+)
+
+LAYERS = (0, 1, 2, 3)
+
+
+def build_job(**overrides: object) -> JobConfig:
+    parts: dict[str, object] = dict(
+        name="grid",
+        model=ModelConfig(name="tiny"),
+        data=DataConfig(source="tokens.parquet", context_length=16, num_tokens=512),
+        cache=CacheConfig(layers=LAYERS),
+        train=TrainConfig(num_tokens=1_000_000, batch_size=4096),
+    )
+    parts.update(overrides)
+    return JobConfig(**parts)  # type: ignore[arg-type]
+
+
+def build_sweep(**overrides: object) -> SweepConfig:
+    parts: dict[str, object] = dict(layers=LAYERS, finetune_budgets=(200_000, 400_000))
+    parts.update(overrides)
+    return SweepConfig(**parts)  # type: ignore[arg-type]
+
+
+def grid(job: JobConfig | None = None, sweep: SweepConfig | None = None):
+    job = job or build_job()
+    return expand(job, sweep or build_sweep(), job_digest(job, "fp"))
+
+
+def test_counts_by_phase():
+    by_phase = phases(grid())
+    counts = {p: len(ts) for p, ts in by_phase.items()}
+    # plan: scratch on layers 0 and 2 (reused), transfer L1<-L0 and L3<-L2 at 50% of 1M tokens
+    assert counts == {"scratch": 4, "zeroshot": 16, "transfer": 12, "plan": 2}
+    assert list(by_phase) == ["scratch", "zeroshot", "transfer", "plan"]
+    assert [(t.layer, t.source_layer, t.budget) for t in by_phase["plan"]] == [
+        (1, 0, 500_000),
+        (3, 2, 500_000),
+    ]
+    assert len(phases(grid(sweep=build_sweep(compute_plan=False)))["plan"]) == 0
+
+
+def test_dependencies_point_at_scratch_of_source():
+    trials = grid()
+    scratch = {t.layer: t.key for t in trials if t.phase == "scratch"}
+    for t in trials:
+        if t.phase == "scratch":
+            assert t.depends_on == () and t.source_layer is None
+        else:
+            assert t.depends_on == (scratch[t.source_layer],)
+    transfers = [t for t in trials if t.phase == "transfer"]
+    assert {(t.layer, t.source_layer) for t in transfers} == {
+        (1, 0),
+        (2, 1),
+        (3, 2),
+        (0, 1),
+        (1, 2),
+        (2, 3),
+    }
+    assert all(t.lr == 1e-5 for t in transfers)
+    zs = [t for t in trials if t.phase == "zeroshot"]
+    assert {(t.layer, t.source_layer) for t in zs} == {(i, j) for i in LAYERS for j in LAYERS}
+    assert all(t.budget == 0 and not t.trains for t in zs)
+
+
+def test_keys_stable_unique_and_sensitive():
+    a, b = grid(), grid()
+    assert [t.key for t in a] == [t.key for t in b]
+    assert len({t.key for t in a}) == len(a)
+    keys = {t.key for t in a}
+    for changed in (
+        grid(job=build_job(sae=SAEConfig(l1_coefficient=1.0))),
+        grid(job=build_job(train=TrainConfig(num_tokens=1_000_000, lr=1e-4))),
+    ):
+        assert not keys & {t.key for t in changed}
+    # a new fine-tuning lr leaves scratch and zero-shot trials alone
+    lr = grid(sweep=build_sweep(finetune_lr=2e-5))
+    same = {t.phase for t in lr if t.key in keys}
+    assert same == {"scratch", "zeroshot"}
+    job = build_job()
+    assert expand(job, build_sweep(), job_digest(job, "other"))[0].key != a[0].key
+
+
+def test_names_and_tags():
+    trials = grid()
+    names = {t.name for t in trials}
+    assert {
+        "L3 scratch",
+        "L3←L2 fwd 200k",
+        "L2←L3 bwd 400k",
+        "L3←L2 fwd 50%",
+        "L3←L1 zero-shot",
+    } <= names
+    assert len(names) == len(trials)
+    one = grid(sweep=build_sweep(finetune_budgets=(200_000,)))
+    assert "L3←L2 fwd" in {t.name for t in one}
+    t = next(t for t in trials if t.name == "L2←L3 bwd 400k")
+    assert t.tags == {
+        "raysae.phase": "transfer",
+        "raysae.layer": "2",
+        "raysae.source_layer": "3",
+        "raysae.direction": "bwd",
+        "raysae.budget": "400000",
+        "raysae.architecture": "relu",
+        "raysae.site": "resid_post",
+    }
+    assert train_config_for(build_job(), t).num_tokens == 400_000
+    assert train_config_for(build_job(), t).lr == 1e-5
+
+
+def test_offsets_are_a_grid_axis():
+    trials = grid(sweep=build_sweep(offsets=(-2,), finetune_budgets=(200_000,)))
+    tr = [t for t in trials if t.phase == "transfer"]
+    assert [(t.layer, t.source_layer, t.direction) for t in tr] == [
+        (2, 0, "offset-2"),
+        (3, 1, "offset-2"),
+    ]
+    assert tr[0].name == "L2←L0 offset-2"
+
+
+def test_plan_dedupes_against_transfer_and_summary():
+    trials = grid(sweep=build_sweep(finetune_budgets=(500_000,)))
+    assert phases(trials)["plan"] == []
+    summary = plan_token_summary(build_job(), build_sweep(finetune_budgets=(500_000,)), trials)
+    assert summary["scratch_everywhere_tokens"] == 4_000_000
+    assert summary["plan_tokens"] == 3_000_000
+    assert summary["saved_fraction"] == pytest.approx(0.25)
+    assert summary["plan_scratch_layers"] == [0, 2]
+    assert summary["plan_transfers"] == [[1, 0], [3, 2]]
+    index = by_key(trials)
+    plan = [index[k] for k in summary["plan_trial_keys"]]
+    assert [(t.phase, t.layer) for t in plan] == [
+        ("scratch", 0),
+        ("scratch", 2),
+        ("transfer", 1),
+        ("transfer", 3),
+    ]
+    # 10% of the budget: 45% fewer tokens (Appendix B.1)
+    s = build_sweep(compute_plan_budget_fraction=0.1)
+    assert plan_token_summary(build_job(), s, grid(sweep=s))["saved_fraction"] == pytest.approx(
+        0.45
+    )
+
+
+def test_plan_prefers_nearest_then_forward():
+    s = build_sweep(layers=(0, 1, 5), offsets=(-1,), finetune_budgets=(200_000,))
+    trials = grid(job=build_job(cache=CacheConfig(layers=(0, 1, 5))), sweep=s)
+    # layer 1 is the only non-scratch layer; scratch on 0 and 5; 0 is nearer
+    assert [(t.layer, t.source_layer) for t in phases(trials)["plan"]] == [(1, 0)]
+    s = build_sweep(layers=(0, 2, 4), offsets=(2,), finetune_budgets=(200_000,))
+    trials = grid(job=build_job(cache=CacheConfig(layers=(0, 2, 4))), sweep=s)
+    assert [(t.layer, t.source_layer, t.direction) for t in phases(trials)["plan"]] == [
+        (2, 0, "offset-2")
+    ]
+
+
+def test_tune_param_space():
+    trials = phases(grid())["transfer"]
+    space = tune_param_space(trials)
+    assert space == {"key": [t.key for t in trials]}
+    assert by_key(trials)[space["key"][0]] is trials[0]
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(offsets=(0, 1)), "sweep.offsets"),
+        (dict(offsets=(1, 1)), "sweep.offsets"),
+        (dict(finetune_budgets=(0,)), "sweep.finetune_budgets"),
+        (dict(finetune_budgets=()), "sweep.finetune_budgets"),
+        (dict(layers=()), "sweep.layers"),
+        (dict(layers=(2, 1)), "sweep.layers"),
+        (dict(finetune_lr=0.0), "sweep.finetune_lr"),
+        (dict(compute_plan_budget_fraction=1.5), "sweep.compute_plan_budget_fraction"),
+        (dict(max_failures=-1), "sweep.max_failures"),
+    ],
+)
+def test_sweep_config_errors(overrides, field):
+    with pytest.raises(ConfigError, match=field):
+        build_sweep(**overrides)
+
+
+@pytest.mark.parametrize(
+    "job_over, sweep_over, field",
+    [
+        (dict(cache=CacheConfig(layers=(0, 1, 2))), {}, "sweep.layers"),
+        ({}, dict(site="resid_pre"), "sweep.site"),
+        ({}, dict(offsets=(7,)), "sweep.offsets"),
+        ({}, dict(finetune_budgets=(100,)), "sweep.finetune_budgets"),
+        ({}, dict(compute_plan_budget_fraction=0.001), "sweep.compute_plan_budget_fraction"),
+    ],
+)
+def test_grid_errors(job_over, sweep_over, field):
+    with pytest.raises(ConfigError, match=field):
+        grid(job=build_job(**job_over), sweep=build_sweep(**sweep_over))
+
+
+def test_sweep_round_trips_in_job():
+    job = dataclasses.replace(build_job(), sweep=build_sweep())
+    data = to_dict(job)
+    assert data["sweep"]["offsets"] == [-1, 1]
+    assert from_dict(JobConfig, data) == job
+    with pytest.raises(ConfigError, match="sweep.offsets"):
+        from_dict(JobConfig, {**data, "sweep": {**data["sweep"], "offsets": [0]}})
