@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 RUNS ?= $(CURDIR)/runs
-DEMO_CONFIG ?= jobs/configs/toy.yaml
+DEMO_CONFIG ?= jobs/configs/toy_sweep.yaml
 DASHBOARD := http://127.0.0.1:8265
 export RAY_USAGE_STATS_ENABLED := 0
 export PATH := $(BIN):$(PATH)
@@ -24,8 +24,10 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 
-# A local Ray head on 127.0.0.1, the demo job through `ray job submit`, then the head stops.
+# A local Ray head on 127.0.0.1, the demo sweep through `ray job submit`, then the head stops.
 demo: $(VENV)/.installed
+	# The toy pair is built here, with every core, before the job reuses it (first run only).
+	$(BIN)/python -m raysae.toy --root $(RUNS)/toy
 	$(BIN)/ray stop --force >/dev/null 2>&1 || true
 	$(BIN)/ray start --head --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 \
 		--dashboard-port 8265 --disable-usage-stats

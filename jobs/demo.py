@@ -1,6 +1,7 @@
-"""The demo job (`make demo` submits it): the train job on a config, then the per-layer table.
+"""The demo job (`make demo` submits it): a config's sweep (or, without a `sweep` section, its
+train job), then the analysis of the experiment from MLflow.
 
-    ray job submit --working-dir . -- python jobs/demo.py jobs/configs/toy.yaml --runs-dir DIR
+    ray job submit --working-dir . -- python jobs/demo.py jobs/configs/toy_sweep.yaml --runs-dir DIR
 """
 
 import subprocess
@@ -12,10 +13,11 @@ from raysae.config import load_config
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    status = main(["train", *args])
+    cfg = load_config(args[0])
+    status = main(["sweep" if cfg.sweep else "train", *args])
     if status == 0:
         runs_dir = args[args.index("--runs-dir") + 1] if "--runs-dir" in args else "runs"
-        table = Path(__file__).resolve().parent.parent / "analysis" / "layer_table.py"
-        name = load_config(args[0]).name
-        status = subprocess.call([sys.executable, str(table), name, "--runs-dir", runs_dir])
+        script = "sweep_report.py" if cfg.sweep else "layer_table.py"
+        analysis = Path(__file__).resolve().parent.parent / "analysis" / script
+        status = subprocess.call([sys.executable, str(analysis), cfg.name, "--runs-dir", runs_dir])
     sys.exit(status)

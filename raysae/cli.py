@@ -93,7 +93,24 @@ def cmd_train(cfg: JobConfig) -> None:
     print(f"MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg.runs_dir)}")
 
 
-COMMANDS = {"check": cmd_check, "cache": cmd_cache, "train": cmd_train}
+def cmd_sweep(cfg: JobConfig) -> None:
+    """The layer-transfer sweep of the config's `sweep` section (resumes an interrupted one)."""
+    from raysae.distributed.sweep import run_sweep
+
+    _init_ray()
+    result = run_sweep(cfg)
+    print(f"sweep {cfg.name}: {len(result.finished)} trials finished, {len(result.failed)} not")
+    for key, why in result.failed.items():
+        print(f"  {key}: {why}")
+    s = result.summary
+    print(
+        f"compute plan: {s['plan_tokens']:,} tokens against {s['scratch_everywhere_tokens']:,} "
+        f"for scratch on every layer ({s['saved_fraction']:.0%} saved)"
+    )
+    print(f"MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg.runs_dir)}")
+
+
+COMMANDS = {"check": cmd_check, "cache": cmd_cache, "train": cmd_train, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

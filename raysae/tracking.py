@@ -99,5 +99,8 @@ class Tracker:
     def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str) -> None:
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)
 
+    def log_dict(self, run_id: str, data: Mapping, artifact_file: str) -> None:
+        self.client.log_dict(run_id, dict(data), artifact_file)
+
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)

@@ -107,6 +107,11 @@ def run_name_for(key: str) -> str:
     return f"{safe[:80]}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
+def sae_dir_for(job: JobConfig, key: str) -> Path:
+    """Where the final SAE of the training with this key is saved."""
+    return Path(job.runs_dir).resolve() / "saes" / run_name_for(key)
+
+
 def train_on_ray(
     job: JobConfig,
     spec: TrainSpec,
@@ -154,7 +159,7 @@ def train_on_ray(
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         final = json.loads((Path(d) / "metrics.json").read_text())
-        out = Path(job.runs_dir).resolve() / "saes" / run_name_for(spec.key)
+        out = sae_dir_for(job, spec.key)
         SAE.load(Path(d) / "sae").save(out)
     return TrainResult(out, final["run_id"], final["metrics"])
 

@@ -1,0 +1,144 @@
+"""The layer-transfer sweep through Ray Tune: killed mid-run, re-submitted, finished exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import polars as pl
+import pytest
+import yaml
+from conftest import TINY_NEOX
+from mlflow.tracking import MlflowClient
+
+from raysae import grid
+from raysae.activations import fingerprint
+from raysae.config import load_config
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = {
+    "name": "sweep-test",
+    "model": {"name": "tiny-neox", "from_config": TINY_NEOX},
+    "data": {"context_length": 16, "num_tokens": 1024},
+    "cache": {"layers": [0, 1], "shard_tokens": 256},
+    "sae": {"architecture": "topk", "expansion_factor": 2, "k": 8},
+    "train": {"num_tokens": 2048, "batch_size": 256, "lr": 1e-3, "checkpoint_every_tokens": 1024,
+              "eval_tokens": 128, "log_every_steps": 2},
+    "sweep": {"layers": [0, 1], "finetune_budgets": [2048], "finetune_lr": 1e-3,
+              "compute_plan": False},
+}
+
+
+def sweep_cmd(cfg_path: Path, runs: Path) -> list[str]:
+    return [sys.executable, "-m", "raysae.cli", "sweep", str(cfg_path), "--runs-dir", str(runs)]
+
+
+def runs_table(runs: Path) -> pl.DataFrame:
+    mlflow.set_tracking_uri(f"sqlite:///{runs / 'mlflow.db'}")
+    df = mlflow.search_runs(experiment_names=["sweep-test"])
+    return pl.from_pandas(df.astype({c: str for c in df.columns if c.startswith("tags.")}))
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, token_file):
+    tmp = tmp_path_factory.mktemp("sweep")
+    cfg_path = tmp / "sweep.yaml"
+    cfg_path.write_text(yaml.safe_dump({**CONFIG, "data": {**CONFIG["data"], "source": str(token_file)}}))
+    runs = tmp / "runs"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+           "RAY_ADDRESS": "local"}
+
+    # 1. start the sweep and kill its whole process group (driver and local Ray) once the
+    #    transfer phase is under way: the scratch phase is complete, a transfer trial is running
+    first = subprocess.Popen(sweep_cmd(cfg_path, runs), env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # (watch the file system, not MLflow: a second sqlite client racing the sweep's creation of
+    # the database could break it)
+    deadline = time.time() + 400
+    killed = False
+    while time.time() < deadline and first.poll() is None:
+        time.sleep(0.5)
+        transfer = list((runs / "tune").glob("sweep-test-*-transfer/*/"))
+        if transfer:
+            time.sleep(8)  # let a transfer trial get going
+            os.killpg(first.pid, signal.SIGKILL)
+            killed = True
+            break
+    first.wait(timeout=60)
+    subprocess.run([Path(sys.executable).parent / "ray", "stop", "--force"], capture_output=True, env=env)
+    assert killed, f"the sweep ended (exit {first.returncode}) before it could be interrupted"
+    before = runs_table(runs)
+
+    # 2. re-submit: only what is missing runs
+    second = subprocess.run(sweep_cmd(cfg_path, runs), env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    return load_config(cfg_path), runs, before, second.stdout
+
+
+def test_grid_counts_and_mlflow_layout(swept):
+    cfg, runs, _, stdout = swept
+    assert "sweep sweep-test: 8 trials finished, 0 not" in stdout
+    df = runs_table(runs)
+    parent = df.filter(pl.col("tags.raysae.phase") == "sweep")
+    assert parent.height == 1 and parent["status"][0] == "FINISHED"
+    children = df.filter(pl.col("tags.raysae.phase") != "sweep")
+    assert (children["tags.mlflow.parentRunId"] == parent["run_id"][0]).all()
+    counts = dict(children.group_by("tags.raysae.phase").len().iter_rows())
+    assert counts == {"scratch": 2, "zeroshot": 4, "transfer": 2}
+    # one run per trial key, all finished, named and tagged per grid axis
+    keys = {t.key for t in grid.expand(cfg, cfg.sweep, grid.job_digest(cfg, fingerprint(cfg)))}
+    assert set(children["tags.raysae.run_key"]) == keys
+    assert (children["status"] == "FINISHED").all()
+    assert set(children["tags.mlflow.runName"]) >= {"L0 scratch", "L1←L0 fwd", "L0←L1 bwd"}
+    fwd = children.filter(pl.col("tags.raysae.direction") == "fwd", pl.col("tags.raysae.phase") == "transfer")
+    assert fwd["tags.raysae.layer"][0] == "1" and fwd["tags.raysae.source_layer"][0] == "0"
+    assert fwd["tags.raysae.budget"][0] == "2048"
+    # the zero-shot diagonal is the scratch SAE on its own layer: the same CES
+    for layer in ("0", "1"):
+        diag = children.filter(pl.col("tags.raysae.phase") == "zeroshot",
+                               pl.col("tags.raysae.layer") == layer,
+                               pl.col("tags.raysae.source_layer") == layer)
+        scratch = children.filter(pl.col("tags.raysae.phase") == "scratch",
+                                  pl.col("tags.raysae.layer") == layer)
+        assert diag["metrics.eval/ces"][0] == pytest.approx(scratch["metrics.eval/ces"][0], abs=1e-9)
+    # derived metrics on every transfer run
+    transfer = children.filter(pl.col("tags.raysae.phase") == "transfer")
+    for col in ("metrics.normalized_ces", "metrics.mmcs_vs_scratch",
+                "metrics.transfer_score/top_logits", "metrics.transfer_score/max_activating"):
+        assert transfer[col].is_not_null().all(), col
+    assert transfer["metrics.mmcs_vs_scratch"].is_between(-1, 1).all()
+
+
+def test_resubmission_ran_only_what_was_missing(swept):
+    cfg, runs, before, _ = swept
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    df = runs_table(runs)
+    scratch_before = before.filter(pl.col("tags.raysae.phase") == "scratch")
+    assert (scratch_before["status"] == "FINISHED").all() and scratch_before.height == 2
+    for run_id in df.filter(pl.col("tags.raysae.phase").is_in(["scratch", "transfer"]))["run_id"]:
+        steps = [m.step for m in client.get_metric_history(run_id, "eval/ces")]
+        if run_id in set(scratch_before["run_id"]):
+            assert steps == [1024, 2048]  # finished before the kill: not trained again
+        assert sorted(set(steps)) == [1024, 2048]
+        tokens = client.get_run(run_id).data.tags["raysae.tokens_seen"]
+        assert tokens == "2048"  # exactly the budget, interrupted or not
+
+
+def test_third_submission_is_a_no_op(swept):
+    _, runs, _, _ = swept
+    n_before = runs_table(runs).height
+    cfg_path = next(runs.parent.glob("sweep.yaml"))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local"}
+    out = subprocess.run(sweep_cmd(cfg_path, runs), env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "8 trials finished, 0 not" in out.stdout
+    assert runs_table(runs).height == n_before
