@@ -181,17 +181,24 @@ def compute_summary(client: MlflowClient, experiment: str, runs: pl.DataFrame, o
         vals = [r[key] for r in rows if r.get(key) is not None]
         return sum(vals) / len(vals) if vals else float("nan")
 
+    def total(rows: list[dict], key: str) -> float:
+        return sum(r[key] for r in rows if r.get(key) is not None)
+
+    flops_all = total(scratch.to_dicts(), "metrics.flops")
+    flops_plan = total(plan, "metrics.flops")
     lines = [
-        "| setting | training tokens | mean CES | mean explained variance |",
-        "|---|---|---|---|",
-        f"| scratch on every layer | {s['scratch_everywhere_tokens']:,} | "
+        "| setting | training tokens | training FLOPs | mean CES | mean explained variance |",
+        "|---|---|---|---|---|",
+        f"| scratch on every layer | {s['scratch_everywhere_tokens']:,} | {flops_all:.3g} | "
         f"{mean(scratch.to_dicts(), 'metrics.eval/ces'):.3f} | "
         f"{mean(scratch.to_dicts(), 'metrics.eval/explained_variance'):.3f} |",
         f"| plan: scratch on layers {s['plan_scratch_layers']}, transfer to the rest | "
-        f"{s['plan_tokens']:,} | {mean(plan, 'metrics.eval/ces'):.3f} | "
+        f"{s['plan_tokens']:,} | {flops_plan:.3g} | {mean(plan, 'metrics.eval/ces'):.3f} | "
         f"{mean(plan, 'metrics.eval/explained_variance'):.3f} |",
         "",
-        f"tokens saved by the plan: {s['saved_fraction']:.1%}",
+        f"tokens saved by the plan: {s['saved_fraction']:.1%}; FLOPs saved: "
+        f"{1 - flops_plan / flops_all if flops_all else float('nan'):.1%} (counted with "
+        "torch's FlopCounterMode per training step; evaluation not included)",
     ]
     (out / "compute.md").write_text("\n".join(lines) + "\n")
 

@@ -18,6 +18,7 @@ Checkpoints hold only tensors (safetensors) and JSON scalars: nothing is ever un
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -231,6 +232,48 @@ def _train_step(
     if sae.cfg.architecture == "topk":
         sae.normalize_decoder_()
     return out
+
+
+def _rows_times_width(weight_or_grad: tuple, indices: tuple, *_a: object, **_k: object) -> int:
+    """A weighted gather or scatter of len(indices) rows of width D: a multiply-add each."""
+    return 2 * math.prod(indices) * weight_or_grad[-1]
+
+
+def _bag_weights_backward(grad: tuple, weight: tuple, indices: tuple, *_a: object, **_k: object) -> int:
+    return 2 * math.prod(indices) * weight[-1]
+
+
+def _index_add(_self: tuple, _dim: int, _index: tuple, source: tuple, *_a: object, **_k: object) -> int:
+    return math.prod(source)
+
+
+def _mv(a: tuple, _b: tuple, *_a: object, **_k: object) -> int:
+    return 2 * math.prod(a)
+
+
+# TopK's sparse decode and backward run through ops FlopCounterMode has no formula for; count
+# them too, so a TopK step is not credited with the encoder alone.
+_SPARSE_FLOPS = {
+    torch.ops.aten._embedding_bag: _rows_times_width,
+    torch.ops.aten._embedding_bag_backward: _rows_times_width,
+    torch.ops.aten._embedding_bag_per_sample_weights_backward: _bag_weights_backward,
+    torch.ops.aten.index_add_: _index_add,
+    torch.ops.aten.mv: _mv,
+}
+
+
+def flops_per_token(sae: SAE, x_BD: Tensor, cfg: TrainConfig) -> float:
+    """FLOPs of one training step per token, counted (not estimated) with torch's
+    FlopCounterMode over the forward and backward of a copy of the SAE (the optimiser's
+    elementwise update is not a matmul and is not counted, as in the stitching paper)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    probe = copy.deepcopy(sae)
+    with FlopCounterMode(display=False, custom_mapping=_SPARSE_FLOPS) as counter:
+        with torch.autocast(x_BD.device.type, torch.bfloat16, enabled=cfg.autocast_bf16):
+            out = probe.train_forward(x_BD, 1.0)
+        out.loss.backward()
+    return counter.get_total_flops() / x_BD.shape[0]
 
 
 @torch.no_grad()

@@ -111,7 +111,7 @@ def test_grid_counts_and_mlflow_layout(swept):
         assert diag["metrics.eval/ces"][0] == pytest.approx(scratch["metrics.eval/ces"][0], abs=1e-9)
     # derived metrics on every transfer run
     transfer = children.filter(pl.col("tags.raysae.phase") == "transfer")
-    for col in ("metrics.normalized_ces", "metrics.mmcs_vs_scratch",
+    for col in ("metrics.normalized_ces", "metrics.mmcs_vs_scratch", "metrics.flops",
                 "metrics.transfer_score/top_logits", "metrics.transfer_score/max_activating"):
         assert transfer[col].is_not_null().all(), col
     assert transfer["metrics.mmcs_vs_scratch"].is_between(-1, 1).all()
@@ -142,3 +142,30 @@ def test_third_submission_is_a_no_op(swept):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "8 trials finished, 0 not" in out.stdout
     assert runs_table(runs).height == n_before
+
+
+def test_analysis_regenerates_tables_and_figures(swept):
+    _, runs, _, _ = swept
+    script = ROOT / "analysis" / "sweep_report.py"
+    out = subprocess.run([sys.executable, str(script), "sweep-test", "--runs-dir", str(runs)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    d = runs / "analysis" / "sweep-test"
+    matrix = pl.read_csv(d / "zeroshot_ces.csv")
+    assert matrix.columns == ["eval layer i", "SAE_0", "SAE_1"] and matrix.height == 2
+    assert matrix.null_count().sum_horizontal()[0] == 0
+    for name in ("normalized_ces_fwd", "normalized_ces_bwd"):
+        table = pl.read_csv(d / f"{name}.csv")
+        assert table.columns == ["layer", "2048 @1024", "2048 @2048"]
+    assert pl.read_csv(d / "normalized_ces_fwd.csv")["layer"].to_list() == [1]
+    for png in ("zeroshot_ces.png", "curves.png"):
+        assert (d / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    compute = (d / "compute.md").read_text()
+    assert "tokens saved by the plan: 25.0%" in compute and "FLOPs saved" in compute
+    # the figures are also artifacts of one summary run
+    df = runs_table(runs)
+    summary = df.filter(pl.col("tags.raysae.phase") == "summary")
+    assert summary.height == 1
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    names = {a.path for a in client.list_artifacts(summary["run_id"][0], "analysis")}
+    assert "analysis/zeroshot_ces.png" in names and "analysis/normalized_ces_fwd.md" in names

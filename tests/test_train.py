@@ -225,3 +225,17 @@ def test_core_modules_import_no_ray_or_mlflow() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_flops_are_counted_per_token() -> None:
+    from raysae.train import flops_per_token
+
+    D, F, k, B = 32, 256, 8, 64
+    cfg = TrainConfig(num_tokens=4096, batch_size=B)
+    x = torch.randn(B, D)
+    dense = flops_per_token(SAE(SAEConfig(architecture="relu", d_sae=F), D), x, cfg)
+    # five [B, D] x [D, F]-sized products per step (encoder, decoder, their three gradients)
+    assert 5 * 2 * D * F <= dense <= 5.5 * 2 * D * F
+    sparse = flops_per_token(SAE(SAEConfig(architecture="topk", d_sae=F, k=k), D), x, cfg)
+    # the dense encoder plus O(k D) for the sparse decode and backward: far below relu
+    assert 2 * D * F + 2 * k * D <= sparse <= 2 * D * F + 10 * 2 * k * D

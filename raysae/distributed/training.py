@@ -44,7 +44,13 @@ from raysae.models import load_lm, load_tokenizer, parse_hook_name
 from raysae.sae import SAE, SAEMetadata
 from raysae.shards import ActivationReader
 from raysae.tracking import Tracker, tracking_uri
-from raysae.train import TrainState, load_train_state, save_train_state, train_sae
+from raysae.train import (
+    TrainState,
+    flops_per_token,
+    load_train_state,
+    save_train_state,
+    train_sae,
+)
 
 log = logging.getLogger("raysae.training")
 
@@ -222,11 +228,14 @@ class _CheckpointEvaluator:
             job_tokens(job, job.train.eval_tokens, skip_tokens=job.data.num_tokens)
         ).long()
         self.special = special_token_ids(job.model, load_tokenizer(job.model, job.data))
+        sample = next(ActivationReader(spec.shards_dir).iter_batches(1024, shuffle=False))
+        self.flops_per_token = flops_per_token(sae, sample.to(device), job.train)
 
     def __call__(self, state: TrainState) -> dict[str, Any]:
         res = evaluate_sae(self.model, self.sae, self.site, self.layer, self.tokens, self.special)
         values = {f"eval/{k}": v for k, v in res.as_dict().items()}
         values["tokens_seen"] = state.tokens_seen
+        values["flops"] = self.flops_per_token * state.tokens_seen
         self.tracker.log_metrics(self.run_id, values, step=state.tokens_seen)
         return values
 
