@@ -128,7 +128,9 @@ def curves(hist: pl.DataFrame, out: Path) -> None:
     layers = sorted(hist["layer"].unique().to_list())
     fig, axes = plt.subplots(len(metrics), len(layers), figsize=(3 * len(layers), 2.4 * len(metrics)),
                              squeeze=False)
-    styles = {"scratch": "-", "fwd": "--", "bwd": ":"}
+    colors = {"scratch": "black", "fwd": "tab:blue", "bwd": "tab:red"}
+    budgets = sorted({int(b) for b in hist["budget"].unique().to_list()})
+    styles = ["-", "--", ":", "-."]  # by budget, so each run keeps one look in every panel
     for c, layer in enumerate(layers):
         for r, (key, label) in enumerate(metrics):
             ax = axes[r][c]
@@ -136,10 +138,12 @@ def curves(hist: pl.DataFrame, out: Path) -> None:
                 (pl.col("layer") == layer) & (pl.col("metric") == key)
                 & pl.col("phase").is_in(["scratch", "transfer"])
             )
-            for (name, direction), g in sel.group_by("name", "direction", maintain_order=True):
+            for (name, direction, budget), g in sel.sort("name").group_by(
+                "name", "direction", "budget", maintain_order=True
+            ):
                 g = g.sort("tokens")
-                ax.plot(g["tokens"], g["value"], styles.get(direction, "-."), marker="o", ms=3,
-                        label=name)
+                ax.plot(g["tokens"], g["value"], styles[budgets.index(int(budget)) % 4],
+                        color=colors.get(direction, "tab:green"), marker="o", ms=3, label=name)
             ax.set_title(f"layer {layer}: {label}", fontsize=9)
             ax.tick_params(labelsize=7)
             if r == 0:
