@@ -93,7 +93,7 @@ def cmd_train(cfg: JobConfig) -> None:
     print(f"MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg.runs_dir)}")
 
 
-def cmd_sweep(cfg: JobConfig) -> None:
+def cmd_sweep(cfg: JobConfig) -> int:
     """The layer-transfer sweep of the config's `sweep` section (resumes an interrupted one)."""
     from raysae.distributed.sweep import run_sweep
 
@@ -108,6 +108,7 @@ def cmd_sweep(cfg: JobConfig) -> None:
         f"for scratch on every layer ({s['saved_fraction']:.0%} saved)"
     )
     print(f"MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg.runs_dir)}")
+    return 1 if result.failed else 0
 
 
 COMMANDS = {"check": cmd_check, "cache": cmd_cache, "train": cmd_train, "sweep": cmd_sweep}
@@ -125,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError) as e:
         print(f"raysae: {e}", file=sys.stderr)
         return 2
-    COMMANDS[args.command](cfg)
-    return 0
+    return COMMANDS[args.command](cfg) or 0
 
 
 if __name__ == "__main__":

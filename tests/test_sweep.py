@@ -169,3 +169,40 @@ def test_analysis_regenerates_tables_and_figures(swept):
     client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
     names = {a.path for a in client.list_artifacts(summary["run_id"][0], "analysis")}
     assert "analysis/zeroshot_ces.png" in names and "analysis/normalized_ces_fwd.md" in names
+
+
+def test_failed_trial_is_reported_and_only_its_dependents_skipped(tmp_path, token_file):
+    cfg = {**CONFIG, "name": "sweep-fail", "data": {**CONFIG["data"], "source": str(token_file)},
+           "sweep": {**CONFIG["sweep"], "max_failures": 0}}
+    cfg_path = tmp_path / "sweep.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    runs = tmp_path / "runs"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local"}
+    cache = [sys.executable, "-m", "raysae.cli", "cache", str(cfg_path), "--runs-dir", str(runs)]
+    subprocess.run(cache, env=env, check=True, capture_output=True, timeout=300)
+    # corrupt one shard of layer 1 (same size: only its checksum can tell)
+    shard = sorted(runs.glob("activations/*/blocks.1.hook_resid_post/shard-*.arrow"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+    out = subprocess.run(sweep_cmd(cfg_path, runs), env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "3 trials finished, 5 not" in out.stdout  # L0 scratch, zero-shot of SAE_0 on 0 and 1
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("  ")]
+    failed = [ln for ln in lines if "failed:" in ln]
+    skipped = [ln for ln in lines if "skipped: depends on" in ln]
+    assert any("L1:" in ln and "is corrupted" in ln for ln in failed)  # SAE_1 failed, and why
+    assert any("L1<L0" in ln for ln in failed)  # ...and so did training on layer 1 from SAE_0
+    assert len(skipped) == 3  # SAE_1 on layers 0 and 1, and L0<-L1, never started
+    df = runs_table_named(runs, "sweep-fail")
+    assert df.filter(pl.col("tags.raysae.phase") == "sweep")["status"][0] == "FAILED"
+    ok = df.filter(pl.col("tags.raysae.run_key").str.contains(":L0:"))
+    assert ok["status"].to_list() == ["FINISHED"]
+
+
+def runs_table_named(runs: Path, name: str) -> pl.DataFrame:
+    mlflow.set_tracking_uri(f"sqlite:///{runs / 'mlflow.db'}")
+    df = mlflow.search_runs(experiment_names=[name])
+    return pl.from_pandas(df.astype({c: str for c in df.columns if c.startswith("tags.")}))

@@ -123,7 +123,8 @@ def _train_trial(config: dict[str, Any], job: dict, trials: dict, dirs: dict, pa
     job_cfg = from_dict(JobConfig, job)
     trial = grid.Trial(**trials[config["key"]])
     trial_job = dataclasses.replace(job_cfg, train=grid.train_config_for(job_cfg, trial))
-    result = train_on_ray(trial_job, _spec(job_cfg, trial, dirs, parent))
+    spec = _spec(job_cfg, trial, dirs, parent)
+    result = train_on_ray(trial_job, spec, max_failures=job_cfg.sweep.max_failures)
     tune.report({**result.metrics, "sae_dir": str(result.sae_dir)})
 
 
@@ -171,12 +172,18 @@ def _tune_phase(
     for result in tuner.fit():
         key = result.config["key"]
         if result.error is not None:
-            errors[key] = f"failed: {type(result.error).__name__}: {str(result.error)[:300]}"
+            errors[key] = f"failed: {_root_cause(result.error)}"
         elif result.metrics and "sae_dir" in result.metrics:
             done[key] = {k: v for k, v in result.metrics.items() if k.startswith("eval/")}
         else:
             errors[key] = "failed: the trial reported no result"
     return done, errors
+
+
+def _root_cause(error: BaseException) -> str:
+    """The last line of a (possibly nested, remote) error: where Ray puts the original message."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:300]
 
 
 def _concurrency(job: JobConfig) -> int:
@@ -242,7 +249,7 @@ def _zeroshot_phase(
             done.update(ray.get(ref))
         except Exception as e:  # one layer's failure does not stop the others
             for d in by_layer[layer]:
-                errors[d["key"]] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+                errors[d["key"]] = f"failed: {_root_cause(e)}"
     return done, errors
 
 
