@@ -27,8 +27,9 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "token"}
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the job's own
+    env |= {"PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_AUTH_MODE": "token"}
     port, dash = free_port(), free_port()
     subprocess.run(
         [BIN / "ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),

@@ -36,6 +36,13 @@ CONFIG = {
 }
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a driver subprocess. mlflow.set_tracking_uri (used by the checks here)
+    also exports MLFLOW_TRACKING_URI, which would send the sweep to another test's store."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return {**env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local", **extra}
+
+
 def sweep_cmd(cfg_path: Path, runs: Path) -> list[str]:
     return [sys.executable, "-m", "raysae.cli", "sweep", str(cfg_path), "--runs-dir", str(runs)]
 
@@ -52,8 +59,7 @@ def swept(tmp_path_factory, token_file):
     cfg_path = tmp / "sweep.yaml"
     cfg_path.write_text(yaml.safe_dump({**CONFIG, "data": {**CONFIG["data"], "source": str(token_file)}}))
     runs = tmp / "runs"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-           "RAY_ADDRESS": "local"}
+    env = clean_env(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
 
     # 1. start the sweep and kill its whole process group (driver and local Ray) once the
     #    transfer phase is under way: the scratch phase is complete, a transfer trial is running
@@ -136,7 +142,7 @@ def test_third_submission_is_a_no_op(swept):
     _, runs, _, _ = swept
     n_before = runs_table(runs).height
     cfg_path = next(runs.parent.glob("sweep.yaml"))
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local"}
+    env = clean_env()
     out = subprocess.run(sweep_cmd(cfg_path, runs), env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -177,7 +183,7 @@ def test_failed_trial_is_reported_and_only_its_dependents_skipped(tmp_path, toke
     cfg_path = tmp_path / "sweep.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     runs = tmp_path / "runs"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local"}
+    env = clean_env()
     cache = [sys.executable, "-m", "raysae.cli", "cache", str(cfg_path), "--runs-dir", str(runs)]
     subprocess.run(cache, env=env, check=True, capture_output=True, timeout=300)
     # corrupt one shard of layer 1 (same size: only its checksum can tell)
