@@ -11,12 +11,12 @@ training code: only MLflow's run table.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import mlflow
 import polars as pl
+from common import to_markdown, tracking_uri
 
 COLUMNS = {
     "tags.raysae.layer": "layer",
@@ -30,9 +30,6 @@ COLUMNS = {
     "metrics.tokens_seen": "tokens",
 }
 
-
-def tracking_uri(runs_dir: str) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
 
 
 def load_runs(experiment: str, uri: str) -> pl.DataFrame:
@@ -55,14 +52,6 @@ def layer_table(runs: pl.DataFrame) -> pl.DataFrame:
         .sort("layer", "init")
     )
 
-
-def to_markdown(df: pl.DataFrame) -> str:
-    def fmt(v: object) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.iter_rows()]
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

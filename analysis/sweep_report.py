@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -27,13 +26,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import polars as pl  # noqa: E402
+from common import to_markdown, tracking_uri  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 TAG = "tags.raysae."
 
-
-def tracking_uri(runs_dir: str) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
 
 
 def load_runs(experiment: str) -> pl.DataFrame:
@@ -63,14 +60,6 @@ def histories(client: MlflowClient, runs: pl.DataFrame, keys: list[str]) -> pl.D
         ["run_id", "metric", "tokens"], keep="last"
     )
 
-
-def to_markdown(df: pl.DataFrame) -> str:
-    def fmt(v: object) -> str:
-        return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.iter_rows()]
-    return "\n".join(lines) + "\n"
 
 
 def write_table(df: pl.DataFrame, out: Path, name: str) -> None:

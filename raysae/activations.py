@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,9 +264,3 @@ class ShardCacher:
             records.append({"hook_name": name, **info.__dict__})
         log.info("wrote %s (%d tokens) for %d sites", file, len(tokens), len(records))
         return records
-
-
-def iter_shard_batches(tokens_NT: np.ndarray, seqs_per_shard: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(seq_index, input_ids) chunks, one per shard: the plain-Python equivalent of Ray's batches."""
-    for s in range(0, len(tokens_NT), seqs_per_shard):
-        yield np.arange(s, min(s + seqs_per_shard, len(tokens_NT))), tokens_NT[s : s + seqs_per_shard]

@@ -16,7 +16,6 @@ still fails after its retries is reported; trials that depend on it are skipped,
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -159,7 +158,7 @@ def _tune_phase(
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"key": tune.grid_search([t.key for t in todo])},
+            param_space={k: tune.grid_search(v) for k, v in grid.tune_param_space(todo).items()},
             tune_config=tune.TuneConfig(max_concurrent_trials=_concurrency(job)),
             run_config=tune.RunConfig(
                 name=name,
@@ -329,7 +328,3 @@ def _transfer_scores(
         tables.append(metrics.max_activating_tokens(feats, ids, k))
     out["transfer_score/max_activating"] = metrics.transfer_score(*tables)
     return out
-
-
-def summary_json(result: SweepResult) -> str:
-    return json.dumps(dataclasses.asdict(result), indent=1, default=str)
