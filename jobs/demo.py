@@ -1,7 +1,7 @@
-"""The demo job (`make demo` submits it): a config's sweep (or, without a `sweep` section, its
-train job), then the analysis of the experiment from MLflow.
+"""The demo job (`make demo` submits it): for each config, its layer-transfer sweep, its stitch
+sweep, or (with neither section) its train job, then the analysis of the experiment from MLflow.
 
-    ray job submit --working-dir . -- python jobs/demo.py jobs/configs/toy_sweep.yaml --runs-dir DIR
+    ray job submit --working-dir . -- python jobs/demo.py CONFIG [CONFIG ...] --runs-dir DIR
 """
 
 import subprocess
@@ -11,13 +11,22 @@ from pathlib import Path
 from raysae.cli import main
 from raysae.config import load_config
 
+ANALYSIS = Path(__file__).resolve().parent.parent / "analysis"
+
 if __name__ == "__main__":
     args = sys.argv[1:]
-    cfg = load_config(args[0])
-    status = main(["sweep" if cfg.sweep else "train", *args])
-    if status == 0:
-        runs_dir = args[args.index("--runs-dir") + 1] if "--runs-dir" in args else "runs"
-        script = "sweep_report.py" if cfg.sweep else "layer_table.py"
-        analysis = Path(__file__).resolve().parent.parent / "analysis" / script
-        status = subprocess.call([sys.executable, str(analysis), cfg.name, "--runs-dir", runs_dir])
+    runs = args[args.index("--runs-dir") : args.index("--runs-dir") + 2] if "--runs-dir" in args else []
+    configs = [a for a in args if a not in runs]
+    status = 0
+    for path in configs:
+        cfg = load_config(path)
+        steps = [("sweep", "sweep_report.py")] if cfg.sweep else []
+        steps += [("stitch", "stitch_report.py")] if cfg.stitch else []
+        for command, script in steps or [("train", "layer_table.py")]:
+            status = main([command, path, *runs]) or status
+            if status == 0:
+                runs_dir = runs[1] if runs else "runs"
+                status = subprocess.call(
+                    [sys.executable, str(ANALYSIS / script), cfg.name, "--runs-dir", runs_dir]
+                )
     sys.exit(status)

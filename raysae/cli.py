@@ -17,7 +17,7 @@ log = logging.getLogger("raysae")
 
 
 TOY_SCHEME = "toy://"
-TOY_MEMBERS = ("small", "large", "corpus", "heldout", "tokenizer")
+TOY_MEMBERS = ("small", "large", "corpus", "heldout", "tokenizer", "variants")
 
 
 def resolve_toy(cfg: JobConfig) -> JobConfig:
@@ -39,7 +39,14 @@ def resolve_toy(cfg: JobConfig) -> JobConfig:
     data = dataclasses.replace(
         cfg.data, source=resolve(cfg.data.source), tokenizer=resolve(cfg.data.tokenizer)
     )
-    return dataclasses.replace(cfg, model=model, data=data)
+    cfg = dataclasses.replace(cfg, model=model, data=data)
+    if cfg.stitch is not None:
+        s = cfg.stitch
+        large = dataclasses.replace(s.large, name=resolve(s.large.name))
+        probes = s.probes and dataclasses.replace(s.probes, source=resolve(s.probes.source))
+        cfg = dataclasses.replace(cfg, stitch=dataclasses.replace(
+            s, large=large, probes=probes, variants=resolve(s.variants)))
+    return cfg
 
 
 def _load(args: argparse.Namespace) -> JobConfig:
@@ -111,7 +118,22 @@ def cmd_sweep(cfg: JobConfig) -> int:
     return 1 if result.failed else 0
 
 
-COMMANDS = {"check": cmd_check, "cache": cmd_cache, "train": cmd_train, "sweep": cmd_sweep}
+def cmd_stitch(cfg: JobConfig) -> int:
+    """The model-stitching sweep of the config's `stitch` section (resumes an interrupted one)."""
+    from raysae.distributed.stitch_sweep import run_stitch_sweep
+
+    _init_ray()
+    result = run_stitch_sweep(cfg)
+    print(f"stitch sweep {cfg.name}: {len(result.finished)} trials finished, "
+          f"{len(result.failed)} not; pairs {result.summary['pairs']}")
+    for key, why in result.failed.items():
+        print(f"  {key}: {why}")
+    print(f"MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg.runs_dir)}")
+    return 1 if result.failed else 0
+
+
+COMMANDS = {"check": cmd_check, "cache": cmd_cache, "train": cmd_train, "sweep": cmd_sweep,
+            "stitch": cmd_stitch}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -346,6 +346,8 @@ class JobConfig:
     """Root of everything the job writes (a shared filesystem on a multi-node cluster)."""
     sweep: SweepConfig | None = None
     """The layer-wise transfer grid (`raysae.grid`); None for a job without a sweep."""
+    stitch: StitchConfig | None = None
+    """The small-to-large stitch grid (`raysae.stitch_grid`); `model` is the small model A."""
 
 
 @dataclass(frozen=True)
@@ -390,6 +392,134 @@ class SweepConfig:
             _fail("sweep.compute_plan_budget_fraction", fraction, "a fraction in (0, 1]")
         if self.max_failures < 0:
             _fail("sweep.max_failures", self.max_failures, "a non-negative integer")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Labelled tokens for probes and steering vectors.
+
+    Either per-token labels (list columns beside `input_ids`, as the toy corpus has: topic,
+    number, depth) or one label per text (a `text` column and a scalar label column, any
+    dataset `datasets` can load); a per-text label applies to the text's last token.
+    """
+
+    source: str
+    """Dataset: `toy://<preset>/heldout`, a hub name, or a local parquet/json/csv/arrow file."""
+    labels: tuple[str, ...] = ("topic", "number", "depth")
+    """Label columns to probe; integer classes, negative = unlabelled token."""
+    split: str = "train"
+    """Dataset split (hub datasets)."""
+    text_column: str = "text"
+    """Text column of a per-text labelled dataset (ignored when `input_ids` is present)."""
+    num_rows: int = 256
+    """Rows read; the first half trains the probes, the second half tests them."""
+    sparse_k: tuple[int, ...] = (1, 5, 20)
+    """Sizes of the sparse probes: the k SAE features with the largest class-mean difference."""
+    steering_label: str = "topic"
+    """Label whose classes the steering vectors point to."""
+    steering_target: int = 0
+    """Target class of the steering vectors."""
+    steering_tokens: int = 12
+    """Tokens generated per steered prompt."""
+
+    def __post_init__(self) -> None:
+        if not self.labels:
+            _fail("stitch.probes.labels", self.labels, "at least one label column")
+        if self.num_rows < 4:
+            _fail("stitch.probes.num_rows", self.num_rows, "at least 4 rows")
+        if not self.sparse_k or any(k < 1 for k in self.sparse_k):
+            _fail("stitch.probes.sparse_k", self.sparse_k, "a non-empty list of positive sizes")
+        if self.steering_tokens < 1:
+            _fail("stitch.probes.steering_tokens", self.steering_tokens, "a positive count")
+
+
+@dataclass(frozen=True)
+class StitchConfig:
+    """The model-stitching grid: stitch pairs (A layer, B layer), SAE widths and budgets on B.
+
+    A is the job's `model`, B is `large`; both read the job's `data` through one tokenizer.
+    SAEs on A train with the job's `train` settings; SAEs on B (from scratch and from the
+    stitched initialisation) with the same settings at each of `budgets`.
+    """
+
+    large: ModelConfig
+    """The large model B."""
+    num_tokens: int
+    """Training tokens of each stitch (paper: ~200M)."""
+    pairs: tuple[tuple[int, int], ...] = ()
+    """Explicit (A layer, B layer) pairs."""
+    match_layers: tuple[int, ...] = ()
+    """A layers whose B layer is the best match by `match_method` (added to `pairs`)."""
+    match_method: Literal["svcca", "cka"] = "svcca"
+    """Layer matching: mean SVCCA correlation or linear CKA."""
+    match_tokens: int = 4096
+    """Tokens (held out from training) the layer matching is computed on."""
+    site: Site = "resid_pre"
+    """Hook site of the stitch and of every SAE (paper: the residual stream entering a layer)."""
+    batch_size: int = 1024
+    """Tokens per stitch optimiser step."""
+    lr: float = 1e-4
+    """Peak learning rate of the stitch (Adam, cosine decay)."""
+    lr_warmup_frac: float = 0.0
+    """Fraction of the stitch steps spent warming up linearly."""
+    alpha: float = 1.0
+    """Weight of the two cycle-consistency terms."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip of the stitch (0 disables)."""
+    init: Literal["lstsq", "random"] = "lstsq"
+    """Initial maps: the closed-form least-squares fit, or random with zero biases (paper)."""
+    lstsq_tokens: int = 65536
+    """Tokens the closed-form least-squares fit is computed on."""
+    checkpoint_every_tokens: int = 1_000_000
+    """Stitch checkpoint interval (resume point)."""
+    widths: tuple[int, ...] = (512,)
+    """SAE widths d_sae, the same on A and B (the stitched SAE keeps its A width)."""
+    budgets: tuple[int, ...] = ()
+    """Token budgets of B's SAEs, from scratch and from the stitch (default: train.num_tokens)."""
+    ev_thresholds: tuple[float, ...] = (0.7, 0.8, 0.9)
+    """Explained variances whose FLOPs-to-reach the analysis compares."""
+    probes: ProbeConfig | None = None
+    """Probes, sparse probes and steering through the stitch; None skips them."""
+    variants: str | None = None
+    """Content-rewritten variants (group, variant, input_ids) for structural vs semantic features:
+    `toy://<preset>/variants` or a parquet file; None skips the feature classes."""
+    max_failures: int = 2
+    """Ray retries per trial before it counts as failed."""
+
+    def __post_init__(self) -> None:
+        if not self.pairs and not self.match_layers:
+            _fail("stitch.pairs", self.pairs, "at least one (A layer, B layer) pair or match_layers")
+        for pair in self.pairs:
+            if len(pair) != 2 or min(pair) < 0:
+                _fail("stitch.pairs", pair, "a pair [A layer, B layer] of block indices")
+        if len(set(self.pairs)) != len(self.pairs):
+            _fail("stitch.pairs", self.pairs, "no repeated pairs")
+        if any(i < 0 for i in self.match_layers):
+            _fail("stitch.match_layers", self.match_layers, "non-negative block indices")
+        positive = {"num_tokens": self.num_tokens, "batch_size": self.batch_size,
+                    "match_tokens": self.match_tokens, "lstsq_tokens": self.lstsq_tokens,
+                    "checkpoint_every_tokens": self.checkpoint_every_tokens}
+        for name, value in positive.items():
+            if value < 1:
+                _fail(f"stitch.{name}", value, "a positive integer")
+        if self.num_tokens < self.batch_size:
+            _fail("stitch.num_tokens", self.num_tokens,
+                  f"at least stitch.batch_size ({self.batch_size})")
+        if self.lr <= 0 or self.alpha < 0 or self.grad_clip < 0:
+            _fail("stitch.lr/alpha/grad_clip", (self.lr, self.alpha, self.grad_clip),
+                  "lr > 0, alpha >= 0, grad_clip >= 0")
+        if not 0 <= self.lr_warmup_frac < 1:
+            _fail("stitch.lr_warmup_frac", self.lr_warmup_frac, "a fraction in [0, 1)")
+        if not self.widths or any(w < 1 for w in self.widths) or len(set(self.widths)) != len(
+            self.widths
+        ):
+            _fail("stitch.widths", self.widths, "distinct positive SAE widths (d_sae)")
+        if any(b < 1 for b in self.budgets) or len(set(self.budgets)) != len(self.budgets):
+            _fail("stitch.budgets", self.budgets, "distinct positive token counts")
+        if not self.ev_thresholds or any(not 0 < t < 1 for t in self.ev_thresholds):
+            _fail("stitch.ev_thresholds", self.ev_thresholds, "fractions in (0, 1)")
+        if self.max_failures < 0:
+            _fail("stitch.max_failures", self.max_failures, "a non-negative integer")
 
 
 def load_config(path: str | Path) -> JobConfig:

@@ -226,12 +226,6 @@ def phases(trials: list[Trial]) -> dict[str, list[Trial]]:
     return out
 
 
-def tune_param_space(trials: list[Trial]) -> dict[str, list[str]]:
-    """The Tune param space as plain data: `{"key": [...]}`; the caller wraps the list in
-    `tune.grid_search` and looks each key up with `by_key`."""
-    return {"key": [t.key for t in trials]}
-
-
 def by_key(trials: list[Trial]) -> dict[str, Trial]:
     """Trials indexed by key."""
     return {t.key: t for t in trials}

@@ -272,3 +272,56 @@ class ActivationReader:
                 if len(x):
                     carry = x
             epoch += 1
+
+
+def aligned_shards(a: ActivationReader, b: ActivationReader) -> list[tuple[ShardInfo, ShardInfo]]:
+    """The shard pairs of two caches of the same tokens (two models, or two layers): same files,
+    same row counts; rows are checked token by token when read (`paired_stream`)."""
+    files_a = [(s.file, s.num_tokens) for s in a.manifest.shards]
+    files_b = [(s.file, s.num_tokens) for s in b.manifest.shards]
+    if files_a != files_b:
+        raise ShardError(
+            f"{a.directory} and {b.directory} do not hold the same tokens (shard files or row "
+            "counts differ); cache both with the same data and cache settings"
+        )
+    return list(zip(a.manifest.shards, b.manifest.shards))
+
+
+def paired_stream(
+    a: ActivationReader,
+    b: ActivationReader,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    pairs: Sequence[tuple[ShardInfo, ShardInfo]] | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (a, b) batches of exactly batch_size rows of the same tokens: shuffled epochs over
+    the shard pairs, both sides permuted alike. Raises ShardError when a pair's token_id,
+    seq_index or position columns disagree."""
+    pairs = list(aligned_shards(a, b) if pairs is None else pairs)
+    if not pairs or sum(p[0].num_tokens for p in pairs) == 0:
+        raise ShardError(f"{a.directory}: no activation rows to stream")
+    carry: tuple[torch.Tensor, torch.Tensor] | None = None
+    epoch = 0
+    while True:
+        gen = torch.Generator().manual_seed(seed + epoch)
+        for i in torch.randperm(len(pairs), generator=gen).tolist():
+            info_a, info_b = pairs[i]
+            ta, tb = a.read_shard(info_a), b.read_shard(info_b)
+            for col in ("token_id", "seq_index", "position"):
+                if not ta.column(col).equals(tb.column(col)):
+                    raise ShardError(
+                        f"{a.directory / info_a.file} and {b.directory / info_b.file}: column "
+                        f"{col} differs; the two caches do not hold the same tokens"
+                    )
+            perm = torch.randperm(ta.num_rows, generator=gen)
+            xa, xb = a.vectors(ta).float()[perm], b.vectors(tb).float()[perm]
+            if carry is not None:
+                xa, xb = torch.cat([carry[0], xa]), torch.cat([carry[1], xb])
+                carry = None
+            while len(xa) >= batch_size:
+                yield xa[:batch_size], xb[:batch_size]
+                xa, xb = xa[batch_size:], xb[batch_size:]
+            if len(xa):
+                carry = (xa, xb)
+        epoch += 1

@@ -25,7 +25,6 @@ from raysae.grid import (
     phases,
     plan_token_summary,
     train_config_for,
-    tune_param_space,
 )
 
 LAYERS = (0, 1, 2, 3)
@@ -179,13 +178,6 @@ def test_plan_prefers_nearest_then_forward():
     assert [(t.layer, t.source_layer, t.direction) for t in phases(trials)["plan"]] == [
         (2, 0, "offset-2")
     ]
-
-
-def test_tune_param_space():
-    trials = phases(grid())["transfer"]
-    space = tune_param_space(trials)
-    assert space == {"key": [t.key for t in trials]}
-    assert by_key(trials)[space["key"][0]] is trials[0]
 
 
 @pytest.mark.parametrize(

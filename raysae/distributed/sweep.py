@@ -124,7 +124,7 @@ def _train_trial(config: dict[str, Any], job: dict, trials: dict, dirs: dict, pa
     trial_job = dataclasses.replace(job_cfg, train=grid.train_config_for(job_cfg, trial))
     spec = _spec(job_cfg, trial, dirs, parent)
     result = train_on_ray(trial_job, spec, max_failures=job_cfg.sweep.max_failures)
-    tune.report({**result.metrics, "sae_dir": str(result.sae_dir)})
+    tune.report({**result.metrics, "out_dir": str(result.sae_dir)})
 
 
 def _tune_phase(
@@ -137,18 +137,27 @@ def _tune_phase(
 ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
     if not todo:
         return {}, {}
-    storage = Path(job.runs_dir).resolve() / "tune"
-    name = f"{job.name}-{digest}-{phase}"
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            _train_trial,
-            job=to_dict(job),
-            trials={t.key: dataclasses.asdict(t) for t in todo},
-            dirs=dirs,
-            parent=parent,
-        ),
-        {"CPU": 0.1},  # the trial only drives; its Train workers ask for their own resources
+    trainable = tune.with_parameters(
+        _train_trial,
+        job=to_dict(job),
+        trials={t.key: dataclasses.asdict(t) for t in todo},
+        dirs=dirs,
+        parent=parent,
     )
+    name = f"{job.name}-{digest}-{phase}"
+    return run_tune_experiment(job, name, [t.key for t in todo], trainable, job.sweep.max_failures)
+
+
+def run_tune_experiment(
+    job: JobConfig, name: str, keys: list[str], trainable: Any, max_failures: int
+) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """One Tune experiment over trial keys (a grid search on "key"), restored when it already
+    exists. The trainable reports its metrics and "out_dir"; returns (done, errors): the
+    metrics with a '/' in their name (eval/..., ce/...) and `flops` per finished key, and the
+    root cause per failed key."""
+    storage = Path(job.runs_dir).resolve() / "tune"
+    # the trial only drives; its Train workers ask for their own resources
+    trainable = tune.with_resources(trainable, {"CPU": 0.1})
     path = storage / name
     if tune.Tuner.can_restore(path):
         log.info("restoring Tune experiment %s", path)
@@ -158,12 +167,12 @@ def _tune_phase(
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={k: tune.grid_search(v) for k, v in grid.tune_param_space(todo).items()},
+            param_space={"key": tune.grid_search(keys)},
             tune_config=tune.TuneConfig(max_concurrent_trials=_concurrency(job)),
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=str(storage),
-                failure_config=tune.FailureConfig(max_failures=job.sweep.max_failures),
+                failure_config=tune.FailureConfig(max_failures=max_failures),
                 verbose=1,
             ),
         )
@@ -172,8 +181,11 @@ def _tune_phase(
         key = result.config["key"]
         if result.error is not None:
             errors[key] = f"failed: {_root_cause(result.error)}"
-        elif result.metrics and "sae_dir" in result.metrics:
-            done[key] = {k: v for k, v in result.metrics.items() if k.startswith("eval/")}
+        elif result.metrics and "out_dir" in result.metrics:
+            done[key] = {
+                k: v for k, v in result.metrics.items()
+                if ("/" in k or k == "flops") and isinstance(v, int | float)
+            }
         else:
             errors[key] = "failed: the trial reported no result"
     return done, errors

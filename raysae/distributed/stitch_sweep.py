@@ -1,0 +1,299 @@
+"""Ray Tune: the model-stitching sweep, stage by stage, resumable after any interruption.
+
+Stages follow `raysae.stitch_grid`: the optional layer matching (a Ray task: SVCCA or CKA of
+every A layer against every B layer picks each matched A layer's partner), caching of A's and
+B's layers from the same tokens (Ray Data), then one Tune experiment that fits the stitches
+(Ray Train, `raysae.distributed.stitching`) and trains the SAEs of A and B's scratch SAEs (Ray
+Train); A's SAEs carried to B through the stitches and evaluated zero-shot (Ray tasks); B's SAEs
+trained from those stitched initialisations (Tune); and per pair the probes, steering vectors
+and feature classes (Ray tasks). Resumption works as in the layer-transfer sweep: Tune
+experiments named after the sweep digest are restored, Ray Train runs are named after trial
+keys, MLflow runs are found by their key tag, and finished evaluations are not repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+from raysae import stitch_grid
+from raysae.activations import fingerprint, job_tokens, special_token_ids
+from raysae.config import ConfigError, JobConfig, flatten, from_dict, to_dict
+from raysae.distributed.caching import cache_activations
+from raysae.distributed.stitching import StitchSpec, stitch_dir_for, train_stitch_on_ray
+from raysae.distributed.sweep import SweepResult, _root_cause, run_tune_experiment
+from raysae.distributed.training import TrainSpec, sae_dir_for, train_on_ray
+from raysae.evaluate import evaluate_sae
+from raysae.models import hook_name, load_lm, load_tokenizer, validate_sites
+from raysae.sae import SAE
+from raysae.stitch import Stitch, transfer_sae
+from raysae.stitch_grid import StitchTrial
+from raysae.tracking import Tracker, tracking_uri
+
+log = logging.getLogger("raysae.stitch_sweep")
+
+
+def run_stitch_sweep(job: JobConfig) -> SweepResult:
+    """Run (or resume) every stage of the job's stitch sweep."""
+    s = job.stitch
+    if s is None:
+        raise ConfigError("stitch: the config has no stitch section")
+    stitch_grid.validate(job)
+    layers_a = sorted({p[0] for p in s.pairs} | set(s.match_layers))
+    validate_sites(job.model, [s.site], layers_a)
+    validate_sites(s.large, [s.site], sorted({p[1] for p in s.pairs}))
+    digest = hashlib.sha256(json.dumps(to_dict(job), sort_keys=True).encode()).hexdigest()[:16]
+    tracker = Tracker.for_runs_dir(job.runs_dir, job.name)
+    tags = {"raysae.phase": "stitch_sweep", "raysae.sweep_kind": stitch_grid.SWEEP_KIND}
+    parent = tracker.open_run(f"stitch_sweep:{digest}", f"{job.name} stitch sweep", tags, flatten(job))
+
+    matches = None
+    if s.match_layers:
+        match = ray.get(_match_layers.remote(to_dict(job)))
+        tracker.log_dict(parent, match, "layer_match.json")
+        matches = {int(k): v for k, v in match["best"].items()}
+    pairs = stitch_grid.pairs_of(s, matches)
+    job_a, job_b = stitch_grid.cache_jobs(job, pairs)
+    trials = stitch_grid.expand(job, (fingerprint(job_a), fingerprint(job_b)), matches)
+    dirs = {
+        "a": {k: str(v) for k, v in cache_activations(job_a).items()},
+        "b": {k: str(v) for k, v in cache_activations(job_b).items()},
+    }
+    tracker.set_tags(parent, {"raysae.status.cache": "done", "raysae.pairs": str(list(pairs))})
+
+    finished: dict[str, dict[str, float]] = {}
+    failed: dict[str, str] = {}
+    for i, stage in enumerate(stitch_grid.stages(trials)):
+        todo = []
+        for t in stage:
+            missing = [d for d in t.depends_on if d not in finished]
+            if missing:
+                failed[t.key] = f"skipped: depends on {missing[0]}, which did not finish"
+            else:
+                todo.append(t)
+        if not todo:
+            continue
+        payload = {"job": to_dict(job), "trials": {t.key: dataclasses.asdict(t) for t in todo},
+                   "dirs": dirs, "parent": parent}
+        if todo[0].phase in ("zeroshot", "probes"):
+            done, errors = _run_tasks(job, todo, payload)
+        else:
+            trainable = tune.with_parameters(_train_trial, **payload)
+            name = f"{job.name}-{digest}-stitch-stage{i}"
+            done, errors = run_tune_experiment(
+                job, name, [t.key for t in todo], trainable, s.max_failures
+            )
+        finished.update(done)
+        failed.update(errors)
+        names = "+".join(dict.fromkeys(t.phase for t in stage))
+        status = f"{len(done)} done, {len(stage) - len(done)} not done"
+        tracker.set_tags(parent, {f"raysae.status.{names}": status})
+        log.info("stage %s: %s", names, status)
+
+    _log_stitch_flops(job, trials, finished, tracker)
+    summary = {"pairs": [list(p) for p in pairs], "matches": matches, "failed": failed,
+               "trials": {p: sum(t.phase == p for t in trials) for stage in stitch_grid.STAGES
+                          for p in stage}}
+    tracker.log_dict(parent, summary, "stitch_summary.json")
+    tracker.finish(parent, "FINISHED" if not failed else "FAILED")
+    return SweepResult(parent, finished, failed, summary)
+
+
+def _log_stitch_flops(job: JobConfig, trials: list[StitchTrial], finished: dict, tracker: Tracker) -> None:
+    """Each stitched-init SAE run gets `stitch_flops`: the stitch's training FLOPs, which count
+    against it in the FLOPs-to-quality comparison (the small SAE's do not)."""
+    by_key = {t.key: t for t in trials}
+    for t in trials:
+        if t.phase != "transfer" or t.key not in finished:
+            continue
+        stitch_key = by_key[t.depends_on[0]].depends_on[0]
+        flops = finished.get(stitch_key, {}).get("flops")
+        run_id = tracker.find(t.key)
+        if flops is not None and run_id is not None:
+            tracker.log_metrics(run_id, {"stitch_flops": flops}, step=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainings: stitches and SAEs, one Tune trainable
+
+
+def _train_trial(config: dict[str, Any], job: dict, trials: dict, dirs: dict, parent: str) -> None:
+    """A Tune function trainable: fit the stitch or train the SAE named by config["key"]."""
+    job_cfg = from_dict(JobConfig, job)
+    s = job_cfg.stitch
+    trial = StitchTrial(**trials[config["key"]])
+    site = s.site
+    if trial.phase == "stitch":
+        spec = StitchSpec(
+            key=trial.key, name=trial.name, layer_a=trial.layer_a, layer_b=trial.layer_b,
+            shards_a=dirs["a"][hook_name(site, trial.layer_a)],
+            shards_b=dirs["b"][hook_name(site, trial.layer_b)],
+            tags=trial.tags, parent_run=parent,
+        )
+        result = train_stitch_on_ray(job_cfg, spec, max_failures=s.max_failures)
+        tune.report({**result.metrics, "out_dir": str(result.stitch_dir)})
+        return
+    large = trial.phase != "scratch_a"
+    layer = trial.layer_b if large else trial.layer_a
+    # B's SAE from the stitched initialisation starts from the zero-shot trial's saved SAE
+    init = str(sae_dir_for(job_cfg, trial.depends_on[0])) if trial.phase == "transfer" else None
+    spec = TrainSpec(
+        key=trial.key, name=trial.name, shards_dir=dirs["b" if large else "a"][hook_name(site, layer)],
+        init_from=init, tags=trial.tags, parent_run=parent,
+    )
+    result = train_on_ray(stitch_grid.sae_job(job_cfg, trial, large), spec, max_failures=s.max_failures)
+    tune.report({**result.metrics, "out_dir": str(result.sae_dir)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluations: Ray tasks, one per pair
+
+
+def _run_tasks(job: JobConfig, todo: list[StitchTrial], payload: dict) -> tuple[dict, dict]:
+    by_pair: dict[str, list[str]] = {}
+    for t in todo:
+        by_pair.setdefault(t.pair, []).append(t.key)
+    task = _zeroshot_pair if todo[0].phase == "zeroshot" else _probes_pair
+    refs = {pair: task.options(max_retries=job.stitch.max_failures).remote(keys, **payload)
+            for pair, keys in by_pair.items()}
+    done, errors = {}, {}
+    for pair, ref in refs.items():
+        try:
+            done.update(ray.get(ref))
+        except Exception as e:  # one pair's failure does not stop the others
+            for key in by_pair[pair]:
+                errors[key] = f"failed: {_root_cause(e)}"
+    return done, errors
+
+
+def _finished_metrics(tracker: Tracker, key: str) -> dict[str, float] | None:
+    run_id = tracker.find(key)
+    if run_id is not None:
+        run = tracker.client.get_run(run_id)
+        if run.info.status == "FINISHED":
+            return dict(run.data.metrics)
+    return None
+
+
+def _heldout(job: JobConfig) -> tuple[torch.Tensor, list[int]]:
+    tokens = job_tokens(job, job.train.eval_tokens, skip_tokens=job.data.num_tokens)
+    return torch.from_numpy(tokens).long(), special_token_ids(job.model, load_tokenizer(job.model, job.data))
+
+
+@ray.remote(num_cpus=0.5)
+def _zeroshot_pair(keys: list[str], job: dict, trials: dict, dirs: dict, parent: str) -> dict:
+    """A's SAEs carried to B through the pair's stitch: saved (the stitched initialisation) and
+    evaluated on B with every SAE metric."""
+    job_cfg = from_dict(JobConfig, job)
+    s = job_cfg.stitch
+    tracker = Tracker(tracking_uri(job_cfg.runs_dir), job_cfg.name)
+    out: dict[str, dict[str, float]] = {}
+    model_b = tokens = special = None
+    for key in keys:
+        trial = StitchTrial(**trials[key])
+        target = sae_dir_for(job_cfg, key)
+        done = _finished_metrics(tracker, key)
+        if done is not None and target.exists():
+            out[key] = done
+            continue
+        if model_b is None:
+            model_b = load_lm(s.large)
+            tokens, special = _heldout(job_cfg)
+        stitch_key, sae_key = trial.depends_on
+        stitch = Stitch.load(stitch_dir_for(job_cfg, stitch_key))
+        sae = transfer_sae(SAE.load(sae_dir_for(job_cfg, sae_key)), stitch)
+        sae.metadata = dataclasses.replace(
+            sae.metadata, model_name=s.large.name, hook_name=hook_name(s.site, trial.layer_b),
+            extras={**sae.metadata.extras, "stitched_from": sae_key, "stitch": stitch_key},
+        )
+        sae.save(target)
+        res = evaluate_sae(model_b, sae, s.site, trial.layer_b, tokens, special)
+        values = {f"eval/{k}": v for k, v in res.as_dict().items()}
+        run_id = tracker.open_run(key, trial.name, trial.tags, {}, parent)
+        tracker.log_metrics(run_id, values, step=0)
+        tracker.log_artifacts(run_id, target, "sae")
+        tracker.finish(run_id)
+        out[key] = values
+    return out
+
+
+@ray.remote(num_cpus=0.5)
+def _probes_pair(keys: list[str], job: dict, trials: dict, dirs: dict, parent: str) -> dict:
+    """Probes, sparse probes, steering and feature classes of one stitch pair."""
+    from raysae.feature_classes import class_summary, feature_table, load_variants
+    from raysae.probes import load_labelled, probe_and_steer
+
+    job_cfg = from_dict(JobConfig, job)
+    s = job_cfg.stitch
+    tracker = Tracker(tracking_uri(job_cfg.runs_dir), job_cfg.name)
+    (key,) = keys
+    done = _finished_metrics(tracker, key)
+    if done is not None:
+        return {key: done}
+    trial = StitchTrial(**trials[key])
+    stitch = Stitch.load(stitch_dir_for(job_cfg, trial.depends_on[0]))
+    saes = {}
+    for sae_key in trial.depends_on[1:]:
+        sae = SAE.load(sae_dir_for(job_cfg, sae_key))
+        saes[sae.d_sae] = sae
+    model_a, model_b = load_lm(job_cfg.model), load_lm(s.large)
+    tokenizer = load_tokenizer(job_cfg.model, job_cfg.data)
+    special = special_token_ids(job_cfg.model, tokenizer)
+    la, lb = trial.layer_a, trial.layer_b
+    values: dict[str, float] = {}
+    run_id = tracker.open_run(key, trial.name, trial.tags, {}, parent)
+    if s.probes is not None:
+        data = load_labelled(s.probes, tokenizer, job_cfg.data.context_length)
+        values |= probe_and_steer(model_a, model_b, stitch, s.site, la, lb, data, s.probes, saes, special)
+    if s.variants is not None:
+        tokens, _ = _heldout(job_cfg)
+        mask = ~torch.isin(tokens, torch.tensor(special, dtype=torch.long))
+        variants = load_variants(s.variants)
+        with tempfile.TemporaryDirectory() as tmp:
+            for width, sae in saes.items():
+                table = feature_table(model_a, model_b, sae, stitch, s.site, la, lb, tokens, mask,
+                                      variants)
+                values |= {f"features/w{width}/{k}": v for k, v in class_summary(table).items()}
+                table.write_parquet(Path(tmp) / f"w{width}.parquet")
+            tracker.log_artifacts(run_id, tmp, "features")
+    tracker.log_metrics(run_id, values, step=0)
+    tracker.finish(run_id)
+    return {key: values}
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer matching
+
+
+@ray.remote(num_cpus=0.5)
+def _match_layers(job: dict) -> dict[str, Any]:
+    """Similarity of every layer of A with every layer of B at the stitch site, on held-out
+    tokens after the evaluation tokens; the best B layer per matched A layer."""
+    from raysae.matching import best_matches, layer_similarity
+
+    job_cfg = from_dict(JobConfig, job)
+    s = job_cfg.stitch
+    skip = job_cfg.data.num_tokens + job_cfg.train.eval_tokens
+    tokens = torch.from_numpy(job_tokens(job_cfg, s.match_tokens, skip_tokens=skip)).long()
+    special = special_token_ids(job_cfg.model, load_tokenizer(job_cfg.model, job_cfg.data))
+    mask = ~torch.isin(tokens, torch.tensor(special, dtype=torch.long))
+    model_a, model_b = load_lm(job_cfg.model), load_lm(s.large)
+    sim = layer_similarity(model_a, model_b, tokens, s.site, s.match_method, mask_NT=mask)
+    layers_a, layers_b = list(range(sim.shape[0])), list(range(sim.shape[1]))
+    best = best_matches(sim, layers_a, layers_b)
+    return {
+        "method": s.match_method,
+        "layers_a": layers_a,
+        "layers_b": layers_b,
+        "matrix": sim.tolist(),
+        "best": {str(a): best[a] for a in s.match_layers},
+    }
