@@ -1,0 +1,163 @@
+"""A tiny stitch sweep on the toy pair, end to end on local Ray: killed mid-run, re-submitted,
+finished exactly once; then the analysis reads it back from MLflow."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import polars as pl
+import pytest
+import torch
+import yaml
+
+from raysae.config import load_config
+from raysae.distributed.stitching import stitch_dir_for
+from raysae.distributed.training import sae_dir_for
+from raysae.sae import SAE
+from raysae.stitch import Stitch, transfer_sae
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def config(toy) -> dict:
+    return {
+        "name": "stitch-test",
+        "model": {"name": str(toy.small)},
+        "data": {"source": str(toy.corpus), "context_length": 64, "num_tokens": 16384},
+        "cache": {"batch_size": 32, "shard_tokens": 4096},
+        "sae": {"architecture": "topk", "k": 8},
+        "train": {"num_tokens": 8192, "batch_size": 512, "lr": 3e-3, "checkpoint_every_tokens": 4096,
+                  "eval_tokens": 1024, "log_every_steps": 2},
+        "stitch": {
+            "large": {"name": str(toy.large)},
+            "match_layers": [1],
+            "num_tokens": 8192, "batch_size": 512, "lr": 1e-3, "checkpoint_every_tokens": 4096,
+            "lstsq_tokens": 4096, "match_tokens": 2048,
+            "widths": [64], "budgets": [4096, 8192],
+            "probes": {"source": str(toy.heldout), "labels": ["topic", "number"], "num_rows": 64,
+                       "sparse_k": [1, 4], "steering_tokens": 4},
+            "variants": str(toy.variants),
+        },
+    }
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return {**env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local",
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
+
+def runs_table(runs: Path) -> pl.DataFrame:
+    mlflow.set_tracking_uri(f"sqlite:///{runs / 'mlflow.db'}")
+    df = mlflow.search_runs(experiment_names=["stitch-test"])
+    return pl.from_pandas(df.astype({c: str for c in df.columns if c.startswith("tags.")}))
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, toy_pair):
+    tmp = tmp_path_factory.mktemp("stitch")
+    cfg_path = tmp / "stitch.yaml"
+    cfg_path.write_text(yaml.safe_dump(config(toy_pair)))
+    runs = tmp / "runs"
+    cmd = [sys.executable, "-m", "raysae.cli", "stitch", str(cfg_path), "--runs-dir", str(runs)]
+    # 1. kill driver and local Ray once B's stitched-init SAEs are training (stage 2)
+    first = subprocess.Popen(cmd, env=clean_env(), start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, killed = time.time() + 500, False
+    while time.time() < deadline and first.poll() is None:
+        time.sleep(0.5)
+        if list((runs / "tune").glob("stitch-test-*-stitch-stage2/*/")):
+            time.sleep(5)
+            os.killpg(first.pid, signal.SIGKILL)
+            killed = True
+            break
+    first.wait(timeout=60)
+    # 2. re-submit: only what is missing runs
+    second = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    return {"runs": runs, "cfg": cfg_path, "killed": killed, "stdout": second.stdout}
+
+
+def test_every_trial_finished_exactly_once(swept):
+    assert swept["killed"], "the first submission finished before it could be interrupted"
+    df = runs_table(swept["runs"])
+    counts = df.group_by("tags.raysae.phase").len()
+    got = dict(zip(counts["tags.raysae.phase"], counts["len"]))
+    assert got == {"stitch_sweep": 1, "stitch": 1, "scratch_a": 1, "scratch_b": 2, "zeroshot": 1,
+                   "transfer": 2, "probes": 1}
+    assert set(df["status"]) == {"FINISHED"}
+    assert df["tags.raysae.key"].n_unique() == len(df)
+
+
+def test_stitch_quality_and_layer_match(swept, toy_pair):
+    df = runs_table(swept["runs"])
+    stitch = df.filter(pl.col("tags.raysae.phase") == "stitch").row(0, named=True)
+    vocab = toy_pair.read_report()["vocab_size"]  # a uniform guess costs log(vocab)
+    assert stitch["metrics.ce/a"] < math.log(vocab) / 2 and stitch["metrics.ce/b"] < math.log(vocab) / 2
+    for name in ("a_to_b", "b_to_a", "a_round_trip", "b_round_trip"):
+        assert stitch[f"metrics.ce/{name}"] < math.log(vocab) / 2, name  # far better than chance
+    assert stitch["metrics.map/up_ev"] > 0.5 and stitch["metrics.map/down_ev"] > 0.5
+    assert stitch["metrics.lstsq/map/up_ev"] > 0.5
+    layer_b = int(stitch["tags.raysae.layer_b"])
+    parent = df.filter(pl.col("tags.raysae.phase") == "stitch_sweep").row(0, named=True)
+    match = mlflow.artifacts.load_dict(f"{parent['artifact_uri']}/layer_match.json")
+    row = match["matrix"][1]
+    assert match["best"] == {"1": layer_b} and row[layer_b] == max(row)
+    assert all(0 <= v <= 1 + 1e-6 for r in match["matrix"] for v in r)
+
+
+def test_stitched_init_is_the_closed_form_transfer(swept):
+    cfg = load_config(swept["cfg"])
+    df = runs_table(swept["runs"])
+    key = lambda phase: df.filter(pl.col("tags.raysae.phase") == phase)["tags.raysae.key"][0]  # noqa: E731
+    cfg = dataclasses.replace(cfg, runs_dir=str(swept["runs"]))
+    stitch = Stitch.load(stitch_dir_for(cfg, key("stitch")))
+    sae_a = SAE.load(sae_dir_for(cfg, key("scratch_a")))
+    init = SAE.load(sae_dir_for(cfg, key("zeroshot")))
+    expected = transfer_sae(sae_a, stitch)
+    x = torch.randn(16, stitch.d_b)
+    assert torch.allclose(init.encode(x), expected.encode(x), atol=1e-5)
+    assert init.metadata.model_name == cfg.stitch.large.name
+    # the stitch's FLOPs are charged to every stitched-init run
+    stitch_flops = df.filter(pl.col("tags.raysae.phase") == "stitch")["metrics.flops"][0]
+    transfer = df.filter(pl.col("tags.raysae.phase") == "transfer")
+    assert transfer["metrics.stitch_flops"].to_list() == [stitch_flops] * 2
+    assert stitch_flops == pytest.approx(20 * stitch.d_a * stitch.d_b * cfg.stitch.num_tokens)
+
+
+def test_probes_and_feature_classes_logged(swept):
+    df = runs_table(swept["runs"])
+    probes = df.filter(pl.col("tags.raysae.phase") == "probes").row(0, named=True)
+    for label in ("topic", "number"):
+        for kind in ("a_on_a", "a_on_b", "b_on_b", "random", "majority"):
+            assert 0 <= probes[f"metrics.probe/{label}/{kind}"] <= 1
+        assert probes[f"metrics.probe/{label}/a_on_a"] > probes[f"metrics.probe/{label}/majority"]
+    assert 0 <= probes["metrics.steering/a_mapped/success"] <= 1
+    n = probes["metrics.features/w64/structural/count"] + probes["metrics.features/w64/semantic/count"]
+    assert 0 < n <= 64
+
+
+def test_analysis_reads_the_sweep(swept, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "analysis" / "stitch_report.py"), "stitch-test",
+         "--runs-dir", str(swept["runs"]), "--out", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    d = tmp_path / "stitch-test"
+    for name in ("stitch_ce.csv", "sae_transfer.csv", "flops_to_threshold.csv", "scaling_fit.csv",
+                 "probes.csv", "feature_classes.csv", "layer_match.png", "curves.png"):
+        assert (d / name).is_file(), name
+    table = pl.read_csv(d / "stitch_ce.csv")
+    assert len(table) == 1
