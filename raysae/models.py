@@ -121,6 +121,30 @@ def get_blocks(model: nn.Module) -> nn.ModuleList:
     )
 
 
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm between the last block's output and the unembedding (LayerNorm or RMSNorm):
+    `gpt_neox.final_layer_norm` (GPT-NeoX / Pythia), `transformer.ln_f` (GPT-2), `model.norm`
+    (Llama, Gemma, Mistral, Qwen) or `model.language_model.norm` (multimodal wrappers)."""
+    paths = (
+        "gpt_neox.final_layer_norm",
+        "transformer.ln_f",
+        "model.norm",
+        "model.language_model.norm",
+    )
+    for path in paths:
+        mod: Any = model
+        for part in path.split("."):
+            mod = getattr(mod, part, None)
+            if mod is None:
+                break
+        if isinstance(mod, nn.Module):
+            return mod
+    raise ValueError(
+        f"cannot find the final norm of {type(model).__name__}; "
+        f"supported paths: {', '.join(paths)}"
+    )
+
+
 def validate_sites(model: ModelConfig, sites: Sequence[str], layers: Sequence[int]) -> int:
     """Check layer indices against the model's depth before any work starts; returns d_model."""
     n_layers, d_model = model_dims(model)

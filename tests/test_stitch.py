@@ -17,11 +17,11 @@ from raysae.stitch import (
     StitchTrainSettings,
     cosine_lr,
     flops_per_token,
+    load_stitch_state,
     lstsq_stitch,
     map_probe,
     map_steering,
     save_stitch_state,
-    load_stitch_state,
     train_stitch,
     transfer_sae,
 )

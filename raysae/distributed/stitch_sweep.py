@@ -256,12 +256,13 @@ def _probes_pair(keys: list[str], job: dict, trials: dict, dirs: dict, parent: s
         values |= probe_and_steer(model_a, model_b, stitch, s.site, la, lb, data, s.probes, saes, special)
     if s.variants is not None:
         tokens, _ = _heldout(job_cfg)
-        mask = ~torch.isin(tokens, torch.tensor(special, dtype=torch.long))
+        special_t = torch.tensor(special, dtype=torch.long)
         variants = load_variants(s.variants)
         with tempfile.TemporaryDirectory() as tmp:
             for width, sae in saes.items():
-                table = feature_table(model_a, model_b, sae, stitch, s.site, la, lb, tokens, mask,
-                                      variants)
+                table = feature_table(model_a, model_b, sae, stitch, s.site, la, lb, tokens,
+                                      ~torch.isin(tokens, special_t), variants,
+                                      variants_mask_GVT=~torch.isin(variants, special_t))
                 values |= {f"features/w{width}/{k}": v for k, v in class_summary(table).items()}
                 table.write_parquet(Path(tmp) / f"w{width}.parquet")
             tracker.log_artifacts(run_id, tmp, "features")
