@@ -102,4 +102,8 @@ def test_shipped_configs_load_and_fit_their_models():
             continue
         depth = KNOWN_DEPTHS[cfg.model.name]
         assert all(0 <= i < depth for i in cfg.cache.layers), path.name
+        if cfg.stitch is not None:
+            depth_b = KNOWN_DEPTHS[cfg.stitch.large.name]
+            assert all(0 <= a < depth and 0 <= b < depth_b for a, b in cfg.stitch.pairs), path.name
+            assert all(0 <= a < depth for a in cfg.stitch.match_layers), path.name
         assert cfg.train.batch_size % cfg.train.num_workers == 0

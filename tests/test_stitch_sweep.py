@@ -96,7 +96,7 @@ def test_every_trial_finished_exactly_once(swept):
     assert got == {"stitch_sweep": 1, "stitch": 1, "scratch_a": 1, "scratch_b": 2, "zeroshot": 1,
                    "transfer": 2, "probes": 1}
     assert set(df["status"]) == {"FINISHED"}
-    assert df["tags.raysae.key"].n_unique() == len(df)
+    assert df["tags.raysae.run_key"].n_unique() == len(df)
 
 
 def test_stitch_quality_and_layer_match(swept, toy_pair):
@@ -119,7 +119,7 @@ def test_stitch_quality_and_layer_match(swept, toy_pair):
 def test_stitched_init_is_the_closed_form_transfer(swept):
     cfg = load_config(swept["cfg"])
     df = runs_table(swept["runs"])
-    key = lambda phase: df.filter(pl.col("tags.raysae.phase") == phase)["tags.raysae.key"][0]  # noqa: E731
+    key = lambda phase: df.filter(pl.col("tags.raysae.phase") == phase)["tags.raysae.run_key"][0]  # noqa: E731
     cfg = dataclasses.replace(cfg, runs_dir=str(swept["runs"]))
     stitch = Stitch.load(stitch_dir_for(cfg, key("stitch")))
     sae_a = SAE.load(sae_dir_for(cfg, key("scratch_a")))

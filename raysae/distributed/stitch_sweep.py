@@ -94,7 +94,7 @@ def run_stitch_sweep(job: JobConfig) -> SweepResult:
             )
         finished.update(done)
         failed.update(errors)
-        names = "+".join(dict.fromkeys(t.phase for t in stage))
+        names = "-".join(dict.fromkeys(t.phase for t in stage))
         status = f"{len(done)} done, {len(stage) - len(done)} not done"
         tracker.set_tags(parent, {f"raysae.status.{names}": status})
         log.info("stage %s: %s", names, status)
