@@ -221,7 +221,8 @@ def test_allreduce_hook_sees_every_step_and_world_size_scales_tokens() -> None:
 def test_core_modules_import_no_ray_or_mlflow() -> None:
     code = (
         "import sys, raysae.config, raysae.models, raysae.shards, raysae.activations, "
-        "raysae.sae, raysae.train, raysae.metrics, raysae.evaluate, raysae.grid, raysae.toy; "
+        "raysae.sae, raysae.train, raysae.metrics, raysae.evaluate, raysae.grid, raysae.toy, "
+        "raysae.stitch, raysae.stitch_grid, raysae.matching, raysae.probes, raysae.feature_classes; "
         "bad = [m for m in ('ray', 'mlflow') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -11,6 +11,7 @@ trial key, so an interrupted fit resumes from its last checkpoint, as SAE traini
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -149,11 +150,10 @@ def _worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_stitch_state(Path(d) / "state")
-    stitch = initial_stitch(s, reader_a, reader_b, meta).to(device)
-    baseline = None
-    if rank == 0 and s.init == "lstsq":
-        baseline = lstsq_stitch(_first_rows(reader_a, reader_b, s.lstsq_tokens),
-                                reader_a.manifest.d_model, reader_b.manifest.d_model, **meta)
+    stitch = initial_stitch(s, reader_a, reader_b, meta)
+    # the closed-form fit is also the baseline the trained stitch is compared with
+    baseline = copy.deepcopy(stitch) if rank == 0 and s.init == "lstsq" else None
+    stitch = stitch.to(device)
 
     settings = stitch_settings(s, job.train.log_every_steps)
     mine = aligned_shards(reader_a, reader_b)[rank::world]
