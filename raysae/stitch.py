@@ -30,11 +30,15 @@ from torch import Tensor, nn
 
 from raysae import metrics
 from raysae.sae import SAE, write_folder_atomically
+from raysae.train import (
+    load_optimizer_tensors,
+    load_state_folder,
+    optimizer_tensors,
+    save_state_folder,
+)
 
 WEIGHTS_FILE = "stitch.safetensors"
 CONFIG_FILE = "stitch.json"
-STATE_TENSORS = "state.safetensors"
-STATE_JSON = "state.json"
 
 
 class StitchLoss(NamedTuple):
@@ -263,35 +267,19 @@ def cosine_lr(step: int, total: int, s: StitchTrainSettings) -> float:
 
 
 def save_stitch_state(state: StitchState, path: str | Path) -> Path:
-    tensors = {f"params.{k}": v for k, v in state.params.items()}
-    tensors |= {f"optimizer.{k}": v for k, v in state.optimizer.items()}
-
-    def write(tmp: Path) -> None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
-        (tmp / STATE_JSON).write_text(json.dumps({"step": state.step, "tokens_seen": state.tokens_seen}))
-
-    return write_folder_atomically(path, write)
+    """Write a resumable stitch state (safetensors + JSON), replaced atomically."""
+    groups = {"params": state.params, "optimizer": state.optimizer}
+    return save_state_folder(path, groups, {"step": state.step, "tokens_seen": state.tokens_seen})
 
 
 def load_stitch_state(path: str | Path) -> StitchState:
-    path = Path(path)
-    scalars = json.loads((path / STATE_JSON).read_text())
-    tensors = load_file(str(path / STATE_TENSORS))
-
-    def group(prefix: str) -> dict[str, Tensor]:
-        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-    return StitchState(int(scalars["step"]), int(scalars["tokens_seen"]), group("params."), group("optimizer."))
+    scalars, g = load_state_folder(path, ("params", "optimizer"))
+    return StitchState(int(scalars["step"]), int(scalars["tokens_seen"]), g["params"], g["optimizer"])
 
 
 def _snapshot(stitch: Stitch, opt: torch.optim.Adam, step: int, tokens: int) -> StitchState:
-    optim = {
-        f"{i}.{name}": v.detach().cpu().clone()
-        for i, per in opt.state_dict()["state"].items()
-        for name, v in per.items()
-    }
     params = {k: v.detach().cpu().clone() for k, v in stitch.state_dict().items()}
-    return StitchState(step, tokens, params, optim)
+    return StitchState(step, tokens, params, optimizer_tensors(opt))
 
 
 def train_stitch(
@@ -311,11 +299,7 @@ def train_stitch(
     step, tokens = 0, 0
     if start_state is not None:
         stitch.load_state_dict(start_state.params)
-        per: dict[int, dict[str, Tensor]] = {}
-        for key, v in start_state.optimizer.items():
-            i, name = key.split(".", 1)
-            per.setdefault(int(i), {})[name] = v
-        opt.load_state_dict({"state": per, "param_groups": opt.state_dict()["param_groups"]})
+        load_optimizer_tensors(opt, start_state.optimizer)
         step, tokens = start_state.step, start_state.tokens_seen
     it: Iterator[tuple[Tensor, Tensor]] = iter(batches)
     device = stitch.P_up.device

@@ -101,13 +101,12 @@ class TrainState:
     """torch RNG states: `cpu`, and `cuda` when training on a GPU."""
 
 
-def save_train_state(state: TrainState, path: str | Path) -> Path:
-    """Write a state folder: tensors to safetensors, scalars to JSON; replaced atomically."""
-    tensors = {f"sae.{k}": v for k, v in state.sae.items()}
-    tensors |= {f"optimizer.{k}": v for k, v in state.optimizer.items()}
-    tensors |= {f"rng.{k}": v for k, v in state.rng.items()}
-    tensors["tokens_since_fired_F"] = state.tokens_since_fired_F
-    scalars = {"step": state.step, "tokens_seen": state.tokens_seen}
+def save_state_folder(
+    path: str | Path, groups: dict[str, dict[str, Tensor]], scalars: dict[str, int]
+) -> Path:
+    """Write named tensor groups to safetensors (`group.name` keys) and scalars to JSON, as one
+    folder replaced atomically (resumable training states: no pickles)."""
+    tensors = {f"{g}.{k}": v for g, members in groups.items() for k, v in members.items()}
 
     def write(tmp: Path) -> None:
         save_file(
@@ -118,22 +117,51 @@ def save_train_state(state: TrainState, path: str | Path) -> Path:
     return write_folder_atomically(path, write)
 
 
-def load_train_state(path: str | Path) -> TrainState:
-    """Read a folder written by `save_train_state` (JSON + safetensors only)."""
+def load_state_folder(path: str | Path, groups: tuple[str, ...]) -> tuple[dict, dict]:
+    """Read a folder written by `save_state_folder`: (scalars, {group: tensors})."""
     path = Path(path)
     scalars = json.loads((path / STATE_JSON).read_text())
     tensors = load_file(str(path / STATE_TENSORS))
+    return scalars, {
+        g: {k[len(g) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{g}.")} for g in groups
+    }
 
-    def group(prefix: str) -> dict[str, Tensor]:
-        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
+def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, Tensor]:
+    """The optimiser's per-parameter state flattened to `{param_index}.{name}` CPU copies."""
+    return {
+        f"{i}.{name}": value.detach().cpu().clone()
+        for i, per_param in opt.state_dict()["state"].items()
+        for name, value in per_param.items()
+    }
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, flat: dict[str, Tensor]) -> None:
+    """Inverse of `optimizer_tensors`."""
+    per_param: dict[int, dict[str, Tensor]] = {}
+    for key, value in flat.items():
+        index, name = key.split(".", 1)
+        per_param.setdefault(int(index), {})[name] = value
+    opt.load_state_dict({"state": per_param, "param_groups": opt.state_dict()["param_groups"]})
+
+
+def save_train_state(state: TrainState, path: str | Path) -> Path:
+    """Write a state folder: tensors to safetensors, scalars to JSON; replaced atomically."""
+    groups = {"sae": state.sae, "optimizer": state.optimizer, "rng": state.rng,
+              "misc": {"tokens_since_fired_F": state.tokens_since_fired_F}}
+    return save_state_folder(path, groups, {"step": state.step, "tokens_seen": state.tokens_seen})
+
+
+def load_train_state(path: str | Path) -> TrainState:
+    """Read a folder written by `save_train_state` (JSON + safetensors only)."""
+    scalars, g = load_state_folder(path, ("sae", "optimizer", "rng", "misc"))
     return TrainState(
         step=int(scalars["step"]),
         tokens_seen=int(scalars["tokens_seen"]),
-        sae=group("sae."),
-        optimizer=group("optimizer."),
-        tokens_since_fired_F=tensors["tokens_since_fired_F"],
-        rng=group("rng."),
+        sae=g["sae"],
+        optimizer=g["optimizer"],
+        tokens_since_fired_F=g["misc"]["tokens_since_fired_F"],
+        rng=g["rng"],
     )
 
 
@@ -146,11 +174,7 @@ def make_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.Adam:
 def _snapshot(
     sae: SAE, opt: torch.optim.Adam, step: int, tokens: int, since_F: Tensor
 ) -> TrainState:
-    optim = {
-        f"{i}.{name}": value.detach().cpu().clone()
-        for i, per_param in opt.state_dict()["state"].items()
-        for name, value in per_param.items()
-    }
+    optim = optimizer_tensors(opt)
     rng = {"cpu": torch.get_rng_state()}
     if sae.W_enc.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(sae.W_enc.device)
@@ -166,11 +190,7 @@ def _snapshot(
 
 def _restore(sae: SAE, opt: torch.optim.Adam, state: TrainState) -> Tensor:
     sae.load_state_dict(state.sae)
-    per_param: dict[int, dict[str, Tensor]] = {}
-    for key, value in state.optimizer.items():
-        index, name = key.split(".", 1)
-        per_param.setdefault(int(index), {})[name] = value
-    opt.load_state_dict({"state": per_param, "param_groups": opt.state_dict()["param_groups"]})
+    load_optimizer_tensors(opt, state.optimizer)
     torch.set_rng_state(state.rng["cpu"])
     if "cuda" in state.rng and sae.W_enc.device.type == "cuda":
         torch.cuda.set_rng_state(state.rng["cuda"], sae.W_enc.device)
