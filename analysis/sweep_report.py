@@ -9,6 +9,8 @@ Writes to `<out>/<experiment>/` (default out: <runs-dir>/analysis):
 - similarity.csv/.md  MMCS with the scratch SAE and transfer scores per transfer run (Figs 5, 6)
 - compute.md  tokens of the Appendix B.1 plan against scratch on every layer, and the quality
   each reaches
+- with a feature phase (`features:` in the config): circuits_by_checkpoint, circuits_by_n,
+  circuits_by_task, dla_by_layer (.csv/.md) and circuits.png (see feature_tables.py)
 and logs them as artifacts of a `<experiment> summary` run (unless --no-log). Reads nothing but
 MLflow: the tracking URI is MLFLOW_TRACKING_URI, else sqlite under the runs directory.
 """
@@ -27,6 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import polars as pl  # noqa: E402
 from common import to_markdown, tracking_uri  # noqa: E402
+from feature_tables import feature_tables  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 TAG = "tags.raysae."
@@ -216,9 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     curves(hist, out)
     similarity(runs, out)
     compute_summary(client, args.experiment, runs, out)
+    has_features = feature_tables(client, trained, out)
     print("zero-shot CES (rows: evaluated on layer i, columns: SAE of layer j)")
     print(to_markdown(matrix))
-    for name in ("normalized_ces_fwd", "normalized_ces_bwd", "compute"):
+    names = ["normalized_ces_fwd", "normalized_ces_bwd", "compute"]
+    if has_features:
+        names += ["circuits_by_checkpoint", "circuits_by_n", "dla_by_layer"]
+    for name in names:
         f = out / f"{name}.md"
         if f.exists():
             print(f"{name}:\n{f.read_text()}")

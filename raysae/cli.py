@@ -10,14 +10,14 @@ import sys
 from pathlib import Path
 
 from raysae.config import ConfigError, JobConfig, load_config
-from raysae.models import parse_hook_name, validate_sites
+from raysae.models import hook_name, parse_hook_name, validate_sites
 from raysae.tracking import tracking_uri
 
 log = logging.getLogger("raysae")
 
 
 TOY_SCHEME = "toy://"
-TOY_MEMBERS = ("small", "large", "corpus", "heldout", "tokenizer", "variants")
+TOY_MEMBERS = ("small", "large", "corpus", "heldout", "tokenizer", "variants", "tasks")
 
 
 def resolve_toy(cfg: JobConfig) -> JobConfig:
@@ -40,6 +40,9 @@ def resolve_toy(cfg: JobConfig) -> JobConfig:
         cfg.data, source=resolve(cfg.data.source), tokenizer=resolve(cfg.data.tokenizer)
     )
     cfg = dataclasses.replace(cfg, model=model, data=data)
+    if cfg.features is not None:
+        tasks = tuple(resolve(t) for t in cfg.features.tasks)
+        cfg = dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, tasks=tasks))
     if cfg.stitch is not None:
         s = cfg.stitch
         large = dataclasses.replace(s.large, name=resolve(s.large.name))
@@ -132,8 +135,47 @@ def cmd_stitch(cfg: JobConfig) -> int:
     return 1 if result.failed else 0
 
 
+def cmd_dashboard(cfg: JobConfig, sae_dir: str, out: str | None = None) -> int:
+    """Static HTML feature pages of a saved SAE, from the config's model and held-out tokens."""
+    import torch
+
+    from raysae import activations, dashboard
+    from raysae.models import load_lm, load_tokenizer
+    from raysae.sae import SAE, SAELoadError
+
+    try:
+        sae = SAE.load(sae_dir)
+        site, layer = parse_hook_name(sae.metadata.hook_name or "(none)")
+    except (SAELoadError, ConfigError) as e:
+        print(f"raysae: {sae_dir}: {e}", file=sys.stderr)
+        return 2
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_lm(cfg.model, device)
+    tokenizer = load_tokenizer(cfg.model, cfg.data)
+    tokens = activations.job_tokens(cfg, cfg.train.eval_tokens, skip_tokens=cfg.data.num_tokens)
+    special = activations.special_token_ids(cfg.model, tokenizer)
+    stats, fired = dashboard.collect_feature_stats(
+        model, sae.to(device), site, layer, torch.from_numpy(tokens).long(), special
+    )
+    meta = {
+        "model": str(cfg.model.name),
+        "hook": hook_name(site, layer),
+        "checkpoint": str(Path(sae_dir).resolve()),
+        "architecture": sae.cfg.architecture,
+        "d_sae": str(sae.d_sae),
+        "held-out tokens": f"{tokens.size:,}",
+        "alive features": f"{int((fired > 0).sum())} of {sae.d_sae}",
+    }
+    out_dir = dashboard.write_dashboard(
+        stats, Path(out or Path(sae_dir) / "dashboard"), dashboard.token_decoder(tokenizer),
+        f"{cfg.name}: {hook_name(site, layer)}", meta,
+    )
+    print(f"dashboard: {out_dir / 'index.html'}")
+    return 0
+
+
 COMMANDS = {"check": cmd_check, "cache": cmd_cache, "train": cmd_train, "sweep": cmd_sweep,
-            "stitch": cmd_stitch}
+            "stitch": cmd_stitch, "dashboard": cmd_dashboard}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,13 +183,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=sorted(COMMANDS))
     parser.add_argument("config", help="YAML job config (see jobs/configs/)")
     parser.add_argument("--runs-dir", help="root of all outputs (default: the config's runs_dir)")
+    parser.add_argument("--sae", help="dashboard: the saved SAE folder")
+    parser.add_argument("--out", help="dashboard: output folder (default: <SAE>/dashboard)")
     args = parser.parse_args(argv)
+    if args.command == "dashboard" and not args.sae:
+        parser.error("dashboard needs --sae SAE_DIR")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = _load(args)
     except (ConfigError, OSError) as e:
         print(f"raysae: {e}", file=sys.stderr)
         return 2
+    if args.command == "dashboard":
+        return cmd_dashboard(cfg, args.sae, args.out)
     return COMMANDS[args.command](cfg) or 0
 
 

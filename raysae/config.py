@@ -348,6 +348,8 @@ class JobConfig:
     """The layer-wise transfer grid (`raysae.grid`); None for a job without a sweep."""
     stitch: StitchConfig | None = None
     """The small-to-large stitch grid (`raysae.stitch_grid`); `model` is the small model A."""
+    features: FeaturesConfig | None = None
+    """Feature-quality evaluations of every SAE the sweep trains (circuits, DLA, dashboards)."""
 
 
 @dataclass(frozen=True)
@@ -520,6 +522,49 @@ class StitchConfig:
             _fail("stitch.ev_thresholds", self.ev_thresholds, "fractions in (0, 1)")
         if self.max_failures < 0:
             _fail("stitch.max_failures", self.max_failures, "a non-negative integer")
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """Feature-quality evaluations run on every SAE a sweep trains (`raysae.circuits`,
+    `raysae.dashboard`): task circuits by attribution patching, their faithfulness and
+    completeness, direct logit attribution, and static HTML feature dashboards."""
+
+    tasks: tuple[str, ...] = ()
+    """Contrastive task sets (`raysae.tasks`): `toy://<preset>/tasks`, a token-id task parquet,
+    a shipped template (`ioi`, `greater_than`, `sva`) or a template YAML file."""
+    examples_per_task: int = 64
+    """Examples drawn per task (paper: 64 handcrafted prompts for DLA)."""
+    top_n: tuple[float, ...] = (0.02, 0.04, 0.06, 0.08)
+    """Circuit sizes N for faithfulness and completeness: a fraction of d_sae in (0, 1) (paper:
+    2%, 4%, 6%, 8%) or a feature count >= 1 (paper's completeness: 4, 36, 68, 100)."""
+    exact_check_features: int = 16
+    """Per task, the features of largest |IE| also patched exactly; the correlation of
+    attribution patching with exact patching is logged (0 skips the check)."""
+    checkpoints: Literal["all", "final"] = "all"
+    """Evaluate circuits at every training checkpoint, or on the final SAE only."""
+    dashboard_features: int = 32
+    """Features given a dashboard page per SAE (a seeded sample of the live ones); 0: none."""
+    dashboard_contexts: int = 10
+    """Max-activating contexts shown per feature."""
+    batch_size: int = 16
+    """Prompts (circuits) or token windows (dashboards) per forward pass."""
+
+    def __post_init__(self) -> None:
+        if self.examples_per_task < 2:
+            _fail("features.examples_per_task", self.examples_per_task, "at least 2")
+        if not self.top_n or any(v <= 0 or (v > 1 and v != int(v)) for v in self.top_n):
+            _fail("features.top_n", self.top_n,
+                  "a non-empty list of fractions of d_sae in (0, 1) or whole feature counts >= 1")
+        for name in ("exact_check_features", "dashboard_features"):
+            if getattr(self, name) < 0:
+                _fail(f"features.{name}", getattr(self, name), "a non-negative count")
+        if self.dashboard_contexts < 1 or self.batch_size < 1:
+            _fail("features.dashboard_contexts/batch_size",
+                  (self.dashboard_contexts, self.batch_size), "positive counts")
+        if not self.tasks and self.dashboard_features == 0:
+            _fail("features.tasks", self.tasks,
+                  "at least one task set, or dashboard_features > 0 (else nothing to evaluate)")
 
 
 def load_config(path: str | Path) -> JobConfig:

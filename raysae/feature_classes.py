@@ -120,6 +120,19 @@ def _pair_mask(input_ids_NT: Tensor, mask_NT: Tensor | None) -> Tensor:
     return m[:, :-1] & m[:, 1:]
 
 
+def direct_attribution(
+    sae: SAE, frame: NormFrame, f_tF: Tensor, final_tD: Tensor, u_tD: Tensor
+) -> Tensor:
+    """attr [t, F] (float64): f_i(x_t) · (C(W_dec[i]) ⊙ γ) · u_t / σ_t, the direct effect of
+    feature i on token t's logit direction u_t (an unembedding row, or a difference of two),
+    the final norm read by `frame` with σ_t frozen at the last block's output `final_tD`."""
+    dev = sae.W_dec.device
+    # What each decoder row writes through the norm (σ frozen): C(W_dec_i) ⊙ γ.
+    dirs_FD = frame.centre(sae.W_dec.detach()) * frame.gamma_D.to(dev)
+    sigma_t = frame.scale(final_tD).to(dev)
+    return f_tF.double() * (u_tD.to(dev, torch.float64) @ dirs_FD.T) / sigma_t[:, None]
+
+
 @torch.inference_mode()
 def attribute(
     model: nn.Module,
@@ -138,7 +151,6 @@ def attribute(
     dev, sae_dev = _device(model), sae.W_dec.device
     keep_NT = _pair_mask(input_ids_NT, mask_NT)
     attrs, counts_F = [], torch.zeros(sae.d_sae, dtype=torch.long)
-    dirs_FD: Tensor | None = None
     for b0 in range(0, input_ids_NT.shape[0], batch_size):
         ids_BT, keep_BT = input_ids_NT[b0 : b0 + batch_size], keep_NT[b0 : b0 + batch_size]
         if not keep_BT.any():
@@ -147,13 +159,9 @@ def attribute(
         k = keep_BT.to(dev)
         x_tD, final_tD = cache[names[0]][:, :-1][k], cache[names[1]][:, :-1][k]
         frame = norm_frame(norm, final_tD)
-        sigma_t = frame.scale(final_tD).to(sae_dev)
-        if dirs_FD is None:
-            # What each decoder row writes through the norm (σ frozen): C(W_dec_i) ⊙ γ.
-            dirs_FD = frame.centre(sae.W_dec.detach()) * frame.gamma_D.to(sae_dev)
-        next_tD = W_U_VD[ids_BT[:, 1:].to(dev)[k]].to(sae_dev, torch.float64)
-        f_tF = sae.encode(x_tD.to(sae_dev, sae.W_enc.dtype)).double()
-        attrs.append((f_tF * (next_tD @ dirs_FD.T) / sigma_t[:, None]).float().cpu())
+        next_tD = W_U_VD[ids_BT[:, 1:].to(dev)[k]]
+        f_tF = sae.encode(x_tD.to(sae_dev, sae.W_enc.dtype))
+        attrs.append(direct_attribution(sae, frame, f_tF, final_tD, next_tD).float().cpu())
         counts_F += (f_tF > 0).sum(0).cpu()
     attr_TF = torch.cat(attrs) if attrs else torch.zeros(0, sae.d_sae)
     return Attribution(attr_TF, counts_F, attr_TF.shape[0])

@@ -10,7 +10,10 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import TINY_NEOX
@@ -53,11 +56,31 @@ def runs_table(runs: Path) -> pl.DataFrame:
     return pl.from_pandas(df.astype({c: str for c in df.columns if c.startswith("tags.")}))
 
 
+def write_task_file(path: Path, n: int = 8) -> Path:
+    """Token-id contrastive tasks for the tiny model: two tasks, counterfactuals one token off."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for task in ("copy", "swap"):
+        for _ in range(n):
+            prompt = [0, *rng.integers(3, 128, size=int(rng.integers(5, 10))).tolist()]
+            counter = list(prompt)
+            counter[1] = int((counter[1] + 5) % 125 + 3)
+            correct, wrong = rng.choice(np.arange(3, 128), 2, replace=False).tolist()
+            rows.append({"task": task, "prompt_ids": prompt, "counter_ids": counter,
+                         "correct_id": correct, "wrong_id": wrong})
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, token_file):
     tmp = tmp_path_factory.mktemp("sweep")
     cfg_path = tmp / "sweep.yaml"
-    cfg_path.write_text(yaml.safe_dump({**CONFIG, "data": {**CONFIG["data"], "source": str(token_file)}}))
+    tasks = write_task_file(tmp / "tasks.parquet")
+    features = {"tasks": [str(tasks)], "examples_per_task": 6, "top_n": [0.05, 16],
+                "exact_check_features": 4, "dashboard_features": 6, "dashboard_contexts": 3}
+    cfg_path.write_text(yaml.safe_dump({**CONFIG, "data": {**CONFIG["data"], "source": str(token_file)},
+                                        "features": features}))
     runs = tmp / "runs"
     env = clean_env(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
 
@@ -123,6 +146,42 @@ def test_grid_counts_and_mlflow_layout(swept):
     assert transfer["metrics.mmcs_vs_scratch"].is_between(-1, 1).all()
 
 
+def test_feature_phase_on_every_trained_sae(swept):
+    """Circuits at every checkpoint of every trained SAE, logged once; dashboards as artifacts,
+    and the comparison view on each scratch SAE beside the SAE transferred from it."""
+    cfg, runs, _, _ = swept
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    trained = runs_table(runs).filter(pl.col("tags.raysae.phase").is_in(["scratch", "transfer"]))
+    assert trained.height == 4
+    d_sae = 2 * TINY_NEOX["hidden_size"]  # top_n [0.05, 16] -> 6 and 16 features
+    for run_id, phase in trained.select("run_id", "tags.raysae.phase").iter_rows():
+        run = client.get_run(run_id)
+        assert run.data.tags["raysae.features"] == "done"
+        for task in ("copy", "swap", "mean"):
+            for kind in ("faithfulness", "completeness"):
+                for n in (round(0.05 * d_sae), 16):
+                    hist = client.get_metric_history(run_id, f"circuit/{task}/{kind}/n{n}")
+                    assert sorted(m.step for m in hist) == [1024, 2048], (task, kind, n)
+                    assert all(np.isfinite(m.value) for m in hist)
+        corr = client.get_metric_history(run_id, "circuit/copy/atp_exact_corr")
+        assert all(-1 <= m.value <= 1 for m in corr) and len(corr) == 2
+        for task in ("copy", "swap"):  # the model's own m does not depend on the SAE
+            m_model = client.get_metric_history(run_id, f"circuit/{task}/m_model")
+            assert m_model[0].value == pytest.approx(m_model[1].value, abs=1e-4)
+        assert len(client.get_metric_history(run_id, "dla/mean/total")) == 2
+        names = {a.path for a in client.list_artifacts(run_id, "dashboard")}
+        assert "dashboard/index.html" in names and "dashboard/features" in names
+        pages = client.list_artifacts(run_id, "dashboard/features")
+        assert len(pages) == 6
+        compare = {a.path for a in client.list_artifacts(run_id, "dashboard_compare")}
+        assert ("dashboard_compare/index.html" in compare) == (phase == "scratch")
+    # the comparison page of a feature shows the scratch SAE and the SAE transferred from it
+    scratch0 = trained.filter(pl.col("tags.mlflow.runName") == "L0 scratch")["run_id"][0]
+    local = Path(client.download_artifacts(scratch0, "dashboard_compare"))
+    page = next((local / "compare").glob("*.html")).read_text()
+    assert "L0 scratch" in page and "L1←L0 fwd" in page
+
+
 def test_resubmission_ran_only_what_was_missing(swept):
     cfg, runs, before, _ = swept
     client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
@@ -148,6 +207,10 @@ def test_third_submission_is_a_no_op(swept):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "8 trials finished, 0 not" in out.stdout
     assert runs_table(runs).height == n_before
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    for run_id in runs_table(runs).filter(pl.col("tags.raysae.phase") == "scratch")["run_id"]:
+        steps = [m.step for m in client.get_metric_history(run_id, "circuit/mean/m_model")]
+        assert steps == [1024, 2048]  # the feature phase did not run again
 
 
 def test_analysis_regenerates_tables_and_figures(swept):
@@ -168,6 +231,19 @@ def test_analysis_regenerates_tables_and_figures(swept):
         assert (d / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     compute = (d / "compute.md").read_text()
     assert "tokens saved by the plan: 25.0%" in compute and "FLOPs saved" in compute
+    # feature-quality figures: per direction and checkpoint, per N, per task, DLA per layer
+    by_ckpt = pl.read_csv(d / "circuits_by_checkpoint.csv")
+    assert set(by_ckpt.columns) == {"direction", "budget", "tokens", "faithfulness",
+                                    "completeness", "dla_total"}
+    assert set(by_ckpt["direction"]) == {"scratch", "fwd", "bwd"}
+    assert sorted(set(by_ckpt["tokens"])) == [1024, 2048]
+    by_n = pl.read_csv(d / "circuits_by_n.csv")
+    assert by_n.columns == ["direction", "completeness N=6", "completeness N=16",
+                            "faithfulness N=6", "faithfulness N=16"]
+    by_task = pl.read_csv(d / "circuits_by_task.csv")
+    assert set(by_task["task"]) == {"copy", "swap"} and "atp_exact_corr" in by_task.columns
+    assert pl.read_csv(d / "dla_by_layer.csv")["layer"].to_list() == [0, 1]
+    assert (d / "circuits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the figures are also artifacts of one summary run
     df = runs_table(runs)
     summary = df.filter(pl.col("tags.raysae.phase") == "summary")

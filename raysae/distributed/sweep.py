@@ -28,6 +28,7 @@ from raysae import grid, metrics
 from raysae.activations import fingerprint, job_tokens, special_token_ids
 from raysae.config import ConfigError, JobConfig, flatten, from_dict, to_dict
 from raysae.distributed.caching import cache_activations
+from raysae.distributed.features import FeatureTarget, features_phase, load_task_sets
 from raysae.distributed.training import TrainSpec, sae_dir_for, train_on_ray
 from raysae.evaluate import evaluate_sae
 from raysae.models import hook_name, load_lm, load_tokenizer
@@ -61,6 +62,7 @@ def run_sweep(job: JobConfig) -> SweepResult:
     digest = grid.job_digest(job, fingerprint(job))
     trials = grid.expand(job, sweep, digest)  # validates the declaration before any work
     by_phase = grid.phases(trials)
+    task_sets = load_task_sets(job)  # task files checked and tokenised before any work
     tracker = Tracker.for_runs_dir(job.runs_dir, job.name)
     parent = tracker.open_run(
         f"sweep:{digest}", f"{job.name} sweep", {"raysae.phase": "sweep"}, flatten(job)
@@ -87,6 +89,14 @@ def run_sweep(job: JobConfig) -> SweepResult:
         status = f"{len(done)} done, {len(by_phase[phase]) - len(done)} not done"
         tracker.set_tags(parent, {f"raysae.status.{phase}": status})
         log.info("phase %s: %s", phase, status)
+
+    if job.features is not None:
+        targets = feature_targets([t for t in trials if t.trains and t.key in finished])
+        _, errors = features_phase(job, targets, sweep.site, task_sets, sweep.max_failures)
+        failed.update({f"features:{k}": why for k, why in errors.items()})
+        status = f"{len(targets) - len(errors)} done, {len(errors)} failed"
+        tracker.set_tags(parent, {"raysae.status.features": status})
+        log.info("phase features: %s", status)
 
     derived = [t for t in trials if t.phase in ("transfer", "plan") and t.key in finished]
     _derive(job, derived, {t.key: t for t in trials}, finished, dirs)
@@ -262,6 +272,26 @@ def _zeroshot_phase(
             for d in by_layer[layer]:
                 errors[d["key"]] = f"failed: {_root_cause(e)}"
     return done, errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature-quality phase
+
+
+def feature_targets(trials: list[grid.Trial]) -> list[FeatureTarget]:
+    """One target per trained SAE; a scratch SAE is compared with the SAEs transferred from it
+    (the largest budget per direction), the paper's Figure 23."""
+    targets = []
+    for t in trials:
+        children: dict[str, grid.Trial] = {}
+        for c in trials:
+            if c.phase == "transfer" and c.depends_on == (t.key,):
+                best = children.get(c.direction)
+                if best is None or c.budget > best.budget:
+                    children[c.direction] = c
+        compare = tuple((c.name, c.key, c.layer) for c in children.values())
+        targets.append(FeatureTarget(t.key, t.name, t.layer, compare))
+    return targets
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,6 +118,14 @@ def sae_dir_for(job: JobConfig, key: str) -> Path:
     return Path(job.runs_dir).resolve() / "saes" / run_name_for(key)
 
 
+def checkpoint_saes(job: JobConfig, key: str) -> list[tuple[int, Path]]:
+    """(tokens seen, SAE folder) of every checkpoint the training with this key reported, in
+    order: Ray Train keeps each one (num_to_keep=None) as `<run name>/tokens_<n>/sae`."""
+    run_dir = Path(job.runs_dir).resolve() / "ray_train" / run_name_for(key)
+    found = {int(d.parent.name.removeprefix("tokens_")): d for d in run_dir.glob("tokens_*/sae")}
+    return sorted(found.items())
+
+
 def train_on_ray(
     job: JobConfig,
     spec: TrainSpec,

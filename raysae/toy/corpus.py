@@ -7,7 +7,9 @@ one cut at the boundary. Beside `input_ids` (list<int32>) it stores one label co
 -1 on BOS). A variants file has the same columns plus `group` and `variant`: variant 0 is a
 sampled sequence, variants 1.. are content rewrites of it, aligned token by token. A tasks file
 has one row per contrastive example: `task`, `prompt` (text), `prompt_ids` (BOS first), `correct`,
-`wrong` and their ids `correct_id`, `wrong_id`.
+`wrong` and their ids `correct_id`, `wrong_id`, and the counterfactual prompt for attribution
+patching, `counter_prompt` (text) and `counter_ids` (BOS first, as long as `prompt_ids`), after
+which `wrong` is the answer (see `Language.task_example`).
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ def write_variants(language: Language, path: Path, n_groups: int, n_variants: in
 
 
 def write_tasks(language: Language, path: Path, n_examples: int) -> None:
-    """`n_examples` contrastive examples per task: prompt (BOS first) and the two candidate ids."""
+    """`n_examples` contrastive examples per task: prompt and counterfactual (BOS first), and the
+    two candidate ids."""
     ids = {w: i for i, w in enumerate(language.vocab)}
     rows = []
     for task in TASKS:
@@ -109,11 +112,14 @@ def write_tasks(language: Language, path: Path, n_examples: int) -> None:
                 "prompt_ids": [ids[BOS]] + [ids[w] for w in ex.prompt],
                 "correct": ex.correct, "wrong": ex.wrong,
                 "correct_id": ids[ex.correct], "wrong_id": ids[ex.wrong],
+                "counter_prompt": " ".join(ex.counter_prompt),
+                "counter_ids": [ids[BOS]] + [ids[w] for w in ex.counter_prompt],
             })
     schema = pa.schema([
         ("task", pa.string()), ("prompt", pa.string()), ("prompt_ids", pa.list_(pa.int32())),
         ("correct", pa.string()), ("wrong", pa.string()),
         ("correct_id", pa.int32()), ("wrong_id", pa.int32()),
+        ("counter_prompt", pa.string()), ("counter_ids", pa.list_(pa.int32())),
     ])
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 

@@ -5,7 +5,8 @@ topic words (nouns, verbs and adjectives of one of several topics), names and nu
 phrase may carry a bracketed clause, nested up to `max_depth`. Every token is labelled with its
 sentence's topic, its part of speech, grammatical number, bracket depth, template and slot, so
 probes and feature classes have ground truth. The templates also give the contrastive tasks
-(prompt, correct word, wrong word), and `Language.rewrite` swaps a sentence's topic words for
+(prompt, correct word, wrong word, and a counterfactual prompt of the same length on which the
+wrong word is the answer), and `Language.rewrite` swaps a sentence's topic words for
 another topic's while keeping everything else, which separates structural from semantic features.
 
 Everything is a pure function of `LanguageConfig` and the `random.Random` passed in.
@@ -167,11 +168,17 @@ class Sentence:
 
 
 class TaskExample(NamedTuple):
-    """A contrastive example: the model should rank `correct` above `wrong` after `prompt`."""
+    """A contrastive example: the model should rank `correct` above `wrong` after `prompt`.
+
+    `counter_prompt` is the counterfactual for attribution patching: as long as `prompt` and
+    different from it only where the task's answer is decided, so that after it `wrong` is the
+    answer (sva, ioi, induction) or at least no less plausible (greater_than, brackets).
+    """
 
     prompt: tuple[str, ...]
     correct: str
     wrong: str
+    counter_prompt: tuple[str, ...]
 
 
 class WordInfo(NamedTuple):
@@ -349,24 +356,52 @@ class Language:
                 return example
 
     def _cut(self, task: str, s: Sentence, rng: random.Random) -> TaskExample | None:
+        # Counterfactuals are derived from the sentence's labels and draw no randomness, so the
+        # clean examples are those of files written before counterfactuals existed.
         w = s.words
         if task == "sva":  # the main verb, against its other number
             i = next(i for i, sl in enumerate(s.slot) if sl == Slot.VERB)
             info = self.info[w[i]]
             other_form = self.verbs[info.topic][info.index][info.number == Number.SING]
-            return TaskExample(w[:i], w[i], other_form)
+            # the subject phrase opens the sentence, so the first noun is the subject's head
+            j = s.pos.index(Pos.NOUN)
+            noun = self.info[w[j]]
+            other_noun = self.nouns[noun.topic][noun.index][noun.number == Number.SING]
+            return TaskExample(w[:i], w[i], other_form, _swap(w[:i], {j: other_noun}))
         if task == "ioi":  # the indirect object, against the repeated subject name
             i = s.slot.index(Slot.NAME_IO)
-            return TaskExample(w[:i], w[i], w[s.slot.index(Slot.NAME_S)])
+            j = s.slot.index(Slot.NAME_S)  # the second clause's subject becomes the old IO
+            return TaskExample(w[:i], w[i], w[j], _swap(w[:i], {j: w[i]}))
         if task == "greater_than":  # the second number, against one below the first
             i = s.slot.index(Slot.NUM_TO)
             lo = self.numbers.index(w[i - 2])
-            return TaskExample(w[:i], w[i], self.numbers[rng.randrange(lo)]) if lo > 0 else None
+            if lo == 0:
+                return None
+            # the smallest start makes every number plausible, as Hanna et al.'s year "01"
+            counter = _swap(w[:i], {s.slot.index(Slot.NUM_FROM): self.numbers[0]})
+            return TaskExample(w[:i], w[i], self.numbers[rng.randrange(lo)], counter)
         if task == "induction":  # the second mention of the name pair's second name
             i = len(s.slot) - 1 - s.slot[::-1].index(Slot.NAME_B)
             others = [n for n in self.names if n not in (w[i], w[i - 1])]
-            return TaskExample(w[:i], w[i], rng.choice(others))
+            wrong = rng.choice(others)
+            # the first mention of the answer now names `wrong`, so copying predicts it
+            return TaskExample(w[:i], w[i], wrong, _swap(w[:i], {s.slot.index(Slot.NAME_B): wrong}))
         if task == "brackets":  # a closing bracket, against the end of the sentence
             closes = [i for i, p in enumerate(s.pos) if p == Pos.CLOSE]
-            return TaskExample(w[: (i := rng.choice(closes))], w[i], ".") if closes else None
+            if not closes:
+                return None
+            i = rng.choice(closes)
+            open_at: list[int] = []
+            for j, p in enumerate(s.pos[:i]):
+                if p == Pos.OPEN:
+                    open_at.append(j)
+                elif p == Pos.CLOSE:
+                    open_at.pop()
+            # with its open brackets turned into commas the prompt has nothing left to close
+            return TaskExample(w[:i], w[i], ".", _swap(w[:i], dict.fromkeys(open_at, ",")))
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def _swap(words: tuple[str, ...], at: dict[int, str]) -> tuple[str, ...]:
+    """`words` with the word at each position of `at` replaced."""
+    return tuple(at.get(k, word) for k, word in enumerate(words))

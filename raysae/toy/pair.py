@@ -9,7 +9,7 @@ written pair and a second call reuses the first one's work:
     <root>/<key>/corpus.parquet     training rows: input_ids + per-token labels (see corpus.py)
     <root>/<key>/heldout.parquet    held-out rows, same columns
     <root>/<key>/variants.parquet   sequences and their content rewrites, aligned token by token
-    <root>/<key>/tasks.parquet      contrastive examples of every task
+    <root>/<key>/tasks.parquet      contrastive examples of every task, with counterfactuals
     <root>/<key>/language.json      the lexicon, templates and label enums
     <root>/<key>/report.json        baselines and both models' figures
 """
@@ -48,7 +48,7 @@ from raysae.toy.evaluate import (
 from raysae.toy.language import TEMPLATES, Language, LanguageConfig, Number, Pos, Slot
 from raysae.toy.lm import ToyModelConfig, build_model, train_model
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tasks carry counterfactual prompts
 """Bump when the generator, the file layout or the training changes: old caches are not reused."""
 
 

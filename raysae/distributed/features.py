@@ -1,0 +1,196 @@
+"""Ray: the feature-quality phase of a sweep, one Ray task per trained SAE.
+
+Each task evaluates the SAE's task circuits (`raysae.circuits`: attribution patching,
+faithfulness and completeness per circuit size, direct logit attribution, the attribution
+patching check against exact patching) at every training checkpoint, logged to the SAE's own
+MLflow run with step = tokens seen, so the figures line up with the reconstruction metrics of
+the same run. It then writes the feature dashboard of the final SAE (`raysae.dashboard`) and,
+for an SAE that others were transferred from, the comparison view beside them (the same feature
+indices, the paper's Figure 23); both are kept under `<runs_dir>/dashboards/` and logged as the
+run's `dashboard/` and `dashboard_compare/` artifacts.
+
+Resumable at checkpoint granularity: a checkpoint's metrics are logged in one batch, those
+already logged are skipped, and a run tagged `raysae.features=done` is not visited again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from raysae import circuits, dashboard
+from raysae.activations import job_tokens, special_token_ids
+from raysae.config import ConfigError, JobConfig, from_dict, to_dict
+from raysae.distributed.training import checkpoint_saes, run_name_for, sae_dir_for
+from raysae.models import hook_name, load_lm, load_tokenizer
+from raysae.sae import SAE
+from raysae.tasks import TaskSet, load_tasks
+from raysae.tracking import Tracker, tracking_uri
+
+DONE_TAG = "raysae.features"
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureTarget:
+    """One trained SAE to evaluate."""
+
+    key: str
+    """Its training key: MLflow run, checkpoints and final SAE folder are found by it."""
+    name: str
+    """Readable name (dashboard titles)."""
+    layer: int
+    """Layer the SAE reads (its site is the sweep's)."""
+    compare: tuple[tuple[str, str, int], ...] = ()
+    """(label, key, layer) of SAEs transferred from this one, shown beside it feature by feature."""
+
+
+def load_task_sets(job: JobConfig) -> list[TaskSet]:
+    """Every task set of `job.features`, tokenised with the job's tokenizer; raises before any
+    expensive work when a source is missing, unreadable or yields too few examples."""
+    fc = job.features
+    if fc is None or not fc.tasks:
+        return []
+    tokenizer = load_tokenizer(job.model, job.data)
+    sets: list[TaskSet] = []
+    for source in fc.tasks:
+        sets += load_tasks(source, tokenizer, fc.examples_per_task, seed=job.train.seed,
+                           prepend_bos=job.data.prepend_bos)
+    names = [t.name for t in sets]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"features.tasks: task {repeated[0]!r} comes from two sources "
+                          f"{list(fc.tasks)}; each task name must be unique")
+    return sets
+
+
+def features_phase(
+    job: JobConfig,
+    targets: list[FeatureTarget],
+    site: str,
+    task_sets: list[TaskSet],
+    max_retries: int = 2,
+) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """Evaluate every target (Ray tasks, concurrently); returns (done, errors) by key: the final
+    checkpoint's `circuit/mean/...` metrics, or why the evaluation failed."""
+    fc = job.features
+    if fc is None or not targets:
+        return {}, {}
+    gpu = 1 if job.train.use_gpu else 0
+    tasks_ref = ray.put(task_sets)
+    refs = {
+        t.key: _evaluate_sae.options(num_gpus=gpu, max_retries=max_retries).remote(
+            to_dict(job), dataclasses.asdict(t), site, tasks_ref
+        )
+        for t in targets
+    }
+    done, errors = {}, {}
+    for key, ref in refs.items():
+        try:
+            done[key] = ray.get(ref)
+        except Exception as e:  # one SAE's failure does not stop the others
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            errors[key] = f"features failed: {(lines[-1] if lines else type(e).__name__)[:300]}"
+    return done, errors
+
+
+@ray.remote(num_cpus=0.5)
+def _evaluate_sae(
+    job_d: dict, target_d: dict, site: str, task_sets: list[TaskSet]
+) -> dict[str, float]:
+    job = from_dict(JobConfig, job_d)
+    target = FeatureTarget(**{**target_d, "compare": tuple(map(tuple, target_d["compare"]))})
+    tracker = Tracker(tracking_uri(job.runs_dir), job.name)
+    run_id = tracker.find(target.key)
+    if run_id is None:
+        raise RuntimeError(f"no MLflow run carries the key {target.key!r}")
+    run = tracker.client.get_run(run_id)
+    if run.data.tags.get(DONE_TAG) == "done":
+        return {k: v for k, v in run.data.metrics.items() if k.startswith("circuit/mean/")}
+    return FeatureEvaluation(job, site, task_sets, tracker).run(target, run_id)
+
+
+class FeatureEvaluation:
+    """The model, tokens and task sets one Ray task needs, loaded once."""
+
+    def __init__(self, job: JobConfig, site: str, task_sets: list[TaskSet], tracker: Tracker):
+        self.job, self.fc, self.site, self.tasks, self.tracker = job, job.features, site, task_sets, tracker
+        use_gpu = job.train.use_gpu and torch.cuda.is_available()
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.model = load_lm(job.model, self.device)
+        self.tokenizer = load_tokenizer(job.model, job.data)
+        self.special = special_token_ids(job.model, self.tokenizer)
+
+    def run(self, target: FeatureTarget, run_id: str) -> dict[str, float]:
+        final: dict[str, float] = {}
+        if self.tasks:
+            final = self.circuits(target, run_id)
+        if self.fc.dashboard_features > 0:
+            self.dashboards(target, run_id)
+        self.tracker.set_tags(run_id, {DONE_TAG: "done"})
+        return final
+
+    def circuits(self, target: FeatureTarget, run_id: str) -> dict[str, float]:
+        """Circuit metrics at every checkpoint not yet logged; the last one's means."""
+        ckpts = checkpoint_saes(self.job, target.key)
+        if self.fc.checkpoints == "final" or not ckpts:
+            tokens = ckpts[-1][0] if ckpts else 0
+            ckpts = [(tokens, sae_dir_for(self.job, target.key))]
+        history = self.tracker.client.get_metric_history(run_id, "circuit/mean/m_model")
+        logged = {m.step for m in history}
+        values: dict[str, float] = {}
+        for tokens, folder in ckpts:
+            if tokens in logged:
+                continue
+            sae = SAE.load(folder, device=self.device)
+            sizes = circuits.resolve_n(self.fc.top_n, sae.d_sae)
+            results = [
+                circuits.evaluate_circuits(
+                    self.model, sae, self.site, target.layer, task, sizes, self.special,
+                    exact_check=self.fc.exact_check_features, batch_size=self.fc.batch_size,
+                )
+                for task in self.tasks
+            ]
+            values = {k: v for r in results for k, v in r.metrics().items()}
+            values |= circuits.mean_over_tasks(results)
+            self.tracker.log_metrics(run_id, values, step=tokens)  # one batch per checkpoint
+        return {k: v for k, v in values.items() if k.startswith("circuit/mean/")}
+
+    def dashboards(self, target: FeatureTarget, run_id: str) -> None:
+        """The final SAE's dashboard, and the comparison with the SAEs transferred from it."""
+        job = self.job
+        tokens = torch.from_numpy(
+            job_tokens(job, job.train.eval_tokens, skip_tokens=job.data.num_tokens)
+        ).long()
+        decode = dashboard.token_decoder(self.tokenizer)
+        root = Path(job.runs_dir).resolve() / "dashboards"
+
+        def stats(key: str, layer: int, features: list[int] | None = None):
+            sae = SAE.load(sae_dir_for(job, key), device=self.device)
+            found, _ = dashboard.collect_feature_stats(
+                self.model, sae, self.site, layer, tokens, self.special, features=features,
+                n_features=self.fc.dashboard_features, n_contexts=self.fc.dashboard_contexts,
+                batch_size=self.fc.batch_size, seed=job.train.seed,
+            )
+            return sae, found
+
+        sae, own = stats(target.key, target.layer)
+        meta = {"model": job.model.name, "hook": hook_name(self.site, target.layer),
+                "run": target.name, "d_sae": str(sae.d_sae),
+                "architecture": sae.cfg.architecture, "tokens scanned": str(tokens.numel())}
+        out = dashboard.write_dashboard(own, root / run_name_for(target.key), decode,
+                                        f"{job.name}: {target.name}", meta)
+        self.tracker.log_artifacts(run_id, out, "dashboard")
+        if target.compare:
+            indices = [s.index for s in own]
+            columns: list[tuple[str, Any]] = [(target.name, own)]
+            for label, key, layer in target.compare:
+                columns.append((label, stats(key, layer, indices)[1]))
+            out = dashboard.write_comparison(
+                columns, root / f"{run_name_for(target.key)}-compare", decode,
+                f"{job.name}: {target.name} beside the SAEs transferred from it", meta,
+            )
+            self.tracker.log_artifacts(run_id, out, "dashboard_compare")
