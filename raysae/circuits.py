@@ -327,6 +327,8 @@ class CircuitResult:
     when none were checked)."""
     ie_NF: Tensor = field(repr=False)
     """IE_AtP per example and feature."""
+    dla_NF: Tensor = field(repr=False)
+    """Direct logit attribution per example and feature."""
 
     def metrics(self) -> dict[str, float]:
         """Flat MLflow metrics, `circuit/<task>/...` and `dla/<task>/...`."""
@@ -377,7 +379,28 @@ def evaluate_circuits(
         dla_mean_active=float(per_example.mean()),
         atp_exact_corr=corr,
         ie_NF=pat.ie_NF,
+        dla_NF=dla_NF,
     )
+
+
+def feature_table(results: Sequence[CircuitResult], n: int) -> dict[str, list]:
+    """Per task and feature: mean IE_AtP, mean |IE|, mean DLA, and the share of examples whose
+    circuit of size `n` holds the feature; columns of a table (features never in a circuit
+    and with no effect are left out)."""
+    cols: dict[str, list] = {k: [] for k in ("task", "feature", "mean_ie", "mean_abs_ie",
+                                              "mean_dla", "in_circuit")}
+    for r in results:
+        top_Nn = r.ie_NF.abs().topk(min(n, r.ie_NF.shape[1]), dim=1).indices
+        in_c_F = torch.zeros_like(r.ie_NF).scatter(1, top_Nn, 1.0).mean(0)
+        abs_F = r.ie_NF.abs().mean(0)
+        for i in torch.nonzero((in_c_F > 0) | (abs_F > 0)).flatten().tolist():
+            cols["task"].append(r.task)
+            cols["feature"].append(i)
+            cols["mean_ie"].append(float(r.ie_NF[:, i].mean()))
+            cols["mean_abs_ie"].append(float(abs_F[i]))
+            cols["mean_dla"].append(float(r.dla_NF[:, i].mean()))
+            cols["in_circuit"].append(float(in_c_F[i]))
+    return cols
 
 
 def mean_over_tasks(results: Sequence[CircuitResult]) -> dict[str, float]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from raysae.config import ConfigError, JobConfig, load_config
 from raysae.models import hook_name, parse_hook_name, validate_sites
+from raysae.tasks import check_task_source
 from raysae.tracking import tracking_uri
 
 log = logging.getLogger("raysae")
@@ -58,6 +59,8 @@ def _load(args: argparse.Namespace) -> JobConfig:
     cfg = dataclasses.replace(cfg, runs_dir=str(Path(runs_dir or cfg.runs_dir).resolve()))
     cfg = resolve_toy(cfg)
     validate_sites(cfg.model, cfg.cache.sites, cfg.cache.layers)  # before Ray starts any work
+    for source in cfg.features.tasks if cfg.features else ():
+        check_task_source(source)
     return cfg
 
 

@@ -220,3 +220,16 @@ def test_attribution_patching_tracks_exact_patching_on_the_toy_model(toy_pair, c
               + ", ".join(f"{k} r={v:.3f}" for k, v in corrs.items()))
     assert min(corrs.values()) > 0.5
     assert sum(corrs.values()) / len(corrs) > 0.8
+
+
+def test_feature_table_counts_every_example_circuit_once() -> None:
+    model = tiny_model()
+    sae = sae_for(model, 1, "topk")
+    res = circuits.evaluate_circuits(model, sae, "resid_post", 1, random_task(), [3], [0])
+    table = circuits.feature_table([res], 3)
+    # each example's circuit holds exactly 3 features: the shares sum to 3
+    assert sum(table["in_circuit"]) == pytest.approx(3.0)
+    i = table["mean_abs_ie"].index(max(table["mean_abs_ie"]))
+    f = table["feature"][i]
+    assert table["mean_ie"][i] == pytest.approx(float(res.ie_NF[:, f].mean()))
+    assert table["mean_dla"][i] == pytest.approx(float(res.dla_NF[:, f].mean()))

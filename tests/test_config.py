@@ -17,6 +17,7 @@ from raysae.config import (
     load_config,
     to_dict,
 )
+from raysae.tasks import check_task_source
 
 BASE = {
     "name": "t",
@@ -107,3 +108,33 @@ def test_shipped_configs_load_and_fit_their_models():
             assert all(0 <= a < depth and 0 <= b < depth_b for a, b in cfg.stitch.pairs), path.name
             assert all(0 <= a < depth for a in cfg.stitch.match_layers), path.name
         assert cfg.train.batch_size % cfg.train.num_workers == 0
+        for source in cfg.features.tasks if cfg.features else ():
+            check_task_source(source)  # shipped template names resolve to files that parse
+
+
+@pytest.mark.parametrize(
+    ("features", "message"),
+    [
+        ({"top_n": [0.02, 2.5]}, "features.top_n: got (0.02, 2.5), expected a non-empty list"),
+        ({"top_n": []}, "features.top_n"),
+        ({"examples_per_task": 1}, "features.examples_per_task: got 1, expected at least 2"),
+        ({"exact_check_features": -1}, "features.exact_check_features: got -1"),
+        ({"checkpoints": "some"}, "features.checkpoints: got 'some', expected one of 'all', 'final'"),
+        ({"tasks": [], "dashboard_features": 0}, "features.tasks: got (), expected at least one"),
+        ({"tasks": "ioi"}, "features.tasks: got 'ioi', expected a list"),
+    ],
+)
+def test_features_config_errors(features: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        from_dict(JobConfig, {**BASE, "features": features})
+    assert message in str(e.value)
+
+
+def test_bad_task_source_is_caught_by_check_before_any_work(tmp_path, capsys) -> None:
+    from raysae.cli import main
+
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(yaml.safe_dump({**BASE, "features": {"tasks": ["ioi", "nosuchtask"]}}))
+    assert main(["check", str(cfg), "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "task source 'nosuchtask': unknown task" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # nothing was written

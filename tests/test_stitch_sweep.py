@@ -48,6 +48,9 @@ def config(toy) -> dict:
                        "sparse_k": [1, 4], "steering_tokens": 4},
             "variants": str(toy.variants),
         },
+        "features": {"tasks": [str(toy.tasks)], "examples_per_task": 8, "top_n": [4, 16],
+                     "exact_check_features": 4, "checkpoints": "final", "dashboard_features": 4,
+                     "dashboard_contexts": 3},
     }
 
 
@@ -145,6 +148,31 @@ def test_probes_and_feature_classes_logged(swept):
     assert 0 <= probes["metrics.steering/a_mapped/success"] <= 1
     n = probes["metrics.features/w64/structural/count"] + probes["metrics.features/w64/semantic/count"]
     assert 0 < n <= 64
+
+
+def test_feature_phase_covers_every_sae_of_both_models(swept):
+    """Circuits of A's SAE on A and of its twins on B, from the toy tasks; A's dashboard
+    comparison shows the zero-shot and the stitched-init SAE of B beside it."""
+    df = runs_table(swept["runs"])
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{swept['runs'] / 'mlflow.db'}")
+    saes = df.filter(pl.col("tags.raysae.phase").is_in(["scratch_a", "scratch_b", "zeroshot",
+                                                        "transfer"]))
+    assert saes.height == 6 and (saes["tags.raysae.features"] == "done").all()
+    for task in ("sva", "ioi", "greater_than", "induction", "brackets"):
+        for n in (4, 16):
+            col = f"metrics.circuit/{task}/faithfulness/n{n}"
+            assert saes[col].is_not_null().all() and saes[col].is_finite().all(), col
+        # the toy models solve every task: m of the model is clearly positive on A and on B
+        assert (saes[f"metrics.circuit/{task}/m_model"] > 0.5).all(), task
+    # B's SAEs all see the same model B: the same m(M) whichever SAE is spliced
+    on_b = saes.filter(pl.col("tags.raysae.phase") != "scratch_a")["metrics.circuit/sva/m_model"]
+    assert on_b.max() - on_b.min() < 1e-3
+    a_run = saes.filter(pl.col("tags.raysae.phase") == "scratch_a")["run_id"][0]
+    local = Path(client.download_artifacts(a_run, "dashboard_compare"))
+    page = next((local / "compare").glob("*.html")).read_text()
+    assert "zero-shot" in page and "stitched init" in page
+    zs = saes.filter(pl.col("tags.raysae.phase") == "zeroshot")["run_id"][0]
+    assert "dashboard/index.html" in {a.path for a in client.list_artifacts(zs, "dashboard")}
 
 
 def test_analysis_reads_the_sweep(swept, tmp_path):

@@ -169,6 +169,9 @@ def test_feature_phase_on_every_trained_sae(swept):
             m_model = client.get_metric_history(run_id, f"circuit/{task}/m_model")
             assert m_model[0].value == pytest.approx(m_model[1].value, abs=1e-4)
         assert len(client.get_metric_history(run_id, "dla/mean/total")) == 2
+        table = pl.read_parquet(client.download_artifacts(run_id, "circuits/features.parquet"))
+        for task in ("copy", "swap"):  # each of the 6 examples has 6 features in its circuit
+            assert table.filter(pl.col("task") == task)["in_circuit"].sum() == pytest.approx(6)
         names = {a.path for a in client.list_artifacts(run_id, "dashboard")}
         assert "dashboard/index.html" in names and "dashboard/features" in names
         pages = client.list_artifacts(run_id, "dashboard/features")

@@ -4,7 +4,9 @@ Each task evaluates the SAE's task circuits (`raysae.circuits`: attribution patc
 faithfulness and completeness per circuit size, direct logit attribution, the attribution
 patching check against exact patching) at every training checkpoint, logged to the SAE's own
 MLflow run with step = tokens seen, so the figures line up with the reconstruction metrics of
-the same run. It then writes the feature dashboard of the final SAE (`raysae.dashboard`) and,
+the same run; the final checkpoint's per-feature view (mean IE, mean DLA, how often each feature
+is in a circuit of the smallest size) is the `circuits/features.parquet` artifact. It then
+writes the feature dashboard of the final SAE (`raysae.dashboard`) and,
 for an SAE that others were transferred from, the comparison view beside them (the same feature
 indices, the paper's Figure 23); both are kept under `<runs_dir>/dashboards/` and logged as the
 run's `dashboard/` and `dashboard_compare/` artifacts.
@@ -16,9 +18,11 @@ already logged are skipped, and a run tagged `raysae.features=done` is not visit
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import ray
 import torch
 
@@ -44,8 +48,11 @@ class FeatureTarget:
     """Readable name (dashboard titles)."""
     layer: int
     """Layer the SAE reads (its site is the sweep's)."""
-    compare: tuple[tuple[str, str, int], ...] = ()
-    """(label, key, layer) of SAEs transferred from this one, shown beside it feature by feature."""
+    large: bool = False
+    """Whether the SAE reads the stitch sweep's large model B (`stitch.large`), not `model`."""
+    compare: tuple[tuple[str, str, int, bool], ...] = ()
+    """(label, key, layer, large) of SAEs transferred from this one, shown beside it feature by
+    feature."""
 
 
 def load_task_sets(job: JobConfig) -> list[TaskSet]:
@@ -114,15 +121,22 @@ def _evaluate_sae(
 
 
 class FeatureEvaluation:
-    """The model, tokens and task sets one Ray task needs, loaded once."""
+    """The models, tokens and task sets one Ray task needs, each loaded once."""
 
     def __init__(self, job: JobConfig, site: str, task_sets: list[TaskSet], tracker: Tracker):
         self.job, self.fc, self.site, self.tasks, self.tracker = job, job.features, site, task_sets, tracker
         use_gpu = job.train.use_gpu and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = load_lm(job.model, self.device)
-        self.tokenizer = load_tokenizer(job.model, job.data)
+        self.tokenizer = load_tokenizer(job.model, job.data)  # a stitch pair shares it
         self.special = special_token_ids(job.model, self.tokenizer)
+        self._models: dict[bool, torch.nn.Module] = {}
+
+    def model(self, large: bool) -> torch.nn.Module:
+        """The job's model, or the stitch sweep's large model B."""
+        if large not in self._models:
+            cfg = self.job.stitch.large if large else self.job.model
+            self._models[large] = load_lm(cfg, self.device)
+        return self._models[large]
 
     def run(self, target: FeatureTarget, run_id: str) -> dict[str, float]:
         final: dict[str, float] = {}
@@ -145,17 +159,24 @@ class FeatureEvaluation:
         for tokens, folder in ckpts:
             if tokens in logged:
                 continue
+            final = tokens == ckpts[-1][0]
             sae = SAE.load(folder, device=self.device)
             sizes = circuits.resolve_n(self.fc.top_n, sae.d_sae)
             results = [
                 circuits.evaluate_circuits(
-                    self.model, sae, self.site, target.layer, task, sizes, self.special,
+                    self.model(target.large), sae, self.site, target.layer, task, sizes,
+                    self.special,
                     exact_check=self.fc.exact_check_features, batch_size=self.fc.batch_size,
                 )
                 for task in self.tasks
             ]
             values = {k: v for r in results for k, v in r.metrics().items()}
             values |= circuits.mean_over_tasks(results)
+            if final:  # the per-feature view, before the metrics that mark the step as done
+                table = pl.DataFrame(circuits.feature_table(results, sizes[0]))
+                with tempfile.TemporaryDirectory() as tmp:
+                    table.write_parquet(Path(tmp) / "features.parquet")
+                    self.tracker.log_artifacts(run_id, tmp, "circuits")
             self.tracker.log_metrics(run_id, values, step=tokens)  # one batch per checkpoint
         return {k: v for k, v in values.items() if k.startswith("circuit/mean/")}
 
@@ -168,17 +189,18 @@ class FeatureEvaluation:
         decode = dashboard.token_decoder(self.tokenizer)
         root = Path(job.runs_dir).resolve() / "dashboards"
 
-        def stats(key: str, layer: int, features: list[int] | None = None):
+        def stats(key: str, layer: int, large: bool, features: list[int] | None = None):
             sae = SAE.load(sae_dir_for(job, key), device=self.device)
             found, _ = dashboard.collect_feature_stats(
-                self.model, sae, self.site, layer, tokens, self.special, features=features,
+                self.model(large), sae, self.site, layer, tokens, self.special, features=features,
                 n_features=self.fc.dashboard_features, n_contexts=self.fc.dashboard_contexts,
                 batch_size=self.fc.batch_size, seed=job.train.seed,
             )
             return sae, found
 
-        sae, own = stats(target.key, target.layer)
-        meta = {"model": job.model.name, "hook": hook_name(self.site, target.layer),
+        sae, own = stats(target.key, target.layer, target.large)
+        model_name = job.stitch.large.name if target.large else job.model.name
+        meta = {"model": model_name, "hook": hook_name(self.site, target.layer),
                 "run": target.name, "d_sae": str(sae.d_sae),
                 "architecture": sae.cfg.architecture, "tokens scanned": str(tokens.numel())}
         out = dashboard.write_dashboard(own, root / run_name_for(target.key), decode,
@@ -187,8 +209,8 @@ class FeatureEvaluation:
         if target.compare:
             indices = [s.index for s in own]
             columns: list[tuple[str, Any]] = [(target.name, own)]
-            for label, key, layer in target.compare:
-                columns.append((label, stats(key, layer, indices)[1]))
+            for label, key, layer, large in target.compare:
+                columns.append((label, stats(key, layer, large, indices)[1]))
             out = dashboard.write_comparison(
                 columns, root / f"{run_name_for(target.key)}-compare", decode,
                 f"{job.name}: {target.name} beside the SAEs transferred from it", meta,

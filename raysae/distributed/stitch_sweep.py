@@ -29,6 +29,7 @@ from raysae import stitch_grid
 from raysae.activations import fingerprint, job_tokens, special_token_ids
 from raysae.config import ConfigError, JobConfig, flatten, from_dict, to_dict
 from raysae.distributed.caching import cache_activations
+from raysae.distributed.features import FeatureTarget, features_phase, load_task_sets
 from raysae.distributed.stitching import StitchSpec, stitch_dir_for, train_stitch_on_ray
 from raysae.distributed.sweep import SweepResult, _root_cause, run_tune_experiment
 from raysae.distributed.training import TrainSpec, sae_dir_for, train_on_ray
@@ -52,6 +53,7 @@ def run_stitch_sweep(job: JobConfig) -> SweepResult:
     validate_sites(job.model, [s.site], layers_a)
     validate_sites(s.large, [s.site], sorted({p[1] for p in s.pairs}))
     digest = hashlib.sha256(json.dumps(to_dict(job), sort_keys=True).encode()).hexdigest()[:16]
+    task_sets = load_task_sets(job)  # task files checked and tokenised before any work
     tracker = Tracker.for_runs_dir(job.runs_dir, job.name)
     tags = {"raysae.phase": "stitch_sweep", "raysae.sweep_kind": stitch_grid.SWEEP_KIND}
     parent = tracker.open_run(f"stitch_sweep:{digest}", f"{job.name} stitch sweep", tags, flatten(job))
@@ -99,6 +101,14 @@ def run_stitch_sweep(job: JobConfig) -> SweepResult:
         tracker.set_tags(parent, {f"raysae.status.{names}": status})
         log.info("stage %s: %s", names, status)
 
+    if job.features is not None:
+        targets = stitch_feature_targets([t for t in trials if t.key in finished])
+        _, errors = features_phase(job, targets, s.site, task_sets, s.max_failures)
+        failed.update({f"features:{k}": why for k, why in errors.items()})
+        status = f"{len(targets) - len(errors)} done, {len(errors)} failed"
+        tracker.set_tags(parent, {"raysae.status.features": status})
+        log.info("stage features: %s", status)
+
     _log_stitch_flops(job, trials, finished, tracker)
     summary = {"pairs": [list(p) for p in pairs], "matches": matches, "failed": failed,
                "trials": {p: sum(t.phase == p for t in trials) for stage in stitch_grid.STAGES
@@ -106,6 +116,29 @@ def run_stitch_sweep(job: JobConfig) -> SweepResult:
     tracker.log_dict(parent, summary, "stitch_summary.json")
     tracker.finish(parent, "FINISHED" if not failed else "FAILED")
     return SweepResult(parent, finished, failed, summary)
+
+
+def stitch_feature_targets(trials: list[StitchTrial]) -> list[FeatureTarget]:
+    """One target per SAE of the sweep (A's, B's scratch, zero-shot and stitched-init ones); an
+    SAE of A is compared with its twins on B: the zero-shot transfer and, per zero-shot, the
+    stitched-init SAE of the largest budget (the same feature indices, carried by the stitch)."""
+    targets = []
+    for t in trials:
+        if t.phase not in ("scratch_a", "scratch_b", "zeroshot", "transfer"):
+            continue
+        compare: list[tuple[str, str, int, bool]] = []
+        if t.phase == "scratch_a":
+            for z in trials:
+                if z.phase == "zeroshot" and t.key in z.depends_on:
+                    compare.append((z.name, z.key, z.layer_b, True))
+                    grown = [c for c in trials if c.phase == "transfer" and c.depends_on == (z.key,)]
+                    if grown:
+                        c = max(grown, key=lambda c: c.budget)
+                        compare.append((c.name, c.key, c.layer_b, True))
+        large = t.phase != "scratch_a"
+        layer = t.layer_b if large else t.layer_a
+        targets.append(FeatureTarget(t.key, t.name, layer, large, tuple(compare)))
+    return targets
 
 
 def _log_stitch_flops(job: JobConfig, trials: list[StitchTrial], finished: dict, tracker: Tracker) -> None:

@@ -289,8 +289,8 @@ def feature_targets(trials: list[grid.Trial]) -> list[FeatureTarget]:
                 best = children.get(c.direction)
                 if best is None or c.budget > best.budget:
                     children[c.direction] = c
-        compare = tuple((c.name, c.key, c.layer) for c in children.values())
-        targets.append(FeatureTarget(t.key, t.name, t.layer, compare))
+        compare = tuple((c.name, c.key, c.layer, False) for c in children.values())
+        targets.append(FeatureTarget(t.key, t.name, t.layer, compare=compare))
     return targets
 
 
