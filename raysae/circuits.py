@@ -21,7 +21,9 @@ Conventions, fixed here once:
   positions of the task's clean prompts). Faithfulness = (m(C) - m(∅)) / (m(M) - m(∅)) (eq. 8)
   with m(M) the model and m(∅) every feature mean-ablated; completeness uses m(M \\ C), i.e. C
   mean-ablated and the rest kept. m is averaged over examples before the ratio. By
-  construction the full feature set has faithfulness 1 and the empty set 0.
+  construction the full feature set has faithfulness 1 and the empty set 0. The ratio is
+  ill-conditioned when mean-ablating every feature barely moves m (the task's signal then runs
+  through the error term or is not at this site); below a set share of |m(M)| it is NaN.
 - Direct logit attribution (Appendix B, eq. 11): attr_i = f_i (C(W_dec[i]) ⊙ γ) ·
   (W_U[correct] - W_U[wrong]) / σ at the last prompt position, the final norm's scale σ frozen
   at its actual value (`feature_classes.NormFrame`): feature i's direct share of m.
@@ -259,10 +261,14 @@ def ablation_means(
     }
 
 
-def normalised(m: float, m_model: float, m_empty: float) -> float:
-    """(m - m(∅)) / (m(M) - m(∅)) (eq. 8); NaN when the features carry no effect at all."""
+def normalised(m: float, m_model: float, m_empty: float, min_effect: float = 0.0) -> float:
+    """(m - m(∅)) / (m(M) - m(∅)) (eq. 8). NaN when the features' whole effect is too small
+    for the ratio to mean anything: |m(M) - m(∅)| <= min_effect · |m(M)| (and always when it
+    is 0), i.e. mean-ablating every feature barely moves m."""
     denom = m_model - m_empty
-    return (m - m_empty) / denom if denom != 0 else float("nan")
+    if denom == 0 or abs(denom) <= min_effect * abs(m_model):
+        return float("nan")
+    return (m - m_empty) / denom
 
 
 @torch.inference_mode()
@@ -315,7 +321,7 @@ class CircuitResult:
     m_empty: float
     """Mean m with every feature mean-ablated."""
     faithfulness: dict[int, float]
-    """Per circuit size N: (m(C) - m(∅)) / (m(M) - m(∅))."""
+    """Per circuit size N: (m(C) - m(∅)) / (m(M) - m(∅)); NaN when undefined (`normalised`)."""
     completeness: dict[int, float]
     """Per circuit size N: (m(M \\ C) - m(∅)) / (m(M) - m(∅))."""
     dla_total: float
@@ -353,10 +359,12 @@ def evaluate_circuits(
     special_ids: Sequence[int] = (),
     exact_check: int = 0,
     batch_size: int = 16,
+    min_effect: float = 0.0,
 ) -> CircuitResult:
-    """Attribution patching, faithfulness and completeness per circuit size, direct logit
-    attribution and (for the `exact_check` features of largest mean |IE|) the correlation of
-    attribution patching with exact activation patching, for one SAE on one task."""
+    """Attribution patching, faithfulness and completeness per circuit size (NaN where the
+    features' whole effect is below `min_effect`, see `normalised`), direct logit attribution
+    and (for the `exact_check` features of largest mean |IE|) the correlation of attribution
+    patching with exact activation patching, for one SAE on one task."""
     pat = attribution_patching(model, sae, site, layer, task, special_ids, batch_size)
     m = ablation_means(model, sae, site, layer, task, pat, sizes, special_ids, batch_size)
     m_model, m_empty = float(m["model"]), float(m["empty"])
@@ -373,8 +381,10 @@ def evaluate_circuits(
         n_examples=len(task),
         m_model=m_model,
         m_empty=m_empty,
-        faithfulness={n: normalised(v, m_model, m_empty) for n, v in m["circuit"].items()},
-        completeness={n: normalised(v, m_model, m_empty) for n, v in m["complement"].items()},
+        faithfulness={n: normalised(v, m_model, m_empty, min_effect)
+                      for n, v in m["circuit"].items()},
+        completeness={n: normalised(v, m_model, m_empty, min_effect)
+                      for n, v in m["complement"].items()},
         dla_total=float(dla_NF.sum(1).mean()),
         dla_mean_active=float(per_example.mean()),
         atp_exact_corr=corr,

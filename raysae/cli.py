@@ -68,8 +68,10 @@ def _init_ray() -> None:
     import ray
 
     # Under `ray job submit` (or after `ray start`) this joins that cluster; otherwise it starts
-    # a local one, whose dashboard ray.init binds to 127.0.0.1 by default.
-    ray.init()
+    # a local one, whose dashboard ray.init binds to 127.0.0.1 by default. One process may run
+    # several commands (jobs/demo.py runs one per config): join once.
+    if not ray.is_initialized():
+        ray.init()
 
 
 def cmd_check(cfg: JobConfig) -> None:

@@ -538,6 +538,9 @@ class FeaturesConfig:
     top_n: tuple[float, ...] = (0.02, 0.04, 0.06, 0.08)
     """Circuit sizes N for faithfulness and completeness: a fraction of d_sae in (0, 1) (paper:
     2%, 4%, 6%, 8%) or a feature count >= 1 (paper's completeness: 4, 36, 68, 100)."""
+    min_feature_effect: float = 0.25
+    """Faithfulness and completeness of a task are NaN (not averaged in) where mean-ablating
+    every feature moves m by at most this share of the model's m: eq. 8 divides by that move."""
     exact_check_features: int = 16
     """Per task, the features of largest |IE| also patched exactly; the correlation of
     attribution patching with exact patching is logged (0 skips the check)."""
@@ -556,6 +559,8 @@ class FeaturesConfig:
         if not self.top_n or any(v <= 0 or (v > 1 and v != int(v)) for v in self.top_n):
             _fail("features.top_n", self.top_n,
                   "a non-empty list of fractions of d_sae in (0, 1) or whole feature counts >= 1")
+        if not 0 <= self.min_feature_effect < 1:
+            _fail("features.min_feature_effect", self.min_feature_effect, "a fraction in [0, 1)")
         for name in ("exact_check_features", "dashboard_features"):
             if getattr(self, name) < 0:
                 _fail(f"features.{name}", getattr(self, name), "a non-negative count")

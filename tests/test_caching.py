@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import build_cfg
+from conftest import TINY_NEOX, build_cfg
 
 from raysae import shards
 from raysae.activations import plan_cache
@@ -92,3 +92,25 @@ def test_bad_layer_fails_before_any_work(ray_local, tmp_path, token_file):
     with pytest.raises(ConfigError, match="layer 5 is outside"):
         cache_activations(cfg)
     assert not (tmp_path / "a").exists()
+
+
+def test_cli_commands_join_the_running_ray_instead_of_starting_another(
+    ray_local, tmp_path, token_file, capsys
+):
+    """jobs/demo.py runs one command per config in one process: the second must join the Ray
+    the first started (a second ray.init raises)."""
+    import yaml
+
+    from raysae.cli import main
+
+    cfg = tmp_path / "cache.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "cli-twice", "model": {"name": "tiny", "from_config": TINY_NEOX},
+        "data": {"source": str(token_file), "context_length": 16, "num_tokens": 256},
+        "cache": {"layers": [0], "shard_tokens": 128},
+    }))
+    args = ["cache", str(cfg), "--runs-dir", str(tmp_path / "runs")]
+    assert ray_local.is_initialized()
+    assert main(args) == 0 and main(args) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "blocks.0.hook_resid_post" in ln]
+    assert len(lines) == 2 and lines[0] == lines[1]  # the second reused the first's shards

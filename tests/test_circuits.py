@@ -3,6 +3,8 @@ forms and invariants, direct logit attribution summing to the logit difference."
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import TINY_NEOX
@@ -233,3 +235,19 @@ def test_feature_table_counts_every_example_circuit_once() -> None:
     f = table["feature"][i]
     assert table["mean_ie"][i] == pytest.approx(float(res.ie_NF[:, f].mean()))
     assert table["mean_dla"][i] == pytest.approx(float(res.dla_NF[:, f].mean()))
+
+
+def test_normalised_is_undefined_when_the_features_carry_no_effect() -> None:
+    assert circuits.normalised(3.0, 5.0, 1.0) == pytest.approx(0.5)
+    assert circuits.normalised(3.0, 5.0, 1.0, min_effect=0.5) == pytest.approx(0.5)  # 4 > 2.5
+    assert math.isnan(circuits.normalised(3.0, 5.0, 3.5, min_effect=0.5))  # 1.5 <= 2.5
+    assert math.isnan(circuits.normalised(3.0, 5.0, 5.0))
+    # an SAE whose decoder writes nothing: every effect goes through the error term
+    model, task = tiny_model(), random_task()
+    sae = sae_for(model, 1)
+    with torch.no_grad():
+        sae.W_dec.zero_()
+    res = circuits.evaluate_circuits(model, sae, "resid_post", 1, task, [2], [0])
+    assert res.m_empty == pytest.approx(res.m_model, abs=1e-5)
+    assert math.isnan(res.faithfulness[2]) and math.isnan(res.completeness[2])
+    assert "circuit/mean/faithfulness/n2" not in circuits.mean_over_tasks([res])

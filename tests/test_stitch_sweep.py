@@ -159,11 +159,16 @@ def test_feature_phase_covers_every_sae_of_both_models(swept):
                                                         "transfer"]))
     assert saes.height == 6 and (saes["tags.raysae.features"] == "done").all()
     for task in ("sva", "ioi", "greater_than", "induction", "brackets"):
+        m_model = saes[f"metrics.circuit/{task}/m_model"]
+        effect = (m_model - saes[f"metrics.circuit/{task}/m_empty"]).abs()
+        defined = effect > 0.25 * m_model.abs()  # the default features.min_feature_effect
         for n in (4, 16):
-            col = f"metrics.circuit/{task}/faithfulness/n{n}"
-            assert saes[col].is_not_null().all() and saes[col].is_finite().all(), col
+            for kind in ("faithfulness", "completeness"):
+                col = saes[f"metrics.circuit/{task}/{kind}/n{n}"]
+                assert (col.is_finite() == defined).all(), (task, kind, n)
         # the toy models solve every task: m of the model is clearly positive on A and on B
-        assert (saes[f"metrics.circuit/{task}/m_model"] > 0.5).all(), task
+        assert (m_model > 0.5).all(), task
+    assert saes["metrics.circuit/mean/faithfulness/n16"].is_finite().all()
     # B's SAEs all see the same model B: the same m(M) whichever SAE is spliced
     on_b = saes.filter(pl.col("tags.raysae.phase") != "scratch_a")["metrics.circuit/sva/m_model"]
     assert on_b.max() - on_b.min() < 1e-3

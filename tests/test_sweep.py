@@ -77,7 +77,9 @@ def swept(tmp_path_factory, token_file):
     tmp = tmp_path_factory.mktemp("sweep")
     cfg_path = tmp / "sweep.yaml"
     tasks = write_task_file(tmp / "tasks.parquet")
+    # min_feature_effect 0: every ratio defined, whatever the random model does with the tasks
     features = {"tasks": [str(tasks)], "examples_per_task": 6, "top_n": [0.05, 16],
+                "min_feature_effect": 0.0,
                 "exact_check_features": 4, "dashboard_features": 6, "dashboard_contexts": 3}
     cfg_path.write_text(yaml.safe_dump({**CONFIG, "data": {**CONFIG["data"], "source": str(token_file)},
                                         "features": features}))
@@ -216,6 +218,26 @@ def test_third_submission_is_a_no_op(swept):
         assert steps == [1024, 2048]  # the feature phase did not run again
 
 
+def test_changed_feature_settings_rerun_only_the_feature_phase(swept):
+    _, runs, _, _ = swept
+    cfg_path = next(runs.parent.glob("sweep.yaml"))
+    data = yaml.safe_load(cfg_path.read_text())
+    data["features"]["top_n"] = [0.05, 16, 32]
+    changed = cfg_path.with_name("sweep-more-n.yaml")
+    changed.write_text(yaml.safe_dump(data))
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    trained = runs_table(runs).filter(pl.col("tags.raysae.phase").is_in(["scratch", "transfer"]))
+    ces_before = {r: client.get_metric_history(r, "eval/ces") for r in trained["run_id"]}
+    out = subprocess.run(sweep_cmd(changed, runs), env=clean_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "8 trials finished, 0 not" in out.stdout
+    for run_id in trained["run_id"]:
+        hist = client.get_metric_history(run_id, "circuit/mean/faithfulness/n32")
+        assert sorted(m.step for m in hist) == [1024, 2048]  # every checkpoint again
+        assert client.get_metric_history(run_id, "eval/ces") == ces_before[run_id]  # no training
+
+
 def test_analysis_regenerates_tables_and_figures(swept):
     _, runs, _, _ = swept
     script = ROOT / "analysis" / "sweep_report.py"
@@ -241,8 +263,9 @@ def test_analysis_regenerates_tables_and_figures(swept):
     assert set(by_ckpt["direction"]) == {"scratch", "fwd", "bwd"}
     assert sorted(set(by_ckpt["tokens"])) == [1024, 2048]
     by_n = pl.read_csv(d / "circuits_by_n.csv")
-    assert by_n.columns == ["direction", "completeness N=6", "completeness N=16",
-                            "faithfulness N=6", "faithfulness N=16"]
+    sizes = [6, 16, 32]  # the last submission added N=32
+    assert by_n.columns == ["direction", *[f"{k} N={n}" for k in ("completeness", "faithfulness")
+                                           for n in sizes]]
     by_task = pl.read_csv(d / "circuits_by_task.csv")
     assert set(by_task["task"]) == {"copy", "swap"} and "atp_exact_corr" in by_task.columns
     assert pl.read_csv(d / "dla_by_layer.csv")["layer"].to_list() == [0, 1]

@@ -12,12 +12,16 @@ indices, the paper's Figure 23); both are kept under `<runs_dir>/dashboards/` an
 run's `dashboard/` and `dashboard_compare/` artifacts.
 
 Resumable at checkpoint granularity: a checkpoint's metrics are logged in one batch, those
-already logged are skipped, and a run tagged `raysae.features=done` is not visited again.
+already logged are skipped, and a run tagged `raysae.features=done` is not visited again while
+the `features` settings are unchanged (their digest is the `raysae.features.config` tag);
+changed settings re-evaluate every checkpoint, and the training runs themselves are untouched.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,7 @@ from raysae.tasks import TaskSet, load_tasks
 from raysae.tracking import Tracker, tracking_uri
 
 DONE_TAG = "raysae.features"
+CONFIG_TAG = "raysae.features.config"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,10 +119,14 @@ def _evaluate_sae(
     run_id = tracker.find(target.key)
     if run_id is None:
         raise RuntimeError(f"no MLflow run carries the key {target.key!r}")
-    run = tracker.client.get_run(run_id)
-    if run.data.tags.get(DONE_TAG) == "done":
-        return {k: v for k, v in run.data.metrics.items() if k.startswith("circuit/mean/")}
-    return FeatureEvaluation(job, site, task_sets, tracker).run(target, run_id)
+    tags = tracker.client.get_run(run_id).data.tags
+    digest = hashlib.sha256(json.dumps(to_dict(job.features), sort_keys=True).encode()).hexdigest()
+    fresh = tags.get(CONFIG_TAG) != digest[:16]  # first visit, or the features settings changed
+    if not fresh and tags.get(DONE_TAG) == "done":
+        metrics = tracker.client.get_run(run_id).data.metrics
+        return {k: v for k, v in metrics.items() if k.startswith("circuit/mean/")}
+    tracker.set_tags(run_id, {CONFIG_TAG: digest[:16], DONE_TAG: "running"})
+    return FeatureEvaluation(job, site, task_sets, tracker).run(target, run_id, redo=fresh)
 
 
 class FeatureEvaluation:
@@ -138,23 +147,24 @@ class FeatureEvaluation:
             self._models[large] = load_lm(cfg, self.device)
         return self._models[large]
 
-    def run(self, target: FeatureTarget, run_id: str) -> dict[str, float]:
+    def run(self, target: FeatureTarget, run_id: str, redo: bool) -> dict[str, float]:
+        """Circuits (all checkpoints when `redo`, else those not logged yet), dashboards."""
         final: dict[str, float] = {}
         if self.tasks:
-            final = self.circuits(target, run_id)
+            final = self.circuits(target, run_id, redo)
         if self.fc.dashboard_features > 0:
             self.dashboards(target, run_id)
         self.tracker.set_tags(run_id, {DONE_TAG: "done"})
         return final
 
-    def circuits(self, target: FeatureTarget, run_id: str) -> dict[str, float]:
+    def circuits(self, target: FeatureTarget, run_id: str, redo: bool) -> dict[str, float]:
         """Circuit metrics at every checkpoint not yet logged; the last one's means."""
         ckpts = checkpoint_saes(self.job, target.key)
         if self.fc.checkpoints == "final" or not ckpts:
             tokens = ckpts[-1][0] if ckpts else 0
             ckpts = [(tokens, sae_dir_for(self.job, target.key))]
         history = self.tracker.client.get_metric_history(run_id, "circuit/mean/m_model")
-        logged = {m.step for m in history}
+        logged = set() if redo else {m.step for m in history}
         values: dict[str, float] = {}
         for tokens, folder in ckpts:
             if tokens in logged:
@@ -167,6 +177,7 @@ class FeatureEvaluation:
                     self.model(target.large), sae, self.site, target.layer, task, sizes,
                     self.special,
                     exact_check=self.fc.exact_check_features, batch_size=self.fc.batch_size,
+                    min_effect=self.fc.min_feature_effect,
                 )
                 for task in self.tasks
             ]
