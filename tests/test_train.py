@@ -222,7 +222,8 @@ def test_core_modules_import_no_ray_or_mlflow() -> None:
     code = (
         "import sys, raysae.config, raysae.models, raysae.shards, raysae.activations, "
         "raysae.sae, raysae.train, raysae.metrics, raysae.evaluate, raysae.grid, raysae.toy, "
-        "raysae.stitch, raysae.stitch_grid, raysae.matching, raysae.probes, raysae.feature_classes; "
+        "raysae.stitch, raysae.stitch_grid, raysae.matching, raysae.probes, raysae.feature_classes, "
+        "raysae.tasks, raysae.circuits, raysae.dashboard; "
         "bad = [m for m in ('ray', 'mlflow') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -33,6 +33,7 @@ import torch
 from raysae import circuits, dashboard
 from raysae.activations import job_tokens, special_token_ids
 from raysae.config import ConfigError, JobConfig, from_dict, to_dict
+from raysae.distributed import root_cause
 from raysae.distributed.training import checkpoint_saes, run_name_for, sae_dir_for
 from raysae.models import hook_name, load_lm, load_tokenizer
 from raysae.sae import SAE
@@ -104,8 +105,7 @@ def features_phase(
         try:
             done[key] = ray.get(ref)
         except Exception as e:  # one SAE's failure does not stop the others
-            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-            errors[key] = f"features failed: {(lines[-1] if lines else type(e).__name__)[:300]}"
+            errors[key] = f"features failed: {root_cause(e)}"
     return done, errors
 
 

@@ -28,10 +28,11 @@ from ray import tune
 from raysae import stitch_grid
 from raysae.activations import fingerprint, job_tokens, special_token_ids
 from raysae.config import ConfigError, JobConfig, flatten, from_dict, to_dict
+from raysae.distributed import root_cause
 from raysae.distributed.caching import cache_activations
 from raysae.distributed.features import FeatureTarget, features_phase, load_task_sets
 from raysae.distributed.stitching import StitchSpec, stitch_dir_for, train_stitch_on_ray
-from raysae.distributed.sweep import SweepResult, _root_cause, run_tune_experiment
+from raysae.distributed.sweep import SweepResult, run_tune_experiment
 from raysae.distributed.training import TrainSpec, sae_dir_for, train_on_ray
 from raysae.evaluate import evaluate_sae
 from raysae.models import hook_name, load_lm, load_tokenizer, validate_sites
@@ -204,7 +205,7 @@ def _run_tasks(job: JobConfig, todo: list[StitchTrial], payload: dict) -> tuple[
             done.update(ray.get(ref))
         except Exception as e:  # one pair's failure does not stop the others
             for key in by_pair[pair]:
-                errors[key] = f"failed: {_root_cause(e)}"
+                errors[key] = f"failed: {root_cause(e)}"
     return done, errors
 
 

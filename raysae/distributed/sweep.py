@@ -27,6 +27,7 @@ from ray import tune
 from raysae import grid, metrics
 from raysae.activations import fingerprint, job_tokens, special_token_ids
 from raysae.config import ConfigError, JobConfig, flatten, from_dict, to_dict
+from raysae.distributed import root_cause
 from raysae.distributed.caching import cache_activations
 from raysae.distributed.features import FeatureTarget, features_phase, load_task_sets
 from raysae.distributed.training import TrainSpec, sae_dir_for, train_on_ray
@@ -190,7 +191,7 @@ def run_tune_experiment(
     for result in tuner.fit():
         key = result.config["key"]
         if result.error is not None:
-            errors[key] = f"failed: {_root_cause(result.error)}"
+            errors[key] = f"failed: {root_cause(result.error)}"
         elif result.metrics and "out_dir" in result.metrics:
             done[key] = {
                 k: v for k, v in result.metrics.items()
@@ -199,12 +200,6 @@ def run_tune_experiment(
         else:
             errors[key] = "failed: the trial reported no result"
     return done, errors
-
-
-def _root_cause(error: BaseException) -> str:
-    """The last line of a (possibly nested, remote) error: where Ray puts the original message."""
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    return (lines[-1] if lines else type(error).__name__)[:300]
 
 
 def _concurrency(job: JobConfig) -> int:
@@ -270,7 +265,7 @@ def _zeroshot_phase(
             done.update(ray.get(ref))
         except Exception as e:  # one layer's failure does not stop the others
             for d in by_layer[layer]:
-                errors[d["key"]] = f"failed: {_root_cause(e)}"
+                errors[d["key"]] = f"failed: {root_cause(e)}"
     return done, errors
 
 
