@@ -26,6 +26,8 @@ from mlflow.tracking import MlflowClient
 
 _N = re.compile(r"^circuit/(?P<task>[^/]+)/(?P<kind>faithfulness|completeness)/n(?P<n>\d+)$")
 COLORS = {"scratch": "black", "fwd": "tab:blue", "bwd": "tab:red"}
+DIRECTIONS = tuple(COLORS)
+KINDS = ("faithfulness", "completeness", "dla_total", "atp_exact_corr")
 
 
 def _write(df: pl.DataFrame, out: Path, name: str) -> None:
@@ -53,13 +55,20 @@ def feature_histories(client: MlflowClient, trained: pl.DataFrame) -> pl.DataFra
             else:
                 continue
             for h in client.get_metric_history(run_id, name):
-                rows.append((run_id, direction, layer, int(budget), task, kind, n, h.step, h.value))
+                rows.append((run_id, direction, layer, int(budget), task, kind, n, h.step,
+                             h.timestamp, h.value))
     schema = {"run_id": pl.String, "direction": pl.String, "layer": pl.Int64, "budget": pl.Int64,
               "task": pl.String, "kind": pl.String, "n": pl.Int64, "tokens": pl.Int64,
-              "value": pl.Float64}
+              "logged": pl.Int64, "value": pl.Float64}
+    # a re-evaluation (changed features settings) logs a step again: its latest value counts;
     # NaN marks a task whose features barely move m (eq. 8 undefined): left out of the means
-    return pl.DataFrame(rows, schema=schema, orient="row").filter(pl.col("value").is_not_nan()).unique(
-        ["run_id", "task", "kind", "n", "tokens"], keep="last")
+    return (
+        pl.DataFrame(rows, schema=schema, orient="row")
+        .sort("logged", maintain_order=True)
+        .unique(["run_id", "task", "kind", "n", "tokens"], keep="last", maintain_order=True)
+        .filter(pl.col("value").is_not_nan())
+        .drop("logged")
+    )
 
 
 def feature_tables(client: MlflowClient, trained: pl.DataFrame, out: Path) -> bool:
@@ -74,13 +83,15 @@ def feature_tables(client: MlflowClient, trained: pl.DataFrame, out: Path) -> bo
         .pivot(on="kind", index=["direction", "budget", "tokens"], values="value")
         .sort("direction", "budget", "tokens")
     )
+    by_ckpt = by_ckpt.select("direction", "budget", "tokens",
+                             *[k for k in KINDS if k in by_ckpt.columns])
     _write(by_ckpt, out, "circuits_by_checkpoint")
     circ = tasks.filter(pl.col("kind") != "dla_total")
     by_n = (
         circ.group_by("direction", "kind", "n").agg(pl.col("value").mean())
         .with_columns(pl.format("{} N={}", pl.col("kind"), pl.col("n")).alias("column"))
-        .sort("kind", "n")
-        .pivot(on="column", index="direction", values="value")
+        .sort(pl.col("kind").replace_strict({k: i for i, k in enumerate(KINDS)}), "n")
+        .pivot(on="column", index="direction", values="value", maintain_order=True)
         .sort("direction")
     )
     _write(by_n, out, "circuits_by_n")
@@ -96,6 +107,8 @@ def feature_tables(client: MlflowClient, trained: pl.DataFrame, out: Path) -> bo
         .group_by("layer", "direction").agg(pl.col("value").mean())
         .pivot(on="direction", index="layer", values="value").sort("layer")
     )
+    dla = dla.select("layer", *[d for d in DIRECTIONS if d in dla.columns],
+                     *sorted(set(dla.columns) - {"layer", *DIRECTIONS}))
     _write(dla, out, "dla_by_layer")
     _figure(by_ckpt, circ, out)
     return True

@@ -264,7 +264,7 @@ def test_analysis_regenerates_tables_and_figures(swept):
     assert sorted(set(by_ckpt["tokens"])) == [1024, 2048]
     by_n = pl.read_csv(d / "circuits_by_n.csv")
     sizes = [6, 16, 32]  # the last submission added N=32
-    assert by_n.columns == ["direction", *[f"{k} N={n}" for k in ("completeness", "faithfulness")
+    assert by_n.columns == ["direction", *[f"{k} N={n}" for k in ("faithfulness", "completeness")
                                            for n in sizes]]
     by_task = pl.read_csv(d / "circuits_by_task.csv")
     assert set(by_task["task"]) == {"copy", "swap"} and "atp_exact_corr" in by_task.columns
