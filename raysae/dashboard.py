@@ -250,7 +250,7 @@ def _context(c: Context, scale: float, decode: Callable[[int], str]) -> str:
                 f'title="{a:.4g}">{html.escape(decode(t))}</span>')
         toks.append(f'<mark title="{a:.4g}">{span}</mark>' if j == c.max_index else span)
     return (f'<div class="ctx" title="row {c.seq}, position {c.pos}"><span class="act">'
-            f'{c.activation:.4g}</span><span class="toks">{"".join(toks)}</span></div>')
+            f'{c.activation:.4g}</span><span class="toks">{"<wbr>".join(toks)}</span></div>')
 
 
 def _contexts_html(st: FeatureStats, decode: Callable[[int], str]) -> str:
