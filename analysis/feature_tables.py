@@ -101,6 +101,7 @@ def feature_tables(client: MlflowClient, trained: pl.DataFrame, out: Path) -> bo
         .pivot(on="kind", index=["task", "direction"], values="value")
         .sort("task", "direction")
     )
+    by_task = by_task.select("task", "direction", *[k for k in KINDS if k in by_task.columns])
     _write(by_task, out, "circuits_by_task")
     dla = (
         last.filter(pl.col("kind") == "dla_total")

@@ -13,6 +13,9 @@ Writes to `<out>/<experiment>/` (default out: <runs-dir>/analysis), each table a
 - probes, sparse_probes, steering   probes and steering vectors of A used on B through the stitch
 - feature_classes     (+ .png) transfer quality of structural and semantic features
 - layer_match         (+ .png) the layer-matching matrix, when the sweep computed one
+- circuits            task circuits of every SAE (A's, B's zero-shot, stitched-init and scratch
+                      ones): faithfulness and completeness averaged over tasks and circuit
+                      sizes, direct logit attribution, the AtP check (with `features:`)
 and logs them as artifacts of a `<experiment> stitch summary` run (unless --no-log). A piece
 whose runs are missing is skipped with a note. Reads nothing but MLflow: the tracking URI is
 MLFLOW_TRACKING_URI, else sqlite under the runs directory.
@@ -24,6 +27,7 @@ import argparse
 import ast
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -454,6 +458,33 @@ def layer_match(client: MlflowClient, runs: pl.DataFrame, out: Path) -> pl.DataF
     return table
 
 
+SAE_ROLES = {"scratch_a": "A", "zeroshot": "B zero-shot", "transfer": "B stitched init",
+             "scratch_b": "B scratch"}
+
+
+def circuits(runs: pl.DataFrame) -> pl.DataFrame | None:
+    """Per SAE, the feature phase's means over tasks (`circuit/mean/...`), further averaged over
+    the circuit sizes N its width gives; None without a feature phase."""
+    def cols(kind: str) -> list[str]:
+        return [c for c in runs.columns if re.fullmatch(rf"metrics\.circuit/mean/{kind}/n\d+", c)]
+
+    if not cols("faithfulness"):
+        return None
+    order = {phase: i for i, phase in enumerate(SAE_ROLES)}
+    return (
+        runs.filter(pl.col("phase").is_in(list(SAE_ROLES)))
+        .sort(pl.col("width"), pl.col("phase").replace_strict(order), pl.col("budget"))
+        .select(
+            pl.col("layer_a").alias("layer A"), pl.col("layer_b").alias("layer B"), "width",
+            pl.col("phase").replace_strict(SAE_ROLES).alias("SAE"), "budget",
+            pl.mean_horizontal(cols("faithfulness")).alias("faithfulness"),
+            pl.mean_horizontal(cols("completeness")).alias("completeness"),
+            metric(runs, "dla/mean/total").alias("DLA"),
+            metric(runs, "circuit/mean/atp_exact_corr").alias("AtP vs exact r"),
+        )
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment")
@@ -495,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
         emit("feature_classes", "feature classes: transfer quality", feature_summary(features), "")
         plot_feature_classes(features, out)
     emit("layer_match", "layer match", layer_match(client, runs, out), "no layer_match.json artifact")
+    emit("circuits", "task circuits (means over tasks and N)", circuits(runs),
+         "no circuit metrics (no features section)")
 
     if not args.no_log:
         exp = client.get_experiment_by_name(args.experiment)

@@ -85,6 +85,8 @@ def test_tables_from_known_metrics(tmp_path: Path) -> None:
     assert dla.columns == ["layer", "scratch", "fwd", "bwd"]
     assert dla["layer"].to_list() == [0, 1]
     by_task = pl.read_csv(out / "circuits_by_task.csv")
+    assert by_task.columns == ["task", "direction", "faithfulness", "completeness", "dla_total",
+                               "atp_exact_corr"]
     assert by_task.filter(pl.col("task") == "a")["atp_exact_corr"].to_list() == [0.9] * 3
     assert (out / "circuits.png").read_bytes()[:4] == b"\x89PNG"
 

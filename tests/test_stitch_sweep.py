@@ -164,8 +164,8 @@ def test_feature_phase_covers_every_sae_of_both_models(swept):
         defined = effect > 0.25 * m_model.abs()  # the default features.min_feature_effect
         for n in (4, 16):
             for kind in ("faithfulness", "completeness"):
-                col = saes[f"metrics.circuit/{task}/{kind}/n{n}"]
-                assert (col.is_finite() == defined).all(), (task, kind, n)
+                col = saes[f"metrics.circuit/{task}/{kind}/n{n}"].fill_null(math.nan)  # NaN
+                assert (col.is_finite() == defined).to_list() == [True] * 6, (task, kind, n)
         # the toy models solve every task: m of the model is clearly positive on A and on B
         assert (m_model > 0.5).all(), task
     assert saes["metrics.circuit/mean/faithfulness/n16"].is_finite().all()
@@ -190,7 +190,12 @@ def test_analysis_reads_the_sweep(swept, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     d = tmp_path / "stitch-test"
     for name in ("stitch_ce.csv", "sae_transfer.csv", "flops_to_threshold.csv", "scaling_fit.csv",
-                 "probes.csv", "feature_classes.csv", "layer_match.png", "curves.png"):
+                 "probes.csv", "feature_classes.csv", "layer_match.png", "curves.png",
+                 "circuits.csv"):
         assert (d / name).is_file(), name
+    circ = pl.read_csv(d / "circuits.csv")
+    assert circ["SAE"].to_list() == ["A", "B zero-shot", "B stitched init", "B stitched init",
+                                     "B scratch", "B scratch"]
+    assert circ["faithfulness"].is_finite().all() and circ["AtP vs exact r"].is_between(-1, 1).all()
     table = pl.read_csv(d / "stitch_ce.csv")
     assert len(table) == 1
