@@ -218,6 +218,19 @@ def _counter_features(model: nn.Module, sae: SAE, site: str, layer: int, b: _Bat
     return sae.encode(x_tD.to(sae.W_dec.device, sae.W_enc.dtype))
 
 
+class Ablations(NamedTuple):
+    """Mean m over a task's examples under each ablation."""
+
+    model: float
+    """m(M): every feature kept (the model's own m)."""
+    empty: float
+    """m(∅): every feature mean-ablated."""
+    circuit: dict[int, float]
+    """m(C) per circuit size N: C kept, the rest mean-ablated."""
+    complement: dict[int, float]
+    """m(M \\ C) per circuit size N: C mean-ablated, the rest kept."""
+
+
 @torch.inference_mode()
 def ablation_means(
     model: nn.Module,
@@ -229,7 +242,7 @@ def ablation_means(
     sizes: Sequence[int],
     special_ids: Sequence[int] = (),
     batch_size: int = 16,
-) -> dict[str, float | dict[int, float]]:
+) -> Ablations:
     """Mean m over examples for the model, the empty circuit, and per size N the circuit (the
     N largest |IE| kept, the rest mean-ablated) and its complement (those N mean-ablated)."""
     mask_NT = prompt_mask(task, special_ids)
@@ -253,12 +266,12 @@ def ablation_means(
             sums[("C", n)] += m_sum(lambda f, r, c=in_c_BF: torch.where(c[r], f, mean_F))
             sums[("M-C", n)] += m_sum(lambda f, r, c=in_c_BF: torch.where(c[r], mean_F, f))
     N = max(len(task), 1)
-    return {
-        "model": sums["model"] / N,
-        "empty": sums["empty"] / N,
-        "circuit": {n: sums[("C", n)] / N for n in sizes},
-        "complement": {n: sums[("M-C", n)] / N for n in sizes},
-    }
+    return Ablations(
+        model=sums["model"] / N,
+        empty=sums["empty"] / N,
+        circuit={n: sums[("C", n)] / N for n in sizes},
+        complement={n: sums[("M-C", n)] / N for n in sizes},
+    )
 
 
 def normalised(m: float, m_model: float, m_empty: float, min_effect: float = 0.0) -> float:
@@ -367,7 +380,7 @@ def evaluate_circuits(
     patching with exact activation patching, for one SAE on one task."""
     pat = attribution_patching(model, sae, site, layer, task, special_ids, batch_size)
     m = ablation_means(model, sae, site, layer, task, pat, sizes, special_ids, batch_size)
-    m_model, m_empty = float(m["model"]), float(m["empty"])
+    m_model, m_empty = m.model, m.empty
     corr = float("nan")
     if exact_check > 0:
         top = pat.ie_NF.abs().mean(0).argsort(descending=True)[:exact_check].tolist()
@@ -382,9 +395,9 @@ def evaluate_circuits(
         m_model=m_model,
         m_empty=m_empty,
         faithfulness={n: normalised(v, m_model, m_empty, min_effect)
-                      for n, v in m["circuit"].items()},
+                      for n, v in m.circuit.items()},
         completeness={n: normalised(v, m_model, m_empty, min_effect)
-                      for n, v in m["complement"].items()},
+                      for n, v in m.complement.items()},
         dla_total=float(dla_NF.sum(1).mean()),
         dla_mean_active=float(per_example.mean()),
         atp_exact_corr=corr,

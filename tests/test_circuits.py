@@ -108,10 +108,10 @@ def test_full_circuit_is_faithful_empty_is_not() -> None:
     with torch.no_grad():
         logits = model(input_ids=task.clean_NT).logits
     clean = task.logit_diff_N(logits).mean()
-    assert m["model"] == pytest.approx(float(clean), abs=1e-4)
-    assert abs(m["model"] - m["empty"]) > 1e-2
-    faith = {n: circuits.normalised(v, m["model"], m["empty"]) for n, v in m["circuit"].items()}
-    comp = {n: circuits.normalised(v, m["model"], m["empty"]) for n, v in m["complement"].items()}
+    assert m.model == pytest.approx(float(clean), abs=1e-4)
+    assert abs(m.model - m.empty) > 1e-2
+    faith = {n: circuits.normalised(v, m.model, m.empty) for n, v in m.circuit.items()}
+    comp = {n: circuits.normalised(v, m.model, m.empty) for n, v in m.complement.items()}
     assert faith[sae.d_sae] == pytest.approx(1.0, abs=1e-5)
     assert faith[0] == pytest.approx(0.0, abs=1e-5)
     assert comp[sae.d_sae] == pytest.approx(0.0, abs=1e-5)
@@ -135,15 +135,15 @@ def test_faithfulness_matches_its_closed_form_for_a_linear_readout() -> None:
         w_NF = (W_U[task.correct_N] - W_U[task.wrong_N]) @ sae.W_dec.T
         # mean-ablating feature i on example n moves m by (mean_i - f_i) w_ni at its answer
         delta_NF = (mean_F - f_NTF[torch.arange(len(task)), task.lengths_N - 1]) * w_NF
-    m_model = m["model"]
-    assert m["empty"] == pytest.approx(m_model + float(delta_NF.sum(1).mean()), abs=1e-3)
+    m_model = m.model
+    assert m.empty == pytest.approx(m_model + float(delta_NF.sum(1).mean()), abs=1e-3)
     for n in sizes:
         top_Nn = pat.ie_NF.abs().topk(n, dim=1).indices
         in_c = torch.zeros_like(delta_NF, dtype=torch.bool).scatter(1, top_Nn, True)
         m_c = m_model + float((delta_NF * ~in_c).sum(1).mean())
         m_mc = m_model + float((delta_NF * in_c).sum(1).mean())
-        assert m["circuit"][n] == pytest.approx(m_c, abs=1e-3)
-        assert m["complement"][n] == pytest.approx(m_mc, abs=1e-3)
+        assert m.circuit[n] == pytest.approx(m_c, abs=1e-3)
+        assert m.complement[n] == pytest.approx(m_mc, abs=1e-3)
 
 
 def test_task_dla_sums_to_the_logit_difference() -> None:
