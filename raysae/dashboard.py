@@ -73,17 +73,27 @@ def choose_features(fire_counts_F: Tensor, n: int, seed: int = 0) -> list[int]:
     return sorted(int(i) for i in alive)
 
 
-def _feature_batches(
-    model: nn.Module, sae: SAE, site: str, layer: int, tokens_NT: Tensor,
-    special_ids: Sequence[int], batch_size: int,
-) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
-    """(first row, ids [B, T], keep [B, T], latents [B, T, F]) with special positions zeroed."""
+def _site_batches(
+    model: nn.Module, site: str, layer: int, tokens_NT: Tensor, special_ids: Sequence[int],
+    batch_size: int,
+) -> list[tuple[int, Tensor, Tensor, Tensor]]:
+    """(first row, ids [B, T], keep [B, T], x [B, T, D]) per batch: the LM runs once, up to the
+    site, and both passes of `collect_feature_stats` read these (N·T·D floats held)."""
     device = next(model.parameters()).device
     special = torch.tensor(list(special_ids), dtype=torch.long, device=device)
+    out = []
     for s in range(0, len(tokens_NT), batch_size):
         ids_BT = tokens_NT[s : s + batch_size].to(device).long()
-        keep_BT = ~torch.isin(ids_BT, special)
         x_BTD = run_with_cache(model, ids_BT, [(site, layer)])[hook_name(site, layer)]
+        out.append((s, ids_BT, ~torch.isin(ids_BT, special), x_BTD))
+    return out
+
+
+def _feature_batches(
+    sae: SAE, batches: list[tuple[int, Tensor, Tensor, Tensor]],
+) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+    """(first row, ids [B, T], keep [B, T], latents [B, T, F]) with special positions zeroed."""
+    for s, ids_BT, keep_BT, x_BTD in batches:
         with torch.no_grad():
             f_BTF = sae.encode(x_BTD.to(sae.W_enc.device, sae.W_enc.dtype)).float()
         yield s, ids_BT, keep_BT, f_BTF * keep_BT.to(f_BTF.device)[..., None]
@@ -143,14 +153,15 @@ def collect_feature_stats(
     """The stats of the chosen features (`features`, else `choose_features` on the fire counts)
     and the fire counts [F] of all features, over the non-special tokens of `tokens_NT`.
 
-    Pass 1 counts firings and maxima of all features (the histogram edges need the max); pass 2
-    keeps only a running top-k of (activation, window) and a histogram per chosen feature.
+    The LM runs once over the tokens (its site activations are held for both passes); pass 1
+    counts firings and maxima of all features (the histogram edges need the max), pass 2 keeps
+    only a running top-k of (activation, window) and a histogram per chosen feature.
     """
-    batches = (model, sae, site, layer, tokens_NT, special_ids, batch_size)
+    batches = _site_batches(model, site, layer, tokens_NT, special_ids, batch_size)
     fire_F = torch.zeros(sae.d_sae, dtype=torch.long)
     max_F = torch.zeros(sae.d_sae)
     n_scanned = 0
-    for _, _, keep_BT, f_BTF in _feature_batches(*batches):
+    for _, _, keep_BT, f_BTF in _feature_batches(sae, batches):
         fire_F += (f_BTF > 0).sum((0, 1)).cpu()
         max_F = torch.maximum(max_F, f_BTF.amax((0, 1)).cpu())
         n_scanned += int(keep_BT.sum())
@@ -162,7 +173,7 @@ def collect_feature_stats(
                torch.empty(S, 0, W, dtype=torch.long), torch.empty(S, 0, W))
     counts_SH = torch.zeros(S, n_bins, dtype=torch.long)
     scale_S = n_bins / max_F[sel_S].clamp_min(1e-30)
-    for start, ids_BT, _, f_BTF in _feature_batches(*batches):
+    for start, ids_BT, _, f_BTF in _feature_batches(sae, batches):
         f_BTS = f_BTF[..., sel_S.to(f_BTF.device)].cpu()
         # bin = floor(f / max · n_bins), the max itself in the last bin
         bin_BTS = (f_BTS * scale_S).long().clamp(0, n_bins - 1) + torch.arange(S) * n_bins

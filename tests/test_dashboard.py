@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from raysae import dashboard
 from raysae.cli import main
 from raysae.config import SAEConfig, TrainConfig, to_dict
-from raysae.models import hook_name, run_with_cache
+from raysae.models import get_blocks, hook_name, run_with_cache
 from raysae.sae import SAE, SAEMetadata
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -111,6 +111,17 @@ def test_stats_match_brute_force(model, tokens_NT, arch):
         assert [v for _, v in st.top_logits] == pytest.approx(logits_FV[st.index, order[:5]].tolist(), rel=1e-5)
     if arch == "topk":
         assert few > 0  # some features fire fewer than n_contexts times: that path is covered
+
+
+def test_the_lm_runs_once_per_batch(model, tokens_NT):
+    """Both passes read the site activations of one LM pass (blocks above the site never run)."""
+    calls = []
+    handle = get_blocks(model)[0].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        collect(model, build_sae("relu"), tokens_NT)
+    finally:
+        handle.remove()
+    assert len(calls) == -(-N // BATCH)
 
 
 def test_window_clipped_at_sequence_start(model, tokens_NT):
