@@ -122,6 +122,13 @@ def job_tokens(job: JobConfig, num_tokens: int, skip_tokens: int = 0) -> np.ndar
     )
 
 
+def heldout_tokens(job: JobConfig) -> torch.Tensor:
+    """The evaluation windows [N, T] (int64): `train.eval_tokens` tokens right after the cached
+    ones, never trained on."""
+    tokens = job_tokens(job, job.train.eval_tokens, skip_tokens=job.data.num_tokens)
+    return torch.from_numpy(tokens).long()
+
+
 def special_token_ids(model: ModelConfig, tokenizer: Any | None) -> list[int]:
     """BOS/EOS/PAD (and any other special) ids: from the tokenizer, else the model config."""
     if tokenizer is not None:

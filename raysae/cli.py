@@ -157,10 +157,10 @@ def cmd_dashboard(cfg: JobConfig, sae_dir: str, out: str | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_lm(cfg.model, device)
     tokenizer = load_tokenizer(cfg.model, cfg.data)
-    tokens = activations.job_tokens(cfg, cfg.train.eval_tokens, skip_tokens=cfg.data.num_tokens)
+    tokens = activations.heldout_tokens(cfg)
     special = activations.special_token_ids(cfg.model, tokenizer)
     stats, fired = dashboard.collect_feature_stats(
-        model, sae.to(device), site, layer, torch.from_numpy(tokens).long(), special
+        model, sae.to(device), site, layer, tokens, special
     )
     meta = {
         "model": str(cfg.model.name),
@@ -168,7 +168,7 @@ def cmd_dashboard(cfg: JobConfig, sae_dir: str, out: str | None = None) -> int:
         "checkpoint": str(Path(sae_dir).resolve()),
         "architecture": sae.cfg.architecture,
         "d_sae": str(sae.d_sae),
-        "held-out tokens": f"{tokens.size:,}",
+        "held-out tokens": f"{tokens.numel():,}",
         "alive features": f"{int((fired > 0).sum())} of {sae.d_sae}",
     }
     out_dir = dashboard.write_dashboard(

@@ -31,7 +31,7 @@ import ray
 import torch
 
 from raysae import circuits, dashboard
-from raysae.activations import job_tokens, special_token_ids
+from raysae.activations import heldout_tokens, special_token_ids
 from raysae.config import ConfigError, JobConfig, from_dict, to_dict
 from raysae.distributed import root_cause
 from raysae.distributed.training import checkpoint_saes, run_name_for, sae_dir_for
@@ -194,9 +194,7 @@ class FeatureEvaluation:
     def dashboards(self, target: FeatureTarget, run_id: str) -> None:
         """The final SAE's dashboard, and the comparison with the SAEs transferred from it."""
         job = self.job
-        tokens = torch.from_numpy(
-            job_tokens(job, job.train.eval_tokens, skip_tokens=job.data.num_tokens)
-        ).long()
+        tokens = heldout_tokens(job)
         decode = dashboard.token_decoder(self.tokenizer)
         root = Path(job.runs_dir).resolve() / "dashboards"
 

@@ -26,7 +26,7 @@ import torch
 from ray import tune
 
 from raysae import stitch_grid
-from raysae.activations import fingerprint, job_tokens, special_token_ids
+from raysae.activations import fingerprint, heldout_tokens, job_tokens, special_token_ids
 from raysae.config import ConfigError, JobConfig, flatten, from_dict, to_dict
 from raysae.distributed import root_cause
 from raysae.distributed.caching import cache_activations
@@ -219,8 +219,7 @@ def _finished_metrics(tracker: Tracker, key: str) -> dict[str, float] | None:
 
 
 def _heldout(job: JobConfig) -> tuple[torch.Tensor, list[int]]:
-    tokens = job_tokens(job, job.train.eval_tokens, skip_tokens=job.data.num_tokens)
-    return torch.from_numpy(tokens).long(), special_token_ids(job.model, load_tokenizer(job.model, job.data))
+    return heldout_tokens(job), special_token_ids(job.model, load_tokenizer(job.model, job.data))
 
 
 @ray.remote(num_cpus=0.5)

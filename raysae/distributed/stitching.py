@@ -21,7 +21,6 @@ from typing import Any
 
 import ray
 import ray.train
-import torch
 from ray.train import (
     Checkpoint,
     CheckpointConfig,
@@ -32,7 +31,7 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer
 
-from raysae.activations import job_tokens, special_token_ids
+from raysae.activations import heldout_tokens, special_token_ids
 from raysae.config import JobConfig, StitchConfig, flatten, from_dict, to_dict
 from raysae.distributed.training import _allreduce_mean, run_name_for
 from raysae.evaluate import evaluate_stitch
@@ -205,9 +204,7 @@ def _final_metrics(job: JobConfig, spec: StitchSpec, stitch: Stitch, baseline: S
     assert s is not None
     device = stitch.P_up.device
     model_a, model_b = load_lm(job.model, device), load_lm(s.large, device)
-    tokens = torch.from_numpy(
-        job_tokens(job, job.train.eval_tokens, skip_tokens=job.data.num_tokens)
-    ).long()
+    tokens = heldout_tokens(job)
     special = special_token_ids(job.model, load_tokenizer(job.model, job.data))
     args = (s.site, spec.layer_a, spec.layer_b, tokens, special)
     values = evaluate_stitch(model_a, model_b, stitch, *args)

@@ -25,7 +25,7 @@ import torch
 from ray import tune
 
 from raysae import grid, metrics
-from raysae.activations import fingerprint, job_tokens, special_token_ids
+from raysae.activations import fingerprint, heldout_tokens, special_token_ids
 from raysae.config import ConfigError, JobConfig, flatten, from_dict, to_dict
 from raysae.distributed import root_cause
 from raysae.distributed.caching import cache_activations
@@ -234,11 +234,10 @@ def _zeroshot_layer(job: dict, trials: list[dict], parent: str) -> dict[str, Any
             continue
         if model is None:  # load the LM and the held-out tokens once per layer
             model = load_lm(job_cfg.model)
-            n = job_cfg.train.eval_tokens
-            tokens = torch.from_numpy(job_tokens(job_cfg, n, skip_tokens=job_cfg.data.num_tokens))
+            tokens = heldout_tokens(job_cfg)
             special = special_token_ids(job_cfg.model, load_tokenizer(job_cfg.model, job_cfg.data))
         sae = SAE.load(sae_dir_for(job_cfg, trial.depends_on[0]))
-        res = evaluate_sae(model, sae, job_cfg.sweep.site, trial.layer, tokens.long(), special)
+        res = evaluate_sae(model, sae, job_cfg.sweep.site, trial.layer, tokens, special)
         values = {f"eval/{k}": v for k, v in res.as_dict().items()}
         run_id = tracker.open_run(trial.key, trial.name, trial.tags, {}, parent)
         tracker.log_metrics(run_id, values, step=0)

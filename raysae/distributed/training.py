@@ -37,7 +37,7 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer
 
-from raysae.activations import fingerprint, job_tokens, special_token_ids
+from raysae.activations import fingerprint, heldout_tokens, special_token_ids
 from raysae.config import JobConfig, flatten, from_dict, to_dict
 from raysae.evaluate import evaluate_sae
 from raysae.models import load_lm, load_tokenizer, parse_hook_name
@@ -232,9 +232,7 @@ class _CheckpointEvaluator:
         self.site, self.layer = parse_hook_name(Path(spec.shards_dir).name)
         device = sae.W_enc.device
         self.model = load_lm(job.model, device)
-        self.tokens = torch.from_numpy(
-            job_tokens(job, job.train.eval_tokens, skip_tokens=job.data.num_tokens)
-        ).long()
+        self.tokens = heldout_tokens(job)
         self.special = special_token_ids(job.model, load_tokenizer(job.model, job.data))
         sample = next(ActivationReader(spec.shards_dir).iter_batches(1024, shuffle=False))
         self.flops_per_token = flops_per_token(sae, sample.to(device), job.train)
