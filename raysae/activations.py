@@ -6,8 +6,6 @@ the same `ShardCacher` inside Ray Data actors.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 from collections.abc import Iterable
@@ -19,7 +17,7 @@ import numpy as np
 import torch
 
 from raysae import shards
-from raysae.config import JobConfig, ModelConfig, to_dict
+from raysae.config import JobConfig, ModelConfig, digest, to_dict
 from raysae.models import (
     hook_name,
     load_lm,
@@ -150,7 +148,7 @@ def fingerprint(job: JobConfig) -> str:
         "exclude_special": job.cache.exclude_special,
         "format": shards.FORMAT_VERSION,
     }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(key)
 
 
 @dataclass(frozen=True)

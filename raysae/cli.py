@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from raysae.config import ConfigError, JobConfig, load_config
+from raysae.features.tasks import check_task_source
 from raysae.models import hook_name, parse_hook_name, validate_sites
-from raysae.tasks import check_task_source
 from raysae.tracking import tracking_uri
 
 log = logging.getLogger("raysae")
@@ -110,7 +110,7 @@ def cmd_train(cfg: JobConfig) -> None:
 
 def cmd_sweep(cfg: JobConfig) -> int:
     """The layer-transfer sweep of the config's `sweep` section (resumes an interrupted one)."""
-    from raysae.distributed.sweep import run_sweep
+    from raysae.distributed.transfer_sweep import run_sweep
 
     _init_ray()
     result = run_sweep(cfg)
@@ -144,7 +144,8 @@ def cmd_dashboard(cfg: JobConfig, sae_dir: str, out: str | None = None) -> int:
     """Static HTML feature pages of a saved SAE, from the config's model and held-out tokens."""
     import torch
 
-    from raysae import activations, dashboard
+    from raysae import activations
+    from raysae.features import dashboard
     from raysae.models import load_lm, load_tokenizer
     from raysae.sae import SAE, SAELoadError
 

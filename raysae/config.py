@@ -9,6 +9,8 @@ beyond its depth) live in `raysae.models.validate_sites`, which runs before any 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -100,6 +102,25 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
         return cls(**kwargs)
     except TypeError as e:  # missing required field
         raise ConfigError(f"{path or cls.__name__}: {e}") from None
+
+
+DIGEST_CHARS = 16
+
+
+def digest(value: Any) -> str:
+    """The one identity rule of raysae: the first 16 hex digits of the SHA-256 of `value` as
+    JSON with sorted keys (dataclasses through `to_dict` first). Cache fingerprints, trial and
+    training keys, sweep digests and the toy pair's folder names all use it, so equal settings
+    always give equal names and any changed setting a new one."""
+    blob = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:DIGEST_CHARS]
+
+
+def sweep_digest(job: JobConfig) -> str:
+    """A sweep's identity (its parent MLflow run and its Tune experiments): every setting of
+    the job but where it lives (`runs_dir`) and the feature evaluations (`features`, which
+    re-evaluate finished SAEs under their own digest without retraining them)."""
+    return digest({k: v for k, v in to_dict(job).items() if k not in ("runs_dir", "features")})
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -345,9 +366,9 @@ class JobConfig:
     runs_dir: str = "runs"
     """Root of everything the job writes (a shared filesystem on a multi-node cluster)."""
     sweep: SweepConfig | None = None
-    """The layer-wise transfer grid (`raysae.grid`); None for a job without a sweep."""
+    """The layer-wise transfer grid (`raysae.transfer.grid`); None for a job without a sweep."""
     stitch: StitchConfig | None = None
-    """The small-to-large stitch grid (`raysae.stitch_grid`); `model` is the small model A."""
+    """The small-to-large stitch grid (`raysae.stitching.grid`); `model` is the small model A."""
     features: FeaturesConfig | None = None
     """Feature-quality evaluations of every SAE the sweep trains (circuits, DLA, dashboards)."""
 
@@ -526,12 +547,12 @@ class StitchConfig:
 
 @dataclass(frozen=True)
 class FeaturesConfig:
-    """Feature-quality evaluations run on every SAE a sweep trains (`raysae.circuits`,
-    `raysae.dashboard`): task circuits by attribution patching, their faithfulness and
+    """Feature-quality evaluations run on every SAE a sweep trains (`raysae.features.circuits`,
+    `raysae.features.dashboard`): task circuits by attribution patching, their faithfulness and
     completeness, direct logit attribution, and static HTML feature dashboards."""
 
     tasks: tuple[str, ...] = ()
-    """Contrastive task sets (`raysae.tasks`): `toy://<preset>/tasks`, a token-id task parquet,
+    """Contrastive task sets (`raysae.features.tasks`): `toy://<preset>/tasks`, a token-id task parquet,
     a shipped template (`ioi`, `greater_than`, `sva`) or a template YAML file."""
     examples_per_task: int = 64
     """Examples drawn per task (paper: 64 handcrafted prompts for DLA)."""

@@ -21,7 +21,7 @@ from torch import nn
 from raysae import metrics
 from raysae.models import hook_name, run_with_cache, splice
 from raysae.sae import SAE
-from raysae.stitch import Stitch, map_quality
+from raysae.stitching.stitch import Stitch, map_quality
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,12 @@ from conftest import TINY_NEOX
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from raysae import circuits
 from raysae.config import SAEConfig
-from raysae.feature_classes import final_norm, norm_frame
+from raysae.features import circuits
+from raysae.features.tasks import TaskSet
 from raysae.models import hook_name, run_with_cache
 from raysae.sae import SAE
-from raysae.tasks import TaskSet
+from raysae.stitching.feature_classes import final_norm, norm_frame
 
 LAST = TINY_NEOX["num_hidden_layers"] - 1
 
@@ -191,7 +191,7 @@ def test_evaluate_circuits_metrics_and_mean_over_tasks() -> None:
 def test_attribution_patching_tracks_exact_patching_on_the_toy_model(toy_pair, capsys) -> None:
     """On the trained toy model with an SAE trained on it: per task, IE_AtP of the features of
     largest |IE| against exact activation patching, over examples x features."""
-    from raysae.tasks import load_tasks
+    from raysae.features.tasks import load_tasks
     from raysae.toy import read_column_NS
 
     model = AutoModelForCausalLM.from_pretrained(toy_pair.small).eval()

@@ -17,7 +17,7 @@ from raysae.config import (
     load_config,
     to_dict,
 )
-from raysae.tasks import check_task_source
+from raysae.features.tasks import check_task_source
 
 BASE = {
     "name": "t",

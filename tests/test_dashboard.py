@@ -16,9 +16,9 @@ import yaml
 from conftest import TINY_NEOX, build_cfg
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from raysae import dashboard
 from raysae.cli import main
 from raysae.config import SAEConfig, TrainConfig, to_dict
+from raysae.features import dashboard
 from raysae.models import get_blocks, hook_name, run_with_cache
 from raysae.sae import SAE, SAEMetadata
 

@@ -13,7 +13,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from raysae.config import SAEConfig
-from raysae.feature_classes import (
+from raysae.models import final_norm, get_blocks, run_with_cache
+from raysae.sae import SAE
+from raysae.stitching.feature_classes import (
     CLASSES,
     class_summary,
     classify,
@@ -25,9 +27,7 @@ from raysae.feature_classes import (
     structural_consistency,
     transfer_quality,
 )
-from raysae.models import final_norm, get_blocks, run_with_cache
-from raysae.sae import SAE
-from raysae.stitch import Stitch
+from raysae.stitching.stitch import Stitch
 from raysae.toy import read_column_NS
 
 NAN = float("nan")

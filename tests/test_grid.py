@@ -18,10 +18,10 @@ from raysae.config import (
     from_dict,
     to_dict,
 )
-from raysae.grid import (
+from raysae.transfer.grid import (
+    base_digest,
     by_key,
     expand,
-    job_digest,
     phases,
     plan_token_summary,
     train_config_for,
@@ -50,7 +50,7 @@ def build_sweep(**overrides: object) -> SweepConfig:
 
 def grid(job: JobConfig | None = None, sweep: SweepConfig | None = None):
     job = job or build_job()
-    return expand(job, sweep or build_sweep(), job_digest(job, "fp"))
+    return expand(job, sweep or build_sweep(), base_digest(job, "fp"))
 
 
 def test_counts_by_phase():
@@ -104,7 +104,7 @@ def test_keys_stable_unique_and_sensitive():
     same = {t.phase for t in lr if t.key in keys}
     assert same == {"scratch", "zeroshot"}
     job = build_job()
-    assert expand(job, build_sweep(), job_digest(job, "other"))[0].key != a[0].key
+    assert expand(job, build_sweep(), base_digest(job, "other"))[0].key != a[0].key
 
 
 def test_names_and_tags():

@@ -6,7 +6,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from raysae.matching import best_matches, layer_similarity, linear_cka, principal_basis, svcca
+from raysae.stitching.matching import (
+    best_matches,
+    layer_similarity,
+    linear_cka,
+    principal_basis,
+    svcca,
+)
 from raysae.toy import read_column_NS
 
 

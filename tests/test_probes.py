@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from raysae.config import ProbeConfig, SAEConfig
 from raysae.models import hook_name, run_with_cache
-from raysae.probes import (
+from raysae.sae import SAE
+from raysae.stitching.probes import (
     LabelledTokens,
     LinearProbe,
     accuracy,
@@ -29,8 +30,7 @@ from raysae.probes import (
     target_tokens,
     top_class_mean_features,
 )
-from raysae.sae import SAE
-from raysae.stitch import Stitch, lstsq_stitch
+from raysae.stitching.stitch import Stitch, lstsq_stitch
 from raysae.toy import read_column_NS, topic_known_NS
 
 SITE = "resid_post"

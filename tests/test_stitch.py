@@ -11,7 +11,7 @@ from raysae.config import ConfigError, ModelConfig, SAEConfig, StitchConfig
 from raysae.evaluate import evaluate_stitch
 from raysae.models import load_lm
 from raysae.sae import SAE
-from raysae.stitch import (
+from raysae.stitching.stitch import (
     Lstsq,
     Stitch,
     StitchTrainSettings,

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from raysae import shards, stitch_grid
+from raysae import shards
 from raysae.config import (
     ConfigError,
     DataConfig,
@@ -20,6 +20,7 @@ from raysae.config import (
     StitchConfig,
     TrainConfig,
 )
+from raysae.stitching import grid as stitch_grid
 
 
 def job(**stitch) -> JobConfig:

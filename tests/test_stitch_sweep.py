@@ -22,7 +22,7 @@ from raysae.config import load_config
 from raysae.distributed.stitching import stitch_dir_for
 from raysae.distributed.training import sae_dir_for
 from raysae.sae import SAE
-from raysae.stitch import Stitch, transfer_sae
+from raysae.stitching.stitch import Stitch, transfer_sae
 
 pytestmark = pytest.mark.ray
 

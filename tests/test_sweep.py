@@ -19,9 +19,9 @@ import yaml
 from conftest import TINY_NEOX
 from mlflow.tracking import MlflowClient
 
-from raysae import grid
 from raysae.activations import fingerprint
 from raysae.config import load_config
+from raysae.transfer import grid
 
 pytestmark = pytest.mark.ray
 
@@ -125,7 +125,7 @@ def test_grid_counts_and_mlflow_layout(swept):
     counts = dict(children.group_by("tags.raysae.phase").len().iter_rows())
     assert counts == {"scratch": 2, "zeroshot": 4, "transfer": 2}
     # one run per trial key, all finished, named and tagged per grid axis
-    keys = {t.key for t in grid.expand(cfg, cfg.sweep, grid.job_digest(cfg, fingerprint(cfg)))}
+    keys = {t.key for t in grid.expand(cfg, cfg.sweep, grid.base_digest(cfg, fingerprint(cfg)))}
     assert set(children["tags.raysae.run_key"]) == keys
     assert (children["status"] == "FINISHED").all()
     assert set(children["tags.mlflow.runName"]) >= {"L0 scratch", "L1←L0 fwd", "L0←L1 bwd"}

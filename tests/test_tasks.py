@@ -17,7 +17,13 @@ from tokenizers.trainers import BpeTrainer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from raysae.config import ConfigError
-from raysae.tasks import SHIPPED_TEMPLATES, TEMPLATE_DIR, TaskSet, check_task_source, load_tasks
+from raysae.features.tasks import (
+    SHIPPED_TEMPLATES,
+    TEMPLATE_DIR,
+    TaskSet,
+    check_task_source,
+    load_tasks,
+)
 from raysae.toy import TASKS, Language, Pos, ToyPaths, preset
 
 SPECIALS = ["<pad>", "<bos>", "<unk>"]

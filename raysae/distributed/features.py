@@ -1,12 +1,12 @@
 """Ray: the feature-quality phase of a sweep, one Ray task per trained SAE.
 
-Each task evaluates the SAE's task circuits (`raysae.circuits`: attribution patching,
+Each task evaluates the SAE's task circuits (`raysae.features.circuits`: attribution patching,
 faithfulness and completeness per circuit size, direct logit attribution, the attribution
 patching check against exact patching) at every training checkpoint, logged to the SAE's own
 MLflow run with step = tokens seen, so the figures line up with the reconstruction metrics of
 the same run; the final checkpoint's per-feature view (mean IE, mean DLA, how often each feature
 is in a circuit of the smallest size) is the `circuits/features.parquet` artifact. It then
-writes the feature dashboard of the final SAE (`raysae.dashboard`) and,
+writes the feature dashboard of the final SAE (`raysae.features.dashboard`) and,
 for an SAE that others were transferred from, the comparison view beside them (the same feature
 indices, the paper's Figure 23); both are kept under `<runs_dir>/dashboards/` and logged as the
 run's `dashboard/` and `dashboard_compare/` artifacts.
@@ -20,8 +20,6 @@ changed settings re-evaluate every checkpoint, and the training runs themselves 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,14 +28,14 @@ import polars as pl
 import ray
 import torch
 
-from raysae import circuits, dashboard
 from raysae.activations import heldout_tokens, special_token_ids
-from raysae.config import ConfigError, JobConfig, from_dict, to_dict
+from raysae.config import ConfigError, JobConfig, digest, from_dict, to_dict
 from raysae.distributed import root_cause
 from raysae.distributed.training import checkpoint_saes, run_name_for, sae_dir_for
+from raysae.features import circuits, dashboard
+from raysae.features.tasks import TaskSet, load_tasks
 from raysae.models import hook_name, load_lm, load_tokenizer
 from raysae.sae import SAE
-from raysae.tasks import TaskSet, load_tasks
 from raysae.tracking import Tracker, tracking_uri
 
 DONE_TAG = "raysae.features"
@@ -120,12 +118,12 @@ def _evaluate_sae(
     if run_id is None:
         raise RuntimeError(f"no MLflow run carries the key {target.key!r}")
     tags = tracker.client.get_run(run_id).data.tags
-    digest = hashlib.sha256(json.dumps(to_dict(job.features), sort_keys=True).encode()).hexdigest()
-    fresh = tags.get(CONFIG_TAG) != digest[:16]  # first visit, or the features settings changed
+    settings = digest(to_dict(job.features))
+    fresh = tags.get(CONFIG_TAG) != settings  # first visit, or the features settings changed
     if not fresh and tags.get(DONE_TAG) == "done":
         metrics = tracker.client.get_run(run_id).data.metrics
         return {k: v for k, v in metrics.items() if k.startswith("circuit/mean/")}
-    tracker.set_tags(run_id, {CONFIG_TAG: digest[:16], DONE_TAG: "running"})
+    tracker.set_tags(run_id, {CONFIG_TAG: settings, DONE_TAG: "running"})
     return FeatureEvaluation(job, site, task_sets, tracker).run(target, run_id, redo=fresh)
 
 

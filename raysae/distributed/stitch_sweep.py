@@ -1,6 +1,6 @@
 """Ray Tune: the model-stitching sweep, stage by stage, resumable after any interruption.
 
-Stages follow `raysae.stitch_grid`: the optional layer matching (a Ray task: SVCCA or CKA of
+Stages follow `raysae.stitching.grid`: the optional layer matching (a Ray task: SVCCA or CKA of
 every A layer against every B layer picks each matched A layer's partner), caching of A's and
 B's layers from the same tokens (Ray Data), then one Tune experiment that fits the stitches
 (Ray Train, `raysae.distributed.stitching`) and trains the SAEs of A and B's scratch SAEs (Ray
@@ -14,8 +14,6 @@ keys, MLflow runs are found by their key tag, and finished evaluations are not r
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -25,20 +23,20 @@ import ray
 import torch
 from ray import tune
 
-from raysae import stitch_grid
 from raysae.activations import fingerprint, heldout_tokens, job_tokens, special_token_ids
-from raysae.config import ConfigError, JobConfig, flatten, from_dict, to_dict
+from raysae.config import ConfigError, JobConfig, flatten, from_dict, sweep_digest, to_dict
 from raysae.distributed import root_cause
 from raysae.distributed.caching import cache_activations
 from raysae.distributed.features import FeatureTarget, features_phase, load_task_sets
 from raysae.distributed.stitching import StitchSpec, stitch_dir_for, train_stitch_on_ray
-from raysae.distributed.sweep import SweepResult, run_tune_experiment
 from raysae.distributed.training import TrainSpec, sae_dir_for, train_on_ray
+from raysae.distributed.transfer_sweep import SweepResult, run_tune_experiment
 from raysae.evaluate import evaluate_sae
 from raysae.models import hook_name, load_lm, load_tokenizer, validate_sites
 from raysae.sae import SAE
-from raysae.stitch import Stitch, transfer_sae
-from raysae.stitch_grid import StitchTrial
+from raysae.stitching import grid as stitch_grid
+from raysae.stitching.grid import StitchTrial
+from raysae.stitching.stitch import Stitch, transfer_sae
 from raysae.tracking import Tracker, tracking_uri
 
 log = logging.getLogger("raysae.stitch_sweep")
@@ -53,7 +51,7 @@ def run_stitch_sweep(job: JobConfig) -> SweepResult:
     layers_a = sorted({p[0] for p in s.pairs} | set(s.match_layers))
     validate_sites(job.model, [s.site], layers_a)
     validate_sites(s.large, [s.site], sorted({p[1] for p in s.pairs}))
-    digest = hashlib.sha256(json.dumps(to_dict(job), sort_keys=True).encode()).hexdigest()[:16]
+    digest = sweep_digest(job)
     task_sets = load_task_sets(job)  # task files checked and tokenised before any work
     tracker = Tracker.for_runs_dir(job.runs_dir, job.name)
     tags = {"raysae.phase": "stitch_sweep", "raysae.sweep_kind": stitch_grid.SWEEP_KIND}
@@ -262,8 +260,8 @@ def _zeroshot_pair(keys: list[str], job: dict, trials: dict, dirs: dict, parent:
 @ray.remote(num_cpus=0.5)
 def _probes_pair(keys: list[str], job: dict, trials: dict, dirs: dict, parent: str) -> dict:
     """Probes, sparse probes, steering and feature classes of one stitch pair."""
-    from raysae.feature_classes import class_summary, feature_table, load_variants
-    from raysae.probes import load_labelled, probe_and_steer
+    from raysae.stitching.feature_classes import class_summary, feature_table, load_variants
+    from raysae.stitching.probes import load_labelled, probe_and_steer
 
     job_cfg = from_dict(JobConfig, job)
     s = job_cfg.stitch
@@ -312,7 +310,7 @@ def _probes_pair(keys: list[str], job: dict, trials: dict, dirs: dict, parent: s
 def _match_layers(job: dict) -> dict[str, Any]:
     """Similarity of every layer of A with every layer of B at the stitch site, on held-out
     tokens after the evaluation tokens; the best B layer per matched A layer."""
-    from raysae.matching import best_matches, layer_similarity
+    from raysae.stitching.matching import best_matches, layer_similarity
 
     job_cfg = from_dict(JobConfig, job)
     s = job_cfg.stitch

@@ -1,7 +1,7 @@
 """Ray Train: fit a stitch between two models' cached activations, resumable and tracked.
 
 Each worker streams its own slice of the shard pairs (A's and B's shards of the same tokens,
-checked row by row), runs the pure-torch loop of `raysae.stitch.train_stitch` and averages
+checked row by row), runs the pure-torch loop of `raysae.stitching.stitch.train_stitch` and averages
 gradients with one all-reduce per step. Every worker starts from the same maps: the closed-form
 least-squares fit on the first `stitch.lstsq_tokens` cached rows (or seeded random maps).
 Rank 0 logs to MLflow (step = tokens), reports checkpoints, and at the end evaluates the stitch
@@ -37,7 +37,7 @@ from raysae.distributed.training import _allreduce_mean, run_name_for
 from raysae.evaluate import evaluate_stitch
 from raysae.models import load_lm, load_tokenizer
 from raysae.shards import ActivationReader, aligned_shards, paired_stream
-from raysae.stitch import (
+from raysae.stitching.stitch import (
     Stitch,
     flops_per_token,
     load_stitch_state,

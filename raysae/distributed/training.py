@@ -38,7 +38,7 @@ from ray.train import (
 from ray.train.torch import TorchTrainer
 
 from raysae.activations import fingerprint, heldout_tokens, special_token_ids
-from raysae.config import JobConfig, flatten, from_dict, to_dict
+from raysae.config import JobConfig, digest, flatten, from_dict, to_dict
 from raysae.evaluate import evaluate_sae
 from raysae.models import load_lm, load_tokenizer, parse_hook_name
 from raysae.sae import SAE, SAEMetadata
@@ -103,14 +103,13 @@ def training_key(job: JobConfig, hook: str, init_from: str | None) -> str:
         "train": to_dict(job.train),
         "init_from": init_from,
     }
-    digest = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{hook}|{'scratch' if init_from is None else 'transfer'}|{digest}"
+    return f"{hook}|{'scratch' if init_from is None else 'transfer'}|{digest(setting)}"
 
 
 def run_name_for(key: str) -> str:
     """A Ray Train run name derived only from the key: restarts find the same run directory."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
-    return f"{safe[:80]}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    return f"{safe[:80]}-{digest(key)}"
 
 
 def sae_dir_for(job: JobConfig, key: str) -> Path:

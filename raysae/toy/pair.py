@@ -17,7 +17,6 @@ written pair and a second call reuses the first one's work:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 
-from raysae.config import ConfigError
+from raysae.config import ConfigError, digest
 from raysae.toy.corpus import (
     build_tokenizer,
     read_column_NS,
@@ -110,9 +109,7 @@ def preset(name: str) -> ToyPairConfig:
 
 def config_key(cfg: ToyPairConfig) -> str:
     """The cache directory name of a config: a short hash of it and of the file format."""
-    blob = json.dumps({"format": FORMAT_VERSION, "config": dataclasses.asdict(cfg)},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return digest({"format": FORMAT_VERSION, "config": dataclasses.asdict(cfg)})
 
 
 @dataclass(frozen=True)

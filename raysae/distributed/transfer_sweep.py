@@ -1,6 +1,6 @@
 """Ray Tune: the layer-transfer sweep, phase by phase, resumable after any interruption.
 
-Phases follow `raysae.grid`: cache every layer in one pass (Ray Data), train the scratch SAEs
+Phases follow `raysae.transfer.grid`: cache every layer in one pass (Ray Data), train the scratch SAEs
 (a Tune experiment whose trials each fit a Ray Train `TorchTrainer`), evaluate the zero-shot
 matrix (plain Ray tasks, one per target layer), fine-tune the transfer and compute-plan trials
 from the scratch SAEs (Tune again), then derive per-trial comparisons: normalized CES at every
@@ -24,9 +24,8 @@ import ray
 import torch
 from ray import tune
 
-from raysae import grid, metrics
 from raysae.activations import fingerprint, heldout_tokens, special_token_ids
-from raysae.config import ConfigError, JobConfig, flatten, from_dict, to_dict
+from raysae.config import ConfigError, JobConfig, flatten, from_dict, sweep_digest, to_dict
 from raysae.distributed import root_cause
 from raysae.distributed.caching import cache_activations
 from raysae.distributed.features import FeatureTarget, features_phase, load_task_sets
@@ -36,6 +35,7 @@ from raysae.models import hook_name, load_lm, load_tokenizer
 from raysae.sae import SAE
 from raysae.shards import ActivationReader
 from raysae.tracking import Tracker, tracking_uri
+from raysae.transfer import grid, scores
 
 log = logging.getLogger("raysae.sweep")
 
@@ -60,8 +60,8 @@ def run_sweep(job: JobConfig) -> SweepResult:
     sweep = job.sweep
     if sweep is None:
         raise ConfigError("sweep: the config has no sweep section")
-    digest = grid.job_digest(job, fingerprint(job))
-    trials = grid.expand(job, sweep, digest)  # validates the declaration before any work
+    digest = sweep_digest(job)
+    trials = grid.expand(job, sweep, grid.base_digest(job, fingerprint(job)))  # validates the declaration before any work
     by_phase = grid.phases(trials)
     task_sets = load_task_sets(job)  # task files checked and tokenised before any work
     tracker = Tracker.for_runs_dir(job.runs_dir, job.name)
@@ -321,13 +321,13 @@ def _derive(
             ces_scratch = finished[scratch_key]["eval/ces"]
             ces_zero_shot = finished[zs_key]["eval/ces"]
             for m in tracker.client.get_metric_history(run_id, "eval/ces"):
-                norm = metrics.normalized_ces(m.value, ces_zero_shot, ces_scratch)
+                norm = scores.normalized_ces(m.value, ces_zero_shot, ces_scratch)
                 tracker.log_metrics(run_id, {"normalized_ces": norm}, step=m.step)
         transferred = SAE.load(sae_dir_for(job, t.key))
         source = SAE.load(sae_dir_for(job, t.depends_on[0]))
         if scratch_key in finished:
             scratch = SAE.load(sae_dir_for(job, scratch_key))
-            values["mmcs_vs_scratch"] = metrics.mmcs(transferred.W_dec, scratch.W_dec)
+            values["mmcs_vs_scratch"] = scores.mmcs(transferred.W_dec, scratch.W_dec)
         values.update(_transfer_scores(job, source, transferred, t, W_U_DV, dirs))
         tracker.log_metrics(run_id, values, step=t.budget)
 
@@ -345,13 +345,13 @@ def _transfer_scores(
     between the source SAE (on its layer) and the transferred one (on the target layer)."""
     k = TOP_K_TOKENS
     out = {
-        "transfer_score/top_logits": metrics.transfer_score(
-            metrics.top_logit_tokens(source.W_dec, W_U_DV, k),
-            metrics.top_logit_tokens(transferred.W_dec, W_U_DV, k),
+        "transfer_score/top_logits": scores.transfer_score(
+            scores.top_logit_tokens(source.W_dec, W_U_DV, k),
+            scores.top_logit_tokens(transferred.W_dec, W_U_DV, k),
         ),
-        "transfer_score/bottom_logits": metrics.transfer_score(
-            metrics.top_logit_tokens(source.W_dec, W_U_DV, k, largest=False),
-            metrics.top_logit_tokens(transferred.W_dec, W_U_DV, k, largest=False),
+        "transfer_score/bottom_logits": scores.transfer_score(
+            scores.top_logit_tokens(source.W_dec, W_U_DV, k, largest=False),
+            scores.top_logit_tokens(transferred.W_dec, W_U_DV, k, largest=False),
         ),
     }
     site = job.sweep.site
@@ -361,6 +361,6 @@ def _transfer_scores(
         table = reader.read_shard(reader.manifest.shards[0])
         feats = sae.encode(reader.vectors(table).float())
         ids = torch.from_numpy(table.column("token_id").to_numpy())
-        tables.append(metrics.max_activating_tokens(feats, ids, k))
-    out["transfer_score/max_activating"] = metrics.transfer_score(*tables)
+        tables.append(scores.max_activating_tokens(feats, ids, k))
+    out["transfer_score/max_activating"] = scores.transfer_score(*tables)
     return out

@@ -2,7 +2,7 @@
 logit attribution (the layer-transfer paper's feature evaluation, its §3 and Appendices A-B,
 after Marks et al. 2024). Pure torch: no ray, no mlflow.
 
-A task is a set of contrastive examples (`raysae.tasks.TaskSet`): a clean prompt, a
+A task is a set of contrastive examples (`raysae.features.tasks.TaskSet`): a clean prompt, a
 counterfactual prompt of the same length, and two answer tokens. The metric is the logit
 difference m = logit[correct] - logit[wrong] at the last prompt position.
 
@@ -39,10 +39,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from raysae.feature_classes import direct_attribution, final_norm, norm_frame
+from raysae.features.tasks import TaskSet, logit_diff
 from raysae.models import get_blocks, hook_name, run_with_cache, splice
 from raysae.sae import SAE
-from raysae.tasks import TaskSet, logit_diff
+from raysae.stitching.feature_classes import direct_attribution, final_norm, norm_frame
 
 Edit = Callable[[Tensor, Tensor], Tensor]
 """(f_tF at the real positions of a batch, example index of each row) -> the features to decode."""

@@ -1,24 +1,22 @@
 """One sweep declaration -> every trial of the layer-wise transfer study, its phases and tags.
 
-`expand(job, sweep, job_digest)` turns a `SweepConfig` into `Trial`s: a scratch SAE per layer,
+`expand(job, sweep, base)` turns a `SweepConfig` into `Trial`s: a scratch SAE per layer,
 the zero-shot matrix (SAE_j evaluated on layer i, diagonal included), transfer trials
 SAE_{i<-i+o} for every offset o and fine-tuning budget, and the compute plan of Appendix B.1
 (scratch on alternate layers, transfer to the rest). Every trial's key hashes its own fields,
 the keys of the trials it starts from and a job-level digest, so the same declaration always
-yields the same keys and any change of setting yields new ones. Pure: no ray, no mlflow; the
-Tune param space and the MLflow tags are derived here and wrapped by the caller.
+yields the same keys and any change of setting yields new ones. Pure: no ray, no mlflow; the MLflow tags are derived here, and the
+sweep (`raysae.distributed.transfer_sweep`) turns the phases into Tune experiments.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from raysae.config import ConfigError, JobConfig, SweepConfig, TrainConfig, to_dict
+from raysae.config import ConfigError, JobConfig, SweepConfig, TrainConfig, digest, to_dict
 
 Phase = Literal["scratch", "zeroshot", "transfer", "plan"]
 PHASES: tuple[Phase, ...] = ("scratch", "zeroshot", "transfer", "plan")
@@ -56,11 +54,11 @@ class Trial:
         return self.phase != "zeroshot"
 
 
-def job_digest(job: JobConfig, cache_fingerprint: str) -> str:
+def base_digest(job: JobConfig, cache_fingerprint: str) -> str:
     """The job-level part of every trial key: the activations (`activations.fingerprint`),
     the SAE architecture and the training settings."""
     setting = {"cache": cache_fingerprint, "sae": to_dict(job.sae), "train": to_dict(job.train)}
-    return hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(setting)
 
 
 def direction_of(offset: int) -> str:
@@ -79,7 +77,7 @@ def format_tokens(n: int) -> str:
 
 
 def _key(
-    digest: str,
+    base: str,
     site: str,
     kind: str,
     layer: int,
@@ -90,8 +88,8 @@ def _key(
 ) -> str:
     # The phase is left out on purpose: a plan trial identical to a transfer trial is the same
     # run, and must get the same key so that it is trained once.
-    setting = [digest, site, kind, layer, source, budget, lr, list(depends_on)]
-    h = hashlib.sha256(json.dumps(setting).encode()).hexdigest()[:12]
+    setting = [base, site, kind, layer, source, budget, lr, list(depends_on)]
+    h = digest(setting)
     src = "" if source is None else f"<L{source}"
     return f"{kind}:{site}:L{layer}{src}:{h}"
 
@@ -99,7 +97,7 @@ def _key(
 def _make(
     job: JobConfig,
     sweep: SweepConfig,
-    digest: str,
+    base: str,
     phase: Phase,
     layer: int,
     source: Trial | None,
@@ -121,7 +119,7 @@ def _make(
         "raysae.architecture": job.sae.architecture,
         "raysae.site": sweep.site,
     }
-    key = _key(digest, sweep.site, kind, layer, src, budget, lr, depends_on)
+    key = _key(base, sweep.site, kind, layer, src, budget, lr, depends_on)
     return Trial(phase, layer, src, direction, budget, lr, key, name, tags, depends_on)
 
 
@@ -173,12 +171,12 @@ def plan_pairs(sweep: SweepConfig) -> tuple[tuple[int, ...], tuple[tuple[int, in
     return scratch, pairs
 
 
-def expand(job: JobConfig, sweep: SweepConfig, job_digest: str) -> list[Trial]:
+def expand(job: JobConfig, sweep: SweepConfig, base: str) -> list[Trial]:
     """Every trial of the sweep, in phase order (see `PHASES`)."""
     validate(job, sweep)
     S, tc = job.train.num_tokens, job.train
     many = len(sweep.finetune_budgets) > 1
-    make = functools.partial(_make, job, sweep, job_digest)
+    make = functools.partial(_make, job, sweep, base)
 
     scratch = {i: make("scratch", i, None, S, tc.lr, f"L{i} scratch") for i in sweep.layers}
     trials = list(scratch.values())

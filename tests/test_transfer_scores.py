@@ -1,4 +1,4 @@
-"""Transfer metrics against hand-computed values: transfer score, token tables, MMCS, nCES."""
+"""Transfer scores against hand-computed values: transfer score, token tables, MMCS, nCES."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ import pytest
 import torch
 
 from raysae.config import SAEConfig
-from raysae.metrics import (
+from raysae.sae import SAE
+from raysae.transfer import scores
+from raysae.transfer.scores import (
     max_activating_tokens,
     mmcs,
     normalized_ces,
     top_logit_tokens,
     transfer_score,
 )
-from raysae.sae import SAE
 
 
 def test_transfer_score_identical_disjoint_partial():
@@ -91,3 +92,32 @@ def test_normalized_ces_hand_computed():
     assert normalized_ces(0.9, 0.6, 0.9) == pytest.approx(1.0)
     assert normalized_ces(0.6, 0.6, 0.9) == pytest.approx(0.0)
     assert normalized_ces(0.95, 0.6, 0.9) > 1  # better than scratch, as in Table 3
+
+
+def test_normalized_ces_by_hand() -> None:
+    # transfer 0.90, zero-shot 0.50, scratch 0.95: (0.90 - 0.50) / (0.95 - 0.50) = 0.4 / 0.45
+    assert scores.normalized_ces(0.90, 0.50, 0.95) == pytest.approx(8 / 9)
+    assert scores.normalized_ces(0.95, 0.50, 0.95) == pytest.approx(1.0)
+    assert scores.normalized_ces(0.50, 0.50, 0.95) == 0.0
+
+
+def test_mmcs_of_decoder_with_itself_and_a_permutation() -> None:
+    W = torch.randn(300, 16)
+    assert scores.mmcs(W, W) == pytest.approx(1.0, abs=1e-6)
+    assert scores.mmcs(W, W[torch.randperm(300)] * 3.0) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_mmcs_chunking_and_asymmetry() -> None:
+    W, V = torch.randn(50, 8), torch.randn(70, 8)
+    full = scores.mmcs(W, V, chunk_rows=1000)
+    assert scores.mmcs(W, V, chunk_rows=7) == pytest.approx(full, abs=1e-6)
+    cos = torch.nn.functional.normalize(W, dim=1) @ torch.nn.functional.normalize(V, dim=1).T
+    assert full == pytest.approx(float(cos.max(1).values.mean()), abs=1e-6)
+    # Orthogonal dictionaries share nothing.
+    eye = torch.eye(8)
+    assert scores.mmcs(eye[:4], eye[4:]) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_mmcs_rejects_different_widths() -> None:
+    with pytest.raises(ValueError, match="width 8 and 9"):
+        scores.mmcs(torch.randn(4, 8), torch.randn(4, 9))

@@ -12,13 +12,11 @@ matters (a new probe setting re-runs the probes, not the stitches). Pure: no ray
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from raysae.config import ConfigError, JobConfig, StitchConfig, TrainConfig, to_dict
-from raysae.grid import format_tokens
+from raysae.config import ConfigError, JobConfig, StitchConfig, TrainConfig, digest, to_dict
+from raysae.transfer.grid import format_tokens
 
 StitchPhase = Literal["stitch", "scratch_a", "scratch_b", "zeroshot", "transfer", "probes"]
 STAGES: tuple[tuple[StitchPhase, ...], ...] = (
@@ -86,7 +84,7 @@ def validate(job: JobConfig) -> None:
 
 
 def _key(kind: str, setting: Any) -> str:
-    return f"{kind}:" + hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{kind}:{digest(setting)}"
 
 
 def expand(

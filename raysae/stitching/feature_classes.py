@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from raysae.models import final_norm, get_blocks, hook_name, run_with_cache
 from raysae.sae import SAE
-from raysae.stitch import Stitch, transfer_sae
+from raysae.stitching.stitch import Stitch, transfer_sae
 
 CLASSES = ("structural", "semantic", "inactive")
 """What `classify` can answer."""

@@ -2,9 +2,9 @@
 
 What the stitch carries across is measured here (Chen et al. 2025, "transferring probes and
 steering vectors"): a probe trained on A's residual stream is read on B through the down map
-(`raysae.stitch.map_probe`), a sparse probe on the features of an SAE of A is read on B's
-activations through the transferred SAE (`raysae.stitch.transfer_sae`), and a steering vector of
-A is moved to B through the up map (`raysae.stitch.map_steering`). Each is scored next to what B
+(`raysae.stitching.stitch.map_probe`), a sparse probe on the features of an SAE of A is read on B's
+activations through the transferred SAE (`raysae.stitching.stitch.transfer_sae`), and a steering vector of
+A is moved to B through the up map (`raysae.stitching.stitch.map_steering`). Each is scored next to what B
 learns on its own and next to random and majority baselines.
 
 Labelled tokens come either from per-token label columns beside `input_ids` (the toy corpus:
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from raysae.config import ProbeConfig
 from raysae.models import hook_name, run_with_cache, splice
 from raysae.sae import SAE
-from raysae.stitch import Stitch, map_probe, map_steering, transfer_sae
+from raysae.stitching.stitch import Stitch, map_probe, map_steering, transfer_sae
 
 # `datasets` builder of each local file suffix.
 LOCAL_BUILDERS = {

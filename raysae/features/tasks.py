@@ -10,7 +10,7 @@ with m = logit[correct] − logit[wrong] at the last prompt position (`TaskSet.l
 - a token-id task file (`.parquet`) with columns `task`, `prompt_ids`, `counter_ids`,
   `correct_id`, `wrong_id` (the toy pair's tasks.parquet; other columns are ignored): one TaskSet
   per task in file order, the first `n_examples` rows of each, ids used as stored (BOS included);
-- a template file (`.yaml`/`.yml`), or the name of one shipped in raysae/task_templates/
+- a template file (`.yaml`/`.yml`), or the name of one shipped in raysae/features/task_templates/
   (`SHIPPED_TEMPLATES`: ioi, greater_than, sva), filled with random slot values and tokenised.
 
 Template file format:

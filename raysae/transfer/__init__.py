@@ -1,0 +1,2 @@
+"""The layer-transfer study: its grid (scratch, zero-shot, forward/backward transfer, the compute
+plan) and its scores (normalized CES, MMCS, transfer scores)."""
