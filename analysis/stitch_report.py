@@ -43,8 +43,8 @@ from common import to_markdown, tracking_uri  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 TAG = "tags.raysae."
-PHASES = ("stitch_sweep", "stitch", "scratch_a", "scratch_b", "zeroshot", "transfer", "probes")
-ROLE_KEYS = ["phase", "pair", "layer_a", "layer_b", "width", "budget"]
+ROLES = ("stitch_sweep", "stitch", "scratch_a", "scratch_b", "zeroshot", "transfer", "probes")
+ROLE_KEYS = ["role", "pair", "layer_a", "layer_b", "width", "budget"]
 DEFAULT_THRESHOLDS = (0.7, 0.8, 0.9)
 FIT_SKIP_FRACTION = 0.1
 """The scaling fit ignores the first 10% of each run's tokens (the warm-up transient)."""
@@ -94,14 +94,14 @@ def load_runs(experiment: str) -> pl.DataFrame:
     df = df.with_columns(pl.lit(None, dtype=pl.String).alias(c) for c in ROLE_KEYS if c not in df.columns)
     df = df.with_columns(pl.col(c).cast(pl.Int64) for c in ("layer_a", "layer_b", "width", "budget"))
     return (
-        df.filter(pl.col("phase").is_in(PHASES))
+        df.filter(pl.col("role").is_in(ROLES))
         .sort(pl.col("status") != "FINISHED", pl.col("start_time"), descending=[False, True])
         .unique(ROLE_KEYS, keep="first", maintain_order=True)
     )
 
 
-def role(runs: pl.DataFrame, phase: str) -> pl.DataFrame:
-    return runs.filter(pl.col("phase") == phase)
+def role(runs: pl.DataFrame, name: str) -> pl.DataFrame:
+    return runs.filter(pl.col("role") == name)
 
 
 def largest_budget(df: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
@@ -470,13 +470,13 @@ def circuits(runs: pl.DataFrame) -> pl.DataFrame | None:
 
     if not cols("faithfulness"):
         return None
-    order = {phase: i for i, phase in enumerate(SAE_ROLES)}
+    order = {r: i for i, r in enumerate(SAE_ROLES)}
     return (
-        runs.filter(pl.col("phase").is_in(list(SAE_ROLES)))
-        .sort(pl.col("width"), pl.col("phase").replace_strict(order), pl.col("budget"))
+        runs.filter(pl.col("role").is_in(list(SAE_ROLES)))
+        .sort(pl.col("width"), pl.col("role").replace_strict(order), pl.col("budget"))
         .select(
             pl.col("layer_a").alias("layer A"), pl.col("layer_b").alias("layer B"), "width",
-            pl.col("phase").replace_strict(SAE_ROLES).alias("SAE"), "budget",
+            pl.col("role").replace_strict(SAE_ROLES).alias("SAE"), "budget",
             pl.mean_horizontal(cols("faithfulness")).alias("faithfulness"),
             pl.mean_horizontal(cols("completeness")).alias("completeness"),
             metric(runs, "dla/mean/total").alias("DLA"),
@@ -531,10 +531,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_log:
         exp = client.get_experiment_by_name(args.experiment)
-        found = client.search_runs([exp.experiment_id], "tags.`raysae.phase` = 'stitch_summary'")
+        found = client.search_runs([exp.experiment_id], "tags.`raysae.role` = 'stitch_summary'")
         run_id = found[0].info.run_id if found else client.create_run(
             exp.experiment_id, run_name=f"{args.experiment} stitch summary",
-            tags={"raysae.phase": "stitch_summary"},
+            tags={"raysae.role": "stitch_summary"},
         ).info.run_id
         client.log_artifacts(run_id, str(out), "analysis")
         client.set_terminated(run_id)

@@ -1,7 +1,8 @@
 """SAE training throughput against the matmul bound (a script, not a test).
 
-For each architecture, times raysae's full training step (forward, backward, clipping, Adam,
-decoder renormalisation) and compares it with "the bound": the same step's dense matrix
+For each architecture, times raysae's full training step, `raysae.train.train_step` as the
+training loop runs it (forward, backward, clipping, Adam, decoder renormalisation, the
+dead-latent counter and the per-step metric values), and compares it with "the bound": the same step's dense matrix
 products alone, timed with bare `torch.mm` on tensors of the same shapes:
 
     encoder   x[B,D] @ W_enc[D,F]            decoder  f[B,F] @ W_dec[F,D]
@@ -34,7 +35,7 @@ import torch
 
 from raysae.config import SAEConfig, TrainConfig
 from raysae.sae import SAE
-from raysae.train import _train_step, make_optimizer
+from raysae.train import SAELearner, make_optimizer, train_step
 
 DEVICE = torch.device("cpu")
 DTYPE = torch.float32  # the dtype of the bound's products (bf16 with --bf16)
@@ -63,11 +64,14 @@ def raysae_step(
     """One raysae training step (dense=True: the TopK loss through a dense decode)."""
     sae = SAE(SAEConfig(architecture=arch, d_sae=F, k=k, l1_coefficient=5.0), D, device=DEVICE)
     bf16 = DTYPE == torch.bfloat16
-    cfg = TrainConfig(num_tokens=B * 1000, batch_size=B, lr=3e-5, autocast_bf16=bf16)
+    # No warm-ups: step 0 runs at the peak lr and the full sparsity coefficient.
+    cfg = TrainConfig(num_tokens=B * 1000, batch_size=B, lr=3e-5, lr_warmup_frac=0.0,
+                      l1_warmup_frac=0.0, autocast_bf16=bf16)
     opt = make_optimizer(sae, cfg)
     x_BD = torch.randn(B, D, device=DEVICE)
     if not dense:
-        return lambda: _train_step(sae, opt, x_BD, 3e-5, 5.0, cfg, None)
+        learner = SAELearner(sae, cfg)
+        return lambda: train_step(learner, opt, x_BD, 0, cfg.lr, cfg.grad_clip)
 
     def dense_step() -> None:
         out = sae(x_BD, 5.0)

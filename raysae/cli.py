@@ -103,7 +103,7 @@ def cmd_train(cfg: JobConfig) -> None:
         m = result.metrics
         print(
             f"{hook}: CES {m['eval/ces']:.3f}  EV {m['eval/explained_variance']:.3f}  "
-            f"L0 {m['eval/l0']:.1f}  dead {m['eval/dead_fraction']:.3f}  -> {result.sae_dir}"
+            f"L0 {m['eval/l0']:.1f}  dead {m['eval/dead_fraction']:.3f}  -> {result.out_dir}"
         )
     print(f"MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg.runs_dir)}")
 

@@ -145,6 +145,11 @@ def final_norm(model: nn.Module) -> nn.Module:
     )
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's parameters (the one its inputs must be on)."""
+    return next(model.parameters()).device
+
+
 def validate_sites(model: ModelConfig, sites: Sequence[str], layers: Sequence[int]) -> int:
     """Check layer indices against the model's depth before any work starts; returns d_model."""
     n_layers, d_model = model_dims(model)

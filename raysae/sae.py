@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from raysae.checkpoint import write_folder_atomically
 from raysae.config import ConfigError, SAEConfig, from_dict, to_dict
 
 CFG_FILENAME = "cfg.json"
@@ -567,30 +565,6 @@ class SAE(nn.Module):
                     f"expected {list(param.shape)}"
                 )
             param.copy_(value)
-
-
-def write_folder_atomically(path: str | Path, write: Any) -> Path:
-    """Call `write(tmp_dir)` then move the result to `path`, replacing any previous folder.
-
-    Readers never see a half-written folder: the new one appears by rename, and an old one is
-    moved aside (not deleted) before that rename, then removed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "x")
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
 
 
 def _read_folder(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:

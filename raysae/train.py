@@ -1,53 +1,246 @@
-"""The SAE training loop: token budgets, schedules, checkpoints and dead-latent tracking.
+"""The training loop SAEs and stitches share, and the SAE's half of it.
 
-`train_sae` takes an SAE, a `TrainConfig` and an iterator of activation batches ([B, d_in]
-tensors) and runs Adam until exactly `cfg.num_tokens` tokens have been seen (the last batch is
-trimmed). It knows nothing of language models, Ray or MLflow: callers observe it through two
-callbacks, `on_metrics(tokens_seen, metrics)` at log steps and `on_checkpoint(state)` every
-`cfg.checkpoint_every_tokens`, and resume it from a `TrainState`.
+`train_loop` is the skeleton: it draws batches until exactly `num_tokens` tokens have been seen
+(the last batch trimmed), sets each step's learning rate from a schedule, runs the backward
+pass, `allreduce_grads`, gradient clipping and the optimiser step, averages metrics on the device
+between log steps, and resumes from a `TrainState`. Callers observe it through two callbacks,
+`on_metrics(tokens_seen, metrics)` at log steps and `on_checkpoint(state)` on crossing a multiple
+of `checkpoint_every_tokens`, both also at the end. What is trained plugs in as a `Learner`:
+`SAELearner` here (`train_sae`), `StitchLearner` in `raysae.stitching.stitch` (`train_stitch`).
+It knows nothing of language models, Ray or MLflow.
 
 Data parallelism plugs in through `allreduce_grads(params)`, called after the backward pass and
 before clipping; it must leave each `p.grad` holding the average over workers. Each worker then
-feeds batches of `cfg.batch_size // world_size` rows and passes `world_size`, so token counts,
+feeds batches of `batch_size // world_size` rows and passes `world_size`, so token counts,
 schedules and checkpoints stay global. (Wrapping the SAE in DDP does not work: the loop calls
 `SAE.train_forward`, which DDP's forward hooks never see.)
 
 Every per-step operation stays on the device; the host reads values only at log steps.
-Checkpoints hold only tensors (safetensors) and JSON scalars: nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
+from typing import Any, NamedTuple, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from raysae import metrics
-from raysae.config import TrainConfig
-from raysae.sae import SAE, TrainOutput, write_folder_atomically
+from raysae.checkpoint import TrainState, load_optimizer_tensors, optimizer_tensors
+from raysae.config import StitchConfig, TrainConfig
+from raysae.sae import SAE
 
 MetricsFn = Callable[[int, dict[str, float]], None]
-CheckpointFn = Callable[["TrainState"], None]
+CheckpointFn = Callable[[TrainState], None]
 AllReduceFn = Callable[[list[Tensor]], None]
-
-STATE_TENSORS = "state.safetensors"
-STATE_JSON = "state.json"
 
 
 # ---------------------------------------------------------------------------------------------
-# Schedules (pure functions of the step)
+# The loop skeleton
 
 
-def total_steps(cfg: TrainConfig) -> int:
+class LoopSettings(NamedTuple):
+    """What the loop reads from a `TrainConfig` or a `StitchConfig`."""
+
+    num_tokens: int
+    checkpoint_every_tokens: int
+    log_every_steps: int
+    grad_clip: float
+    """Gradient-norm clip (0 disables)."""
+    section: str
+    """The config section that sets num_tokens ("train", "stitch"), named in errors."""
+
+
+class StepOutput(NamedTuple):
+    """A learner's loss on one batch."""
+
+    loss: Tensor
+    """The scalar the backward pass starts from."""
+    window: Tensor
+    """Float64 values averaged on the device between log steps (`Learner.report` names them)."""
+    detail: Any = None
+    """The learner's own output (the SAE's `TrainOutput`), for its `after_step`."""
+
+
+class LogPoint(NamedTuple):
+    """Where the loop stands at a log step."""
+
+    step: int
+    """Optimiser steps taken."""
+    lr: float
+    """The learning rate of the last step."""
+    tokens_per_second: float
+    """Throughput since the previous log step."""
+
+
+class Learner(Protocol):
+    """What differs between training an SAE and a stitch; the loop does the rest."""
+
+    model: nn.Module
+    """The module trained in place; its `state_dict` is `TrainState.model`."""
+    counters: dict[str, Tensor]
+    """Tensors updated in place across steps, saved in `TrainState.extra`."""
+
+    def lr(self, step: int) -> float:
+        """The learning rate of 0-based `step` (the schedule)."""
+
+    def prepare(self, raw: Any, rows: int) -> tuple[Any, int]:
+        """A raw batch trimmed to at most `rows` rows on the model's device, and its rows."""
+
+    def loss(self, batch: Any, step: int) -> StepOutput:
+        """The forward pass of `step`."""
+
+    def after_step(self, batch: Any, out: StepOutput) -> None:
+        """Anything to do after the optimiser step (counters, constraints on the weights)."""
+
+    def probe(self, batch: Any) -> dict[str, float]:
+        """Metrics of the batch before the step, computed only at log steps."""
+
+    def report(self, means: list[float], at: LogPoint) -> dict[str, float]:
+        """The named metrics of a log step, from the window's means."""
+
+
+class _Window:
+    """On-device running sums between two log steps (no host sync until `read`)."""
+
+    def __init__(self) -> None:
+        self.sums: Tensor | None = None
+        self.steps = 0
+
+    def add(self, values: Tensor) -> None:
+        if self.sums is None:
+            self.sums = torch.zeros_like(values)
+        self.sums += values
+        self.steps += 1
+
+    def read(self) -> list[float]:
+        assert self.sums is not None
+        means = (self.sums / max(self.steps, 1)).tolist()
+        self.sums.zero_()
+        self.steps = 0
+        return means
+
+
+def train_step(
+    learner: Learner,
+    opt: torch.optim.Optimizer,
+    batch: Any,
+    step: int,
+    lr: float,
+    grad_clip: float,
+    allreduce_grads: AllReduceFn | None = None,
+) -> StepOutput:
+    """One optimiser step on one batch, as `train_loop` runs it (and the benchmark times it);
+    returns the (pre-update) loss."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    out = learner.loss(batch, step)
+    out.loss.backward()
+    params = [p for p in learner.model.parameters() if p.grad is not None]
+    if allreduce_grads is not None:
+        allreduce_grads(params)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    learner.after_step(batch, out)
+    return out
+
+
+def _next_batch(
+    learner: Learner, it: Iterator[Any], remaining: int, world_size: int, section: str
+) -> tuple[Any, int]:
+    try:
+        raw = next(it)
+    except StopIteration:
+        raise ValueError(
+            f"the activation batches ran out {remaining} tokens before the token budget; "
+            f"cache more tokens or lower {section}.num_tokens"
+        ) from None
+    return learner.prepare(raw, -(-remaining // world_size))  # the budget is met exactly
+
+
+def _checkpoint_due(tokens_before: int, tokens_after: int, loop: LoopSettings) -> bool:
+    """On crossing a multiple of checkpoint_every_tokens, and at the end."""
+    every = loop.checkpoint_every_tokens
+    return tokens_after // every > tokens_before // every or tokens_after >= loop.num_tokens
+
+
+def _snapshot(learner: Learner, opt: torch.optim.Optimizer, step: int, tokens: int) -> TrainState:
+    device = next(learner.model.parameters()).device
+    extra = {"rng_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        extra["rng_cuda"] = torch.cuda.get_rng_state(device)
+    extra |= {k: v.detach().cpu().clone() for k, v in learner.counters.items()}
+    model = {k: v.detach().cpu().clone() for k, v in learner.model.state_dict().items()}
+    return TrainState(step, tokens, model, optimizer_tensors(opt), extra)
+
+
+def _restore(learner: Learner, opt: torch.optim.Optimizer, state: TrainState) -> tuple[int, int]:
+    device = next(learner.model.parameters()).device
+    learner.model.load_state_dict(state.model)
+    load_optimizer_tensors(opt, state.optimizer)
+    torch.set_rng_state(state.extra["rng_cpu"])
+    if "rng_cuda" in state.extra and device.type == "cuda":
+        torch.cuda.set_rng_state(state.extra["rng_cuda"], device)
+    for name, counter in learner.counters.items():
+        counter.copy_(state.extra[name])
+    return state.step, state.tokens_seen
+
+
+def train_loop(
+    learner: Learner,
+    opt: torch.optim.Optimizer,
+    loop: LoopSettings,
+    batches: Iterable[Any],
+    *,
+    on_metrics: MetricsFn | None = None,
+    on_checkpoint: CheckpointFn | None = None,
+    start_state: TrainState | None = None,
+    allreduce_grads: AllReduceFn | None = None,
+    world_size: int = 1,
+) -> TrainState:
+    """Train `learner.model` in place until exactly `loop.num_tokens` tokens; return the state.
+
+    When resuming from `start_state`, `batches` must continue where that run's data stopped
+    (at `start_state.tokens_seen`); the result is then identical to an uninterrupted run.
+    """
+    step, tokens = (0, 0) if start_state is None else _restore(learner, opt, start_state)
+    window, it = _Window(), iter(batches)
+    clock, clock_tokens = time.perf_counter(), tokens
+
+    while tokens < loop.num_tokens:
+        batch, rows = _next_batch(learner, it, loop.num_tokens - tokens, world_size, loop.section)
+        n = rows * world_size
+        log_now = on_metrics is not None and (
+            (step + 1) % loop.log_every_steps == 0 or tokens + n >= loop.num_tokens
+        )
+        probe = learner.probe(batch) if log_now else {}
+        lr = learner.lr(step)
+        out = train_step(learner, opt, batch, step, lr, loop.grad_clip, allreduce_grads)
+        window.add(out.window)
+        step, tokens_before, tokens = step + 1, tokens, tokens + n
+
+        if log_now:
+            assert on_metrics is not None
+            now = time.perf_counter()
+            at = LogPoint(step, lr, (tokens - clock_tokens) / max(now - clock, 1e-9))
+            clock, clock_tokens = now, tokens
+            on_metrics(tokens, learner.report(window.read(), at) | probe)
+        if on_checkpoint is not None and _checkpoint_due(tokens_before, tokens, loop):
+            on_checkpoint(_snapshot(learner, opt, step, tokens))
+    return _snapshot(learner, opt, step, tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# The SAE: schedules (pure functions of the step) and its learner
+
+
+def total_steps(cfg: TrainConfig | StitchConfig) -> int:
     """Optimiser steps in the token budget (the last one may be a partial batch)."""
     return math.ceil(cfg.num_tokens / cfg.batch_size)
 
@@ -79,179 +272,105 @@ def l1_coeff_at(step: int, total: int, cfg: TrainConfig, coefficient: float) -> 
     return coefficient * min(1.0, (step + 1) / warmup)
 
 
-# ---------------------------------------------------------------------------------------------
-# Resumable state
-
-
-@dataclass
-class TrainState:
-    """Everything needed to continue a run exactly: weights, Adam moments, counters, RNG."""
-
-    step: int
-    """Optimiser steps taken."""
-    tokens_seen: int
-    """Tokens consumed (global across workers)."""
-    sae: dict[str, Tensor]
-    """The SAE's parameters (`state_dict`, on the CPU)."""
-    optimizer: dict[str, Tensor]
-    """Adam's per-parameter state, flattened to `{param_index}.{name}` keys."""
-    tokens_since_fired_F: Tensor
-    """Per latent, tokens since it last fired (int64)."""
-    rng: dict[str, Tensor]
-    """torch RNG states: `cpu`, and `cuda` when training on a GPU."""
-
-
-def save_state_folder(
-    path: str | Path, groups: dict[str, dict[str, Tensor]], scalars: dict[str, int]
-) -> Path:
-    """Write named tensor groups to safetensors (`group.name` keys) and scalars to JSON, as one
-    folder replaced atomically (resumable training states: no pickles)."""
-    tensors = {f"{g}.{k}": v for g, members in groups.items() for k, v in members.items()}
-
-    def write(tmp: Path) -> None:
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS)
-        )
-        (tmp / STATE_JSON).write_text(json.dumps(scalars))
-
-    return write_folder_atomically(path, write)
-
-
-def load_state_folder(path: str | Path, groups: tuple[str, ...]) -> tuple[dict, dict]:
-    """Read a folder written by `save_state_folder`: (scalars, {group: tensors})."""
-    path = Path(path)
-    scalars = json.loads((path / STATE_JSON).read_text())
-    tensors = load_file(str(path / STATE_TENSORS))
-    return scalars, {
-        g: {k[len(g) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{g}.")} for g in groups
-    }
-
-
-def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, Tensor]:
-    """The optimiser's per-parameter state flattened to `{param_index}.{name}` CPU copies."""
-    return {
-        f"{i}.{name}": value.detach().cpu().clone()
-        for i, per_param in opt.state_dict()["state"].items()
-        for name, value in per_param.items()
-    }
-
-
-def load_optimizer_tensors(opt: torch.optim.Optimizer, flat: dict[str, Tensor]) -> None:
-    """Inverse of `optimizer_tensors`."""
-    per_param: dict[int, dict[str, Tensor]] = {}
-    for key, value in flat.items():
-        index, name = key.split(".", 1)
-        per_param.setdefault(int(index), {})[name] = value
-    opt.load_state_dict({"state": per_param, "param_groups": opt.state_dict()["param_groups"]})
-
-
-def save_train_state(state: TrainState, path: str | Path) -> Path:
-    """Write a state folder: tensors to safetensors, scalars to JSON; replaced atomically."""
-    groups = {"sae": state.sae, "optimizer": state.optimizer, "rng": state.rng,
-              "misc": {"tokens_since_fired_F": state.tokens_since_fired_F}}
-    return save_state_folder(path, groups, {"step": state.step, "tokens_seen": state.tokens_seen})
-
-
-def load_train_state(path: str | Path) -> TrainState:
-    """Read a folder written by `save_train_state` (JSON + safetensors only)."""
-    scalars, g = load_state_folder(path, ("sae", "optimizer", "rng", "misc"))
-    return TrainState(
-        step=int(scalars["step"]),
-        tokens_seen=int(scalars["tokens_seen"]),
-        sae=g["sae"],
-        optimizer=g["optimizer"],
-        tokens_since_fired_F=g["misc"]["tokens_since_fired_F"],
-        rng=g["rng"],
-    )
-
-
 def make_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.Adam:
     """Adam over the SAE's parameters with the configured betas (fused where torch has it)."""
     b1, b2 = cfg.adam_betas
     return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(b1, b2), fused=True)
 
 
-def _snapshot(
-    sae: SAE, opt: torch.optim.Adam, step: int, tokens: int, since_F: Tensor
+class SAELearner:
+    """An SAE as a `Learner`: warm-up/constant/decay lr with an L1 warm-up, bf16 autocast,
+    decoder renormalisation for TopK, a dead-latent counter, l0 and dense fraction at log steps."""
+
+    def __init__(self, sae: SAE, cfg: TrainConfig, world_size: int = 1) -> None:
+        self.model, self.cfg, self.world_size = sae, cfg, world_size
+        self.total = total_steps(cfg)
+        self.since_F = torch.zeros(sae.d_sae, dtype=torch.int64, device=sae.W_enc.device)
+        self.counters = {"tokens_since_fired_F": self.since_F}
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.total, self.cfg)
+
+    def sparsity_coeff(self, step: int) -> float:
+        return l1_coeff_at(step, self.total, self.cfg, self.model.cfg.l1_coefficient)
+
+    def prepare(self, raw: Tensor, rows: int) -> tuple[Tensor, int]:
+        like = self.model.W_enc
+        x_BD = raw[:rows].to(device=like.device, dtype=like.dtype, non_blocking=True)
+        return x_BD, x_BD.shape[0]
+
+    def loss(self, x_BD: Tensor, step: int) -> StepOutput:
+        sae, coeff = self.model, self.sparsity_coeff(step)
+        with torch.autocast(sae.W_enc.device.type, torch.bfloat16, enabled=self.cfg.autocast_bf16):
+            out = sae.train_forward(x_BD, coeff)
+        # The batch's total variance E||x||² - ||E x||², for the explained variance, from two
+        # allocation-free passes; the difference is taken in float64.
+        B, x = x_BD.shape[0], x_BD.detach()
+        sq = torch.linalg.vector_norm(x).square().to(torch.float64) / B
+        mean_sq = (x.new_ones(B) @ x / B).square().sum().to(torch.float64)
+        parts = torch.stack([out.loss.detach(), out.mse.detach(), out.sparsity.detach()])
+        return StepOutput(out.loss, torch.cat([parts.to(torch.float64), (sq - mean_sq)[None]]), out)
+
+    def after_step(self, x_BD: Tensor, out: StepOutput) -> None:
+        if self.model.cfg.architecture == "topk":
+            self.model.normalize_decoder_()
+        self.since_F.add_(x_BD.shape[0] * self.world_size).masked_fill_(out.detail.fired_F, 0)
+
+    @torch.no_grad()
+    def probe(self, x_BD: Tensor) -> dict[str, float]:
+        feats_BF = self.model.encode(x_BD)
+        counts_F = (feats_BF > 0).sum(0)
+        return {
+            "l0": metrics.l0(feats_BF),
+            "dense_fraction": metrics.dense_fraction(counts_F, x_BD.shape[0]),
+        }
+
+    def report(self, means: list[float], at: LogPoint) -> dict[str, float]:
+        loss, mse, sparsity, total_var = means
+        return {
+            "loss": loss,
+            "mse": mse,
+            "sparsity": sparsity,
+            "explained_variance": 1.0 - mse / total_var if total_var > 0 else float("nan"),
+            "dead_fraction": metrics.dead_fraction(self.since_F, self.cfg.dead_window_tokens),
+            "lr": at.lr,
+            "sparsity_coeff": self.sparsity_coeff(at.step - 1),
+            "step": float(at.step),
+            "tokens_per_second": at.tokens_per_second,
+        }
+
+
+def train_sae(
+    sae: SAE,
+    cfg: TrainConfig,
+    batches: Iterable[Tensor],
+    *,
+    on_metrics: MetricsFn | None = None,
+    on_checkpoint: CheckpointFn | None = None,
+    start_state: TrainState | None = None,
+    allreduce_grads: AllReduceFn | None = None,
+    world_size: int = 1,
 ) -> TrainState:
-    optim = optimizer_tensors(opt)
-    rng = {"cpu": torch.get_rng_state()}
-    if sae.W_enc.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(sae.W_enc.device)
-    return TrainState(
-        step=step,
-        tokens_seen=tokens,
-        sae={k: v.detach().cpu().clone() for k, v in sae.state_dict().items()},
-        optimizer=optim,
-        tokens_since_fired_F=since_F.detach().cpu().clone(),
-        rng=rng,
+    """Train `sae` in place on [B, d_in] batches until exactly `cfg.num_tokens` tokens; return
+    the state (see `train_loop`)."""
+    loop = LoopSettings(
+        cfg.num_tokens, cfg.checkpoint_every_tokens, cfg.log_every_steps, cfg.grad_clip, "train"
+    )
+    return train_loop(
+        SAELearner(sae, cfg, world_size),
+        make_optimizer(sae, cfg),
+        loop,
+        batches,
+        on_metrics=on_metrics,
+        on_checkpoint=on_checkpoint,
+        start_state=start_state,
+        allreduce_grads=allreduce_grads,
+        world_size=world_size,
     )
 
 
-def _restore(sae: SAE, opt: torch.optim.Adam, state: TrainState) -> Tensor:
-    sae.load_state_dict(state.sae)
-    load_optimizer_tensors(opt, state.optimizer)
-    torch.set_rng_state(state.rng["cpu"])
-    if "cuda" in state.rng and sae.W_enc.device.type == "cuda":
-        torch.cuda.set_rng_state(state.rng["cuda"], sae.W_enc.device)
-    return state.tokens_since_fired_F.to(sae.W_enc.device)
-
-
 # ---------------------------------------------------------------------------------------------
-# The loop
-
-
-class _Window:
-    """On-device running sums between two log steps (no host sync until `read`)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
-        self.steps = 0
-
-    def add(self, out: TrainOutput, x_BD: Tensor) -> None:
-        # The batch's total variance E||x||² - ||E x||², for the explained variance, from two
-        # allocation-free passes; the difference is taken in float64.
-        B = x_BD.shape[0]
-        sq = torch.linalg.vector_norm(x_BD.detach()).square().to(torch.float64) / B
-        mean_sq = (x_BD.new_ones(B) @ x_BD.detach() / B).square().sum().to(torch.float64)
-        parts = torch.stack([out.loss.detach(), out.mse.detach(), out.sparsity.detach()])
-        self.sums[:3] += parts.to(torch.float64)
-        self.sums[3] += sq - mean_sq
-        self.steps += 1
-
-    def read(self) -> dict[str, float]:
-        loss, mse, sparsity, total_var = (self.sums / max(self.steps, 1)).tolist()
-        self.sums.zero_()
-        self.steps = 0
-        ev = 1.0 - mse / total_var if total_var > 0 else float("nan")
-        return {"loss": loss, "mse": mse, "sparsity": sparsity, "explained_variance": ev}
-
-
-def _train_step(
-    sae: SAE,
-    opt: torch.optim.Optimizer,
-    x_BD: Tensor,
-    lr: float,
-    sparsity_coeff: float,
-    cfg: TrainConfig,
-    allreduce_grads: AllReduceFn | None,
-) -> TrainOutput:
-    """One optimiser step on one batch; returns the (pre-update) losses."""
-    for group in opt.param_groups:
-        group["lr"] = lr
-    with torch.autocast(sae.W_enc.device.type, torch.bfloat16, enabled=cfg.autocast_bf16):
-        out = sae.train_forward(x_BD, sparsity_coeff)
-    out.loss.backward()
-    params = [p for p in sae.parameters() if p.grad is not None]
-    if allreduce_grads is not None:
-        allreduce_grads(params)
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if sae.cfg.architecture == "topk":
-        sae.normalize_decoder_()
-    return out
+# FLOPs
 
 
 def _rows_times_width(weight_or_grad: tuple, indices: tuple, *_a: object, **_k: object) -> int:
@@ -282,8 +401,8 @@ _SPARSE_FLOPS = {
 }
 
 
-def flops_per_token(sae: SAE, x_BD: Tensor, cfg: TrainConfig) -> float:
-    """FLOPs of one training step per token, counted (not estimated) with torch's
+def sae_flops_per_token(sae: SAE, x_BD: Tensor, cfg: TrainConfig) -> float:
+    """FLOPs of one SAE training step per token, counted (not estimated) with torch's
     FlopCounterMode over the forward and backward of a copy of the SAE (the optimiser's
     elementwise update is not a matmul and is not counted, as in the stitching paper)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -294,115 +413,3 @@ def flops_per_token(sae: SAE, x_BD: Tensor, cfg: TrainConfig) -> float:
             out = probe.train_forward(x_BD, 1.0)
         out.loss.backward()
     return counter.get_total_flops() / x_BD.shape[0]
-
-
-@torch.no_grad()
-def _batch_probe(sae: SAE, x_BD: Tensor) -> dict[str, float]:
-    """Statistics that need the dense latents; computed only at log steps."""
-    feats_BF = sae.encode(x_BD)
-    counts_F = (feats_BF > 0).sum(0)
-    return {
-        "l0": metrics.l0(feats_BF),
-        "dense_fraction": metrics.dense_fraction(counts_F, x_BD.shape[0]),
-    }
-
-
-def _next_batch(it: Iterator[Tensor], remaining: int, world_size: int, like: Tensor) -> Tensor:
-    try:
-        batch = next(it)
-    except StopIteration:
-        raise ValueError(
-            f"the activation batches ran out {remaining} tokens before the token budget; "
-            "cache more tokens or lower train.num_tokens"
-        ) from None
-    rows = -(-remaining // world_size)  # trim the last batch so the budget is met exactly
-    return batch[:rows].to(device=like.device, dtype=like.dtype, non_blocking=True)
-
-
-def _checkpoint_if_needed(
-    tokens_before: int,
-    tokens_after: int,
-    cfg: TrainConfig,
-    on_checkpoint: CheckpointFn | None,
-    snapshot: Callable[[], TrainState],
-) -> None:
-    """Checkpoint on crossing a multiple of checkpoint_every_tokens, and at the end."""
-    every = cfg.checkpoint_every_tokens
-    crossed = tokens_after // every > tokens_before // every
-    if on_checkpoint is not None and (crossed or tokens_after >= cfg.num_tokens):
-        on_checkpoint(snapshot())
-
-
-def train_sae(
-    sae: SAE,
-    cfg: TrainConfig,
-    batches: Iterable[Tensor],
-    *,
-    on_metrics: MetricsFn | None = None,
-    on_checkpoint: CheckpointFn | None = None,
-    start_state: TrainState | None = None,
-    allreduce_grads: AllReduceFn | None = None,
-    world_size: int = 1,
-) -> TrainState:
-    """Train `sae` in place on `batches` until exactly `cfg.num_tokens` tokens; return the state.
-
-    When resuming from `start_state`, `batches` must continue where that run's data stopped
-    (at `start_state.tokens_seen`); the result is then identical to an uninterrupted run.
-    """
-    total = total_steps(cfg)
-    opt = make_optimizer(sae, cfg)
-    device = sae.W_enc.device
-    step, tokens = 0, 0
-    since_F = torch.zeros(sae.d_sae, dtype=torch.int64, device=device)
-    if start_state is not None:
-        since_F = _restore(sae, opt, start_state)
-        step, tokens = start_state.step, start_state.tokens_seen
-    window = _Window(device)
-    it = iter(batches)
-    clock, clock_tokens = time.perf_counter(), tokens
-
-    while tokens < cfg.num_tokens:
-        x_BD = _next_batch(it, cfg.num_tokens - tokens, world_size, sae.W_enc)
-        n = x_BD.shape[0] * world_size
-        log_now = on_metrics is not None and (
-            (step + 1) % cfg.log_every_steps == 0 or tokens + n >= cfg.num_tokens
-        )
-        probe = _batch_probe(sae, x_BD) if log_now else {}
-        lr = lr_at(step, total, cfg)
-        coeff = l1_coeff_at(step, total, cfg, sae.cfg.l1_coefficient)
-        out = _train_step(sae, opt, x_BD, lr, coeff, cfg, allreduce_grads)
-        since_F.add_(n).masked_fill_(out.fired_F, 0)
-        window.add(out, x_BD)
-        step, tokens_before, tokens = step + 1, tokens, tokens + n
-
-        if log_now:
-            assert on_metrics is not None
-            now = time.perf_counter()
-            report = window.read() | probe
-            report |= {
-                "dead_fraction": metrics.dead_fraction(since_F, cfg.dead_window_tokens),
-                "lr": lr,
-                "sparsity_coeff": coeff,
-                "step": float(step),
-                "tokens_per_second": (tokens - clock_tokens) / max(now - clock, 1e-9),
-            }
-            clock, clock_tokens = now, tokens
-            on_metrics(tokens, report)
-        snapshot = partial(_snapshot, sae, opt, step, tokens, since_F)
-        _checkpoint_if_needed(tokens_before, tokens, cfg, on_checkpoint, snapshot)
-    return _snapshot(sae, opt, step, tokens, since_F)
-
-
-def checkpoint_to(folder: str | Path, sae: SAE) -> CheckpointFn:
-    """An `on_checkpoint` that writes `folder/tokens_{n}/` with `state/` and a SAELens `sae/`.
-
-    The SAE folder is the evaluable artefact; `state/` is what `load_train_state` resumes from.
-    """
-    folder = Path(folder)
-
-    def save(state: TrainState) -> None:
-        out = folder / f"tokens_{state.tokens_seen}"
-        save_train_state(state, out / "state")
-        sae.save(out / "sae")
-
-    return save

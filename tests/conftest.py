@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +99,32 @@ def toy_pair(tmp_path_factory: pytest.TempPathFactory):
 
     root = os.environ.get("RAYSAE_TOY_ROOT") or tmp_path_factory.mktemp("toy")
     return ensure_toy_pair(preset("test"), root=root)
+
+
+def driver_env(**extra: str) -> dict[str, str]:
+    """The environment of a sweep driver subprocess: its own local Ray, and no
+    MLFLOW_TRACKING_URI (mlflow.set_tracking_uri, used by the checks, exports it, which would
+    send the sweep to another test's store)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return {**env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local",
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", **extra}
+
+
+def kill_when(cmd: list[str], env: dict[str, str], ready: Callable[[], bool], settle_s: float,
+              timeout_s: float) -> tuple[bool, int | None]:
+    """Start a driver in its own process group and SIGKILL the whole group (the driver and the
+    local Ray it started) `settle_s` after `ready()` first holds. Watch the file system in
+    `ready`, not MLflow: a second sqlite client racing the driver's creation of the database
+    could break it. Returns (killed, the exit code if it ended by itself)."""
+    first = subprocess.Popen(cmd, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and first.poll() is None:
+        time.sleep(0.5)
+        if ready():
+            time.sleep(settle_s)
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=60)
+            return True, None
+    first.wait(timeout=60)
+    return False, first.returncode

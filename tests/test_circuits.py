@@ -13,10 +13,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from raysae.config import SAEConfig
 from raysae.features import circuits
+from raysae.features.attribution import norm_frame
 from raysae.features.tasks import TaskSet
-from raysae.models import hook_name, run_with_cache
+from raysae.models import final_norm, hook_name, run_with_cache
 from raysae.sae import SAE
-from raysae.stitching.feature_classes import final_norm, norm_frame
 
 LAST = TINY_NEOX["num_hidden_layers"] - 1
 
@@ -224,11 +224,11 @@ def test_attribution_patching_tracks_exact_patching_on_the_toy_model(toy_pair, c
     assert sum(corrs.values()) / len(corrs) > 0.8
 
 
-def test_feature_table_counts_every_example_circuit_once() -> None:
+def test_circuit_feature_table_counts_every_example_circuit_once() -> None:
     model = tiny_model()
     sae = sae_for(model, 1, "topk")
     res = circuits.evaluate_circuits(model, sae, "resid_post", 1, random_task(), [3], [0])
-    table = circuits.feature_table([res], 3)
+    table = circuits.circuit_feature_table([res], 3)
     # each example's circuit holds exactly 3 features: the shares sum to 3
     assert sum(table["in_circuit"]) == pytest.approx(3.0)
     i = table["mean_abs_ie"].index(max(table["mean_abs_ie"]))

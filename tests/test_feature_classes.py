@@ -1,5 +1,5 @@
 """Feature classes: logit attribution against the model's own logits, transfer quality,
-structural consistency on exact fire patterns, and the feature table on the toy pair."""
+structural consistency on exact fire patterns, and the feature-class table on the toy pair."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from raysae.config import SAEConfig
+from raysae.features.attribution import norm_frame
 from raysae.models import final_norm, get_blocks, run_with_cache
 from raysae.sae import SAE
 from raysae.stitching.feature_classes import (
@@ -20,10 +21,9 @@ from raysae.stitching.feature_classes import (
     class_summary,
     classify,
     consistency_from_fires,
-    feature_table,
+    feature_class_table,
     load_variants,
     logit_attribution,
-    norm_frame,
     structural_consistency,
     transfer_quality,
 )
@@ -263,21 +263,21 @@ def test_identity_stitch_transfers_every_feature_perfectly(toy, one_thread) -> N
     small, _, ids, mask, variants = toy
     d = small.config.hidden_size
     sae = _scratch_sae(d, 64, seed=1)
-    df = feature_table(small, small, sae, _identity_stitch(d), "resid_post", 1, 1, ids, mask,
-                       variants)
+    df = feature_class_table(small, small, sae, _identity_stitch(d), "resid_post", 1, 1, ids, mask,
+                             variants)
     active = df.filter(pl.col("quality").is_not_nan())
     assert len(active) > 10
     assert (active["quality"] - 1.0).abs().max() < 1e-4
     assert df["frequency_a"].to_list() == pytest.approx(df["frequency_b"].to_list(), abs=1e-3)
 
 
-def test_feature_table_on_the_toy_pair(toy, one_thread) -> None:
+def test_feature_class_table_on_the_toy_pair(toy, one_thread) -> None:
     small, large, ids, mask, variants = toy
     d_a, d_b = small.config.hidden_size, large.config.hidden_size
     sae = _scratch_sae(d_a, 96, seed=2)
     stitch = Stitch(d_a, d_b, seed=0)
-    df = feature_table(small, large, sae, stitch, "resid_pre", 2, 1, ids, mask, variants,
-                       min_active=5)
+    df = feature_class_table(small, large, sae, stitch, "resid_pre", 2, 1, ids, mask, variants,
+                             min_active=5)
     assert df.columns == ["feature", "quality", "consistency", "class", "frequency_a",
                           "frequency_b"]
     assert df["feature"].to_list() == list(range(96))

@@ -20,7 +20,6 @@ from raysae.config import (
 )
 from raysae.transfer.grid import (
     base_digest,
-    by_key,
     expand,
     phases,
     plan_token_summary,
@@ -153,7 +152,7 @@ def test_plan_dedupes_against_transfer_and_summary():
     assert summary["saved_fraction"] == pytest.approx(0.25)
     assert summary["plan_scratch_layers"] == [0, 2]
     assert summary["plan_transfers"] == [[1, 0], [3, 2]]
-    index = by_key(trials)
+    index = {t.key: t for t in trials}
     plan = [index[k] for k in summary["plan_trial_keys"]]
     assert [(t.phase, t.layer) for t in plan] == [
         ("scratch", 0),

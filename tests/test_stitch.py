@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from raysae.checkpoint import load_train_state, save_train_state
 from raysae.config import ConfigError, ModelConfig, SAEConfig, StitchConfig
 from raysae.evaluate import evaluate_stitch
 from raysae.models import load_lm
@@ -14,18 +15,21 @@ from raysae.sae import SAE
 from raysae.stitching.stitch import (
     Lstsq,
     Stitch,
-    StitchTrainSettings,
     cosine_lr,
-    flops_per_token,
-    load_stitch_state,
     lstsq_stitch,
     map_probe,
     map_steering,
-    save_stitch_state,
+    stitch_flops_per_token,
     train_stitch,
     transfer_sae,
 )
 from tests.conftest import TINY_NEOX
+
+
+def build_stitch_cfg(**overrides: object) -> StitchConfig:
+    """A StitchConfig for the training loop (B and the pairs are placeholders it never reads)."""
+    fields: dict[str, object] = dict(large=ModelConfig(name="b"), pairs=((0, 0),))
+    return StitchConfig(**(fields | overrides))  # type: ignore[arg-type]
 
 
 def affine_pair(n: int = 4096, d: int = 12, seed: int = 0):
@@ -65,9 +69,10 @@ def test_joint_training_recovers_the_map_from_random_init(one_thread):
     a = a - a.mean(0)  # centred inputs: plain gradient descent is slow on a large mean offset
     b = a @ M + c
     st = Stitch(8, 8, seed=3)
-    settings = StitchTrainSettings(num_tokens=256 * 1500, batch_size=256, lr=3e-2, log_every_steps=100)
+    settings = build_stitch_cfg(num_tokens=256 * 1500, batch_size=256, lr=3e-2)
     losses = []
-    train_stitch(st, settings, batches(a, b, 256), on_metrics=lambda t, m: losses.append(m["loss"]))
+    train_stitch(st, settings, batches(a, b, 256), log_every_steps=100,
+                 on_metrics=lambda t, m: losses.append(m["loss"]))
     assert losses[-1] < 1e-6 * losses[0]
     assert torch.allclose(st.P_up, M, atol=1e-3) and torch.allclose(st.b_up, c, atol=1e-3)
     M_inv = torch.linalg.inv(M)
@@ -80,7 +85,7 @@ def test_training_from_the_lstsq_fit_starts_and_ends_at_the_exact_map(one_thread
     it = batches(a, b, 256)
     st = lstsq_stitch((next(it) for _ in range(4)), 8, 8)
     assert st.loss(a, b, 1.0).total.item() < 1e-8
-    settings = StitchTrainSettings(num_tokens=256 * 200, batch_size=256, lr=1e-3)
+    settings = build_stitch_cfg(num_tokens=256 * 200, batch_size=256, lr=1e-3)
     train_stitch(st, settings, it)  # Adam's first steps wander by ~lr; the decay brings it back
     assert st.loss(a, b, 1.0).total.item() < 1e-4
     assert torch.allclose(st.P_up, M, atol=1e-2)
@@ -170,16 +175,16 @@ def test_save_load_round_trip_and_errors(tmp_path):
 
 def test_resume_from_a_checkpoint_is_bit_identical(tmp_path, one_thread):
     a, b, _, _ = affine_pair(d=8)
-    settings = StitchTrainSettings(num_tokens=64 * 40, batch_size=64, lr=1e-2,
-                                   checkpoint_every_tokens=64 * 16, lr_warmup_frac=0.1)
+    settings = build_stitch_cfg(num_tokens=64 * 40, batch_size=64, lr=1e-2,
+                                checkpoint_every_tokens=64 * 16, lr_warmup_frac=0.1)
     full = Stitch(8, 8, seed=0)
     train_stitch(full, settings, batches(a, b, 64))
     states = []
     first = Stitch(8, 8, seed=0)
     train_stitch(first, settings, batches(a, b, 64), on_checkpoint=states.append)
     assert [s.tokens_seen for s in states] == [1024, 2048, 2560]
-    save_stitch_state(states[0], tmp_path / "state")
-    state = load_stitch_state(tmp_path / "state")
+    save_train_state(states[0], tmp_path / "state")
+    state = load_train_state(tmp_path / "state")
     resumed = Stitch(8, 8, seed=9)
     rest = batches(a, b, 64)
     for _ in range(state.step):
@@ -190,14 +195,14 @@ def test_resume_from_a_checkpoint_is_bit_identical(tmp_path, one_thread):
 
 
 def test_cosine_schedule_and_flops():
-    s = StitchTrainSettings(num_tokens=1000, batch_size=10, lr=1.0, lr_warmup_frac=0.1)
+    s = build_stitch_cfg(num_tokens=1000, batch_size=10, lr=1.0, lr_warmup_frac=0.1)
     assert cosine_lr(0, 100, s) == pytest.approx(0.1)
     assert cosine_lr(9, 100, s) == pytest.approx(1.0)
     assert cosine_lr(10, 100, s) == pytest.approx(1.0)
     assert cosine_lr(55, 100, s) == pytest.approx(0.5)
     assert cosine_lr(99, 100, s) < 1e-3
     st = Stitch(8, 12)
-    assert flops_per_token(st, torch.randn(32, 8), torch.randn(32, 12)) == 20 * 8 * 12
+    assert stitch_flops_per_token(st, torch.randn(32, 8), torch.randn(32, 12)) == 20 * 8 * 12
 
 
 def test_lstsq_needs_rows():

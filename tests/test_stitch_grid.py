@@ -1,4 +1,4 @@
-"""The stitch grid: one declaration -> trials, stages, stable keys, per-model jobs; and the
+"""The stitch grid: one declaration -> trials, phases, stable keys, per-model jobs; and the
 aligned reading of two caches of the same tokens."""
 
 from __future__ import annotations
@@ -37,22 +37,25 @@ def job(**stitch) -> JobConfig:
 
 def test_trials_per_phase_and_dependencies():
     trials = stitch_grid.expand(job(), ("fa", "fb"), {2: 3})
-    count = lambda p: sum(t.phase == p for t in trials)  # noqa: E731
+    count = lambda p: sum(t.role == p for t in trials)  # noqa: E731
     # 2 pairs, 2 widths, 2 budgets
     assert [count(p) for p in ("stitch", "scratch_a", "scratch_b", "zeroshot", "transfer", "probes")] \
         == [2, 4, 8, 4, 8, 2]
     by_key = {t.key: t for t in trials}
     for t in trials:
-        if t.phase == "zeroshot":
-            assert [by_key[d].phase for d in t.depends_on] == ["stitch", "scratch_a"]
+        if t.role == "zeroshot":
+            assert [by_key[d].role for d in t.depends_on] == ["stitch", "scratch_a"]
             assert by_key[t.depends_on[1]].width == t.width
             assert by_key[t.depends_on[0]].layer_b == t.layer_b
-        if t.phase == "transfer":
+        if t.role == "transfer":
             (z,) = t.depends_on
-            assert by_key[z].phase == "zeroshot" and by_key[z].width == t.width
-    stages = stitch_grid.stages(trials)
-    assert [sorted({t.phase for t in s}) for s in stages] == [
-        ["scratch_a", "scratch_b", "stitch"], ["zeroshot"], ["transfer"], ["probes"]]
+            assert by_key[z].role == "zeroshot" and by_key[z].width == t.width
+    phases = stitch_grid.phases(trials)
+    assert {p: sorted({t.role for t in ts}) for p, ts in phases.items()} == {
+        "fit": ["scratch_a", "scratch_b", "stitch"], "zeroshot": ["zeroshot"],
+        "transfer": ["transfer"], "probes": ["probes"]}
+    assert all(t.tags["raysae.phase"] == p and t.tags["raysae.role"] == t.role
+               for p, ts in phases.items() for t in ts)
 
 
 def test_keys_are_stable_and_change_only_where_the_setting_matters():
@@ -63,10 +66,10 @@ def test_keys_are_stable_and_change_only_where_the_setting_matters():
     probes = keys(job(probes=ProbeConfig(source="p", num_rows=32)))
     changed = {n for n in base if base[n] != probes[n]}
     assert changed == {"A1→B2 probes", "A2→B3 probes"}
-    phase = {t.name: t.phase for t in stitch_grid.expand(job(), ("fa", "fb"), {2: 3})}
+    role = {t.name: t.role for t in stitch_grid.expand(job(), ("fa", "fb"), {2: 3})}
     lr = keys(job(lr=1e-3))  # the stitch's lr: the stitches and everything downstream of them
-    changed = {phase[n] for n in base if base[n] != lr[n]}
-    kept = {phase[n] for n in base if base[n] == lr[n]}
+    changed = {role[n] for n in base if base[n] != lr[n]}
+    kept = {role[n] for n in base if base[n] == lr[n]}
     assert changed == {"stitch", "zeroshot", "transfer", "probes"}
     assert kept == {"scratch_a", "scratch_b"}
 
@@ -81,7 +84,7 @@ def test_pairs_from_matching_and_explicit_list_deduplicated():
 def test_sae_jobs_share_settings_and_differ_in_model_width_budget():
     j = job()
     trials = stitch_grid.expand(j, ("fa", "fb"), {2: 3})
-    t = next(t for t in trials if t.phase == "transfer" and t.budget == 1024 and t.width == 64)
+    t = next(t for t in trials if t.role == "transfer" and t.budget == 1024 and t.width == 64)
     b = stitch_grid.sae_job(j, t, large=True)
     assert b.model.name == "B" and b.sae.d_sae == 64 and b.train.num_tokens == 1024
     assert dataclasses.replace(b.train, num_tokens=j.train.num_tokens) == j.train

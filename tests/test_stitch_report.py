@@ -38,17 +38,17 @@ def log(client: MlflowClient, run_id: str, values: dict[str, float], step: int) 
     client.log_batch(run_id, metrics=[Metric(k, float(v), 0, step) for k, v in values.items()])
 
 
-def new_run(client: MlflowClient, exp_id: str, name: str, phase: str, **tags: object) -> str:
-    all_tags = {"raysae.sweep_kind": "stitch", "raysae.phase": phase,
+def new_run(client: MlflowClient, exp_id: str, name: str, role: str, **tags: object) -> str:
+    all_tags = {"raysae.sweep_kind": "stitch", "raysae.role": role,
                 **{f"raysae.{k}": str(v) for k, v in tags.items()}}
     run_id = client.create_run(exp_id, run_name=name).info.run_id
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in all_tags.items()])
     return run_id
 
 
-def sae_run(client, exp_id, name, phase, law, offset, budget, ev_final=None, **tags) -> str:
+def sae_run(client, exp_id, name, role, law, offset, budget, ev_final=None, **tags) -> str:
     """An SAE training: the power-law curve up to its budget, checkpoint metrics at the end."""
-    run_id = new_run(client, exp_id, name, phase, width=WIDTH, budget=budget, **tags)
+    run_id = new_run(client, exp_id, name, role, width=WIDTH, budget=budget, **tags)
     for t in (t for t in TOKENS if t <= budget):
         log(client, run_id, {"train/explained_variance": ev_of(PER_TOKEN * t + offset, law)}, t)
     log(client, run_id, {"eval/explained_variance": 0.5, "eval/ces": 0.5}, budget // 2)  # earlier
@@ -129,7 +129,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def report(monkeypatch: pytest.MonkeyPatch):
     """The script's main(); MLflow's global URI (which it also exports as MLFLOW_TRACKING_URI,
-    see test_sweep.clean_env) is restored afterwards."""
+    see conftest.driver_env) is restored afterwards."""
     monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # main sets it otherwise
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # records the original value for teardown
@@ -233,7 +233,7 @@ def test_tables_match_the_closed_forms(store, report, capsys):
         assert (d / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
     exp = client.get_experiment_by_name("stitch-full")
-    assert not client.search_runs([exp.experiment_id], "tags.`raysae.phase` = 'stitch_summary'")
+    assert not client.search_runs([exp.experiment_id], "tags.`raysae.role` = 'stitch_summary'")
 
 
 def test_outputs_are_logged_to_one_summary_run(store, report, monkeypatch, tmp_path):
@@ -243,7 +243,7 @@ def test_outputs_are_logged_to_one_summary_run(store, report, monkeypatch, tmp_p
                        "--out", str(tmp_path / "out")]) == 0
     client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
     exp = client.get_experiment_by_name("stitch-logged")
-    found = client.search_runs([exp.experiment_id], "tags.`raysae.phase` = 'stitch_summary'")
+    found = client.search_runs([exp.experiment_id], "tags.`raysae.role` = 'stitch_summary'")
     assert len(found) == 1 and found[0].info.run_name == "stitch-logged stitch summary"
     names = {a.path for a in client.list_artifacts(found[0].info.run_id, "analysis")}
     expected = {"stitch_ce", "sae_transfer", "flops_to_threshold", "scaling_fit", "probes",

@@ -6,10 +6,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -17,6 +15,7 @@ import polars as pl
 import pytest
 import torch
 import yaml
+from conftest import driver_env, kill_when
 
 from raysae.config import load_config
 from raysae.distributed.stitching import stitch_dir_for
@@ -54,12 +53,6 @@ def config(toy) -> dict:
     }
 
 
-def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return {**env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local",
-            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-
-
 def runs_table(runs: Path) -> pl.DataFrame:
     mlflow.set_tracking_uri(f"sqlite:///{runs / 'mlflow.db'}")
     df = mlflow.search_runs(experiment_names=["stitch-test"])
@@ -73,20 +66,11 @@ def swept(tmp_path_factory, toy_pair):
     cfg_path.write_text(yaml.safe_dump(config(toy_pair)))
     runs = tmp / "runs"
     cmd = [sys.executable, "-m", "raysae.cli", "stitch", str(cfg_path), "--runs-dir", str(runs)]
-    # 1. kill driver and local Ray once B's stitched-init SAEs are training (stage 2)
-    first = subprocess.Popen(cmd, env=clean_env(), start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, killed = time.time() + 500, False
-    while time.time() < deadline and first.poll() is None:
-        time.sleep(0.5)
-        if list((runs / "tune").glob("stitch-test-*-stitch-stage2/*/")):
-            time.sleep(5)
-            os.killpg(first.pid, signal.SIGKILL)
-            killed = True
-            break
-    first.wait(timeout=60)
+    # 1. kill driver and local Ray once B's stitched-init SAEs are training (the transfer phase)
+    killed, _ = kill_when(cmd, driver_env(), settle_s=5, timeout_s=500,
+                          ready=lambda: any((runs / "tune").glob("stitch-test-*-stitch-transfer/*/")))
     # 2. re-submit: only what is missing runs
-    second = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=900)
+    second = subprocess.run(cmd, env=driver_env(), capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     return {"runs": runs, "cfg": cfg_path, "killed": killed, "stdout": second.stdout}
 
@@ -94,8 +78,8 @@ def swept(tmp_path_factory, toy_pair):
 def test_every_trial_finished_exactly_once(swept):
     assert swept["killed"], "the first submission finished before it could be interrupted"
     df = runs_table(swept["runs"])
-    counts = df.group_by("tags.raysae.phase").len()
-    got = dict(zip(counts["tags.raysae.phase"], counts["len"]))
+    counts = df.group_by("tags.raysae.role").len()
+    got = dict(zip(counts["tags.raysae.role"], counts["len"]))
     assert got == {"stitch_sweep": 1, "stitch": 1, "scratch_a": 1, "scratch_b": 2, "zeroshot": 1,
                    "transfer": 2, "probes": 1}
     assert set(df["status"]) == {"FINISHED"}
@@ -104,7 +88,7 @@ def test_every_trial_finished_exactly_once(swept):
 
 def test_stitch_quality_and_layer_match(swept, toy_pair):
     df = runs_table(swept["runs"])
-    stitch = df.filter(pl.col("tags.raysae.phase") == "stitch").row(0, named=True)
+    stitch = df.filter(pl.col("tags.raysae.role") == "stitch").row(0, named=True)
     vocab = toy_pair.read_report()["vocab_size"]  # a uniform guess costs log(vocab)
     assert stitch["metrics.ce/a"] < math.log(vocab) / 2 and stitch["metrics.ce/b"] < math.log(vocab) / 2
     for name in ("a_to_b", "b_to_a", "a_round_trip", "b_round_trip"):
@@ -112,7 +96,7 @@ def test_stitch_quality_and_layer_match(swept, toy_pair):
     assert stitch["metrics.map/up_ev"] > 0.5 and stitch["metrics.map/down_ev"] > 0.5
     assert stitch["metrics.lstsq/map/up_ev"] > 0.5
     layer_b = int(stitch["tags.raysae.layer_b"])
-    parent = df.filter(pl.col("tags.raysae.phase") == "stitch_sweep").row(0, named=True)
+    parent = df.filter(pl.col("tags.raysae.role") == "stitch_sweep").row(0, named=True)
     match = mlflow.artifacts.load_dict(f"{parent['artifact_uri']}/layer_match.json")
     row = match["matrix"][1]
     assert match["best"] == {"1": layer_b} and row[layer_b] == max(row)
@@ -122,7 +106,7 @@ def test_stitch_quality_and_layer_match(swept, toy_pair):
 def test_stitched_init_is_the_closed_form_transfer(swept):
     cfg = load_config(swept["cfg"])
     df = runs_table(swept["runs"])
-    key = lambda phase: df.filter(pl.col("tags.raysae.phase") == phase)["tags.raysae.run_key"][0]  # noqa: E731
+    key = lambda role: df.filter(pl.col("tags.raysae.role") == role)["tags.raysae.run_key"][0]  # noqa: E731
     cfg = dataclasses.replace(cfg, runs_dir=str(swept["runs"]))
     stitch = Stitch.load(stitch_dir_for(cfg, key("stitch")))
     sae_a = SAE.load(sae_dir_for(cfg, key("scratch_a")))
@@ -132,15 +116,15 @@ def test_stitched_init_is_the_closed_form_transfer(swept):
     assert torch.allclose(init.encode(x), expected.encode(x), atol=1e-5)
     assert init.metadata.model_name == cfg.stitch.large.name
     # the stitch's FLOPs are charged to every stitched-init run
-    stitch_flops = df.filter(pl.col("tags.raysae.phase") == "stitch")["metrics.flops"][0]
-    transfer = df.filter(pl.col("tags.raysae.phase") == "transfer")
+    stitch_flops = df.filter(pl.col("tags.raysae.role") == "stitch")["metrics.flops"][0]
+    transfer = df.filter(pl.col("tags.raysae.role") == "transfer")
     assert transfer["metrics.stitch_flops"].to_list() == [stitch_flops] * 2
     assert stitch_flops == pytest.approx(20 * stitch.d_a * stitch.d_b * cfg.stitch.num_tokens)
 
 
 def test_probes_and_feature_classes_logged(swept):
     df = runs_table(swept["runs"])
-    probes = df.filter(pl.col("tags.raysae.phase") == "probes").row(0, named=True)
+    probes = df.filter(pl.col("tags.raysae.role") == "probes").row(0, named=True)
     for label in ("topic", "number"):
         for kind in ("a_on_a", "a_on_b", "b_on_b", "random", "majority"):
             assert 0 <= probes[f"metrics.probe/{label}/{kind}"] <= 1
@@ -155,7 +139,7 @@ def test_feature_phase_covers_every_sae_of_both_models(swept):
     comparison shows the zero-shot and the stitched-init SAE of B beside it."""
     df = runs_table(swept["runs"])
     client = mlflow.tracking.MlflowClient(f"sqlite:///{swept['runs'] / 'mlflow.db'}")
-    saes = df.filter(pl.col("tags.raysae.phase").is_in(["scratch_a", "scratch_b", "zeroshot",
+    saes = df.filter(pl.col("tags.raysae.role").is_in(["scratch_a", "scratch_b", "zeroshot",
                                                         "transfer"]))
     assert saes.height == 6 and (saes["tags.raysae.features"] == "done").all()
     for task in ("sva", "ioi", "greater_than", "induction", "brackets"):
@@ -170,13 +154,13 @@ def test_feature_phase_covers_every_sae_of_both_models(swept):
         assert (m_model > 0.5).all(), task
     assert saes["metrics.circuit/mean/faithfulness/n16"].is_finite().all()
     # B's SAEs all see the same model B: the same m(M) whichever SAE is spliced
-    on_b = saes.filter(pl.col("tags.raysae.phase") != "scratch_a")["metrics.circuit/sva/m_model"]
+    on_b = saes.filter(pl.col("tags.raysae.role") != "scratch_a")["metrics.circuit/sva/m_model"]
     assert on_b.max() - on_b.min() < 1e-3
-    a_run = saes.filter(pl.col("tags.raysae.phase") == "scratch_a")["run_id"][0]
+    a_run = saes.filter(pl.col("tags.raysae.role") == "scratch_a")["run_id"][0]
     local = Path(client.download_artifacts(a_run, "dashboard_compare"))
     page = next((local / "compare").glob("*.html")).read_text()
     assert "zero-shot" in page and "stitched init" in page
-    zs = saes.filter(pl.col("tags.raysae.phase") == "zeroshot")["run_id"][0]
+    zs = saes.filter(pl.col("tags.raysae.role") == "zeroshot")["run_id"][0]
     assert "dashboard/index.html" in {a.path for a in client.list_artifacts(zs, "dashboard")}
 
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -16,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import TINY_NEOX
+from conftest import TINY_NEOX, driver_env, kill_when
 from mlflow.tracking import MlflowClient
 
 from raysae.activations import fingerprint
@@ -37,13 +34,6 @@ CONFIG = {
     "sweep": {"layers": [0, 1], "finetune_budgets": [2048], "finetune_lr": 1e-3,
               "compute_plan": False},
 }
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The environment for a driver subprocess. mlflow.set_tracking_uri (used by the checks here)
-    also exports MLFLOW_TRACKING_URI, which would send the sweep to another test's store."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return {**env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local", **extra}
 
 
 def sweep_cmd(cfg_path: Path, runs: Path) -> list[str]:
@@ -84,27 +74,14 @@ def swept(tmp_path_factory, token_file):
     cfg_path.write_text(yaml.safe_dump({**CONFIG, "data": {**CONFIG["data"], "source": str(token_file)},
                                         "features": features}))
     runs = tmp / "runs"
-    env = clean_env(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
+    env = driver_env()
 
     # 1. start the sweep and kill its whole process group (driver and local Ray) once the
     #    transfer phase is under way: the scratch phase is complete, a transfer trial is running
-    first = subprocess.Popen(sweep_cmd(cfg_path, runs), env=env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # (watch the file system, not MLflow: a second sqlite client racing the sweep's creation of
-    # the database could break it)
-    deadline = time.time() + 400
-    killed = False
-    while time.time() < deadline and first.poll() is None:
-        time.sleep(0.5)
-        transfer = list((runs / "tune").glob("sweep-test-*-transfer/*/"))
-        if transfer:
-            time.sleep(8)  # let a transfer trial get going
-            os.killpg(first.pid, signal.SIGKILL)
-            killed = True
-            break
-    first.wait(timeout=60)
+    killed, code = kill_when(sweep_cmd(cfg_path, runs), env, settle_s=8, timeout_s=400,
+                             ready=lambda: any((runs / "tune").glob("sweep-test-*-transfer/*/")))
     subprocess.run([Path(sys.executable).parent / "ray", "stop", "--force"], capture_output=True, env=env)
-    assert killed, f"the sweep ended (exit {first.returncode}) before it could be interrupted"
+    assert killed, f"the sweep ended (exit {code}) before it could be interrupted"
     before = runs_table(runs)
 
     # 2. re-submit: only what is missing runs
@@ -206,7 +183,7 @@ def test_third_submission_is_a_no_op(swept):
     _, runs, _, _ = swept
     n_before = runs_table(runs).height
     cfg_path = next(runs.parent.glob("sweep.yaml"))
-    env = clean_env()
+    env = driver_env()
     out = subprocess.run(sweep_cmd(cfg_path, runs), env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -228,7 +205,7 @@ def test_changed_feature_settings_rerun_only_the_feature_phase(swept):
     client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
     trained = runs_table(runs).filter(pl.col("tags.raysae.phase").is_in(["scratch", "transfer"]))
     ces_before = {r: client.get_metric_history(r, "eval/ces") for r in trained["run_id"]}
-    out = subprocess.run(sweep_cmd(changed, runs), env=clean_env(), capture_output=True, text=True,
+    out = subprocess.run(sweep_cmd(changed, runs), env=driver_env(), capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "8 trials finished, 0 not" in out.stdout
@@ -285,7 +262,7 @@ def test_failed_trial_is_reported_and_only_its_dependents_skipped(tmp_path, toke
     cfg_path = tmp_path / "sweep.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     runs = tmp_path / "runs"
-    env = clean_env()
+    env = driver_env()
     cache = [sys.executable, "-m", "raysae.cli", "cache", str(cfg_path), "--runs-dir", str(runs)]
     subprocess.run(cache, env=env, check=True, capture_output=True, timeout=300)
     # corrupt one shard of layer 1 (same size: only its checksum can tell)

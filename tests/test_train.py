@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import count
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from raysae.config import SAEConfig, TrainConfig
+from raysae.checkpoint import TrainState, load_train_state, save_train_state
+from raysae.config import ModelConfig, SAEConfig, StitchConfig, TrainConfig
 from raysae.sae import SAE
+from raysae.stitching.stitch import Stitch, train_stitch
 from raysae.train import (
-    TrainState,
-    checkpoint_to,
     l1_coeff_at,
-    load_train_state,
     lr_at,
-    save_train_state,
+    sae_flops_per_token,
     total_steps,
     train_sae,
 )
@@ -62,6 +62,17 @@ def build_sae(arch: str, **overrides: object) -> SAE:
     fields: dict[str, object] = dict(architecture=arch, d_sae=64, k=4, l1_coefficient=0.05)
     fields |= dict(jumprelu_threshold=0.05, jumprelu_bandwidth=0.05) | overrides
     return SAE(SAEConfig(**fields), D_IN, seed=1)  # type: ignore[arg-type]
+
+
+def checkpoint_to(folder: Path, sae: SAE) -> Callable[[TrainState], None]:
+    """An `on_checkpoint` that writes `folder/tokens_{n}/` with `state/` and a SAELens `sae/`."""
+
+    def save(state: TrainState) -> None:
+        out = folder / f"tokens_{state.tokens_seen}"
+        save_train_state(state, out / "state")
+        sae.save(out / "sae")
+
+    return save
 
 
 def test_schedule_boundaries() -> None:
@@ -166,7 +177,8 @@ def test_resume_gives_identical_weights(arch: str, tmp_path: Path) -> None:
         assert torch.equal(resumed.state_dict()[name], value), name
     for key, value in final.optimizer.items():
         assert torch.equal(final2.optimizer[key], value), key
-    assert torch.equal(final2.tokens_since_fired_F, final.tokens_since_fired_F)
+    since = "tokens_since_fired_F"
+    assert torch.equal(final2.extra[since], final.extra[since])
 
 
 def test_train_state_files_hold_no_pickles(tmp_path: Path) -> None:
@@ -177,8 +189,8 @@ def test_train_state_files_hold_no_pickles(tmp_path: Path) -> None:
         "state.safetensors",
     ]
     back = load_train_state(tmp_path / "st")
-    assert back.step == state.step and back.sae.keys() == state.sae.keys()
-    assert torch.equal(back.rng["cpu"], state.rng["cpu"])
+    assert back.step == state.step and back.model.keys() == state.model.keys()
+    assert torch.equal(back.extra["rng_cpu"], state.extra["rng_cpu"])
 
 
 def test_checkpoint_to_writes_state_and_a_loadable_sae(tmp_path: Path) -> None:
@@ -191,6 +203,43 @@ def test_checkpoint_to_writes_state_and_a_loadable_sae(tmp_path: Path) -> None:
     assert load_train_state(tmp_path / "tokens_1024" / "state").tokens_seen == 1024
 
 
+def train_either(kind: str, batches: Iterable[torch.Tensor], **kw: Any) -> TrainState:
+    """Train an SAE, or a stitch on (x, 2x + 1) pairs, on the same budget: 1000 tokens in
+    global steps of 256, checkpoints every 500 tokens, metrics every 2 steps."""
+    if kind == "sae":
+        cfg = build_train_cfg(num_tokens=1000, checkpoint_every_tokens=500, log_every_steps=2)
+        return train_sae(build_sae("relu"), cfg, batches, **kw)
+    large = ModelConfig(name="b")
+    s = StitchConfig(large=large, pairs=((0, 0),), num_tokens=1000, batch_size=256,
+                     checkpoint_every_tokens=500)
+    pairs = ((x, 2 * x + 1) for x in batches)
+    return train_stitch(Stitch(D_IN, D_IN), s, pairs, log_every_steps=2, **kw)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("kind", ["sae", "stitch"])
+def test_sae_and_stitch_share_one_loop(kind: str, world_size: int) -> None:
+    """The exact budget (the last batch trimmed on each worker), the log and checkpoint points
+    and the out-of-data error come from one skeleton: the same for a stitch as for an SAE."""
+    seen: list[int] = []
+    saved: list[int] = []
+    reduced: list[int] = []
+    state = train_either(
+        kind,
+        sparse_batches(256 // world_size),
+        world_size=world_size,
+        on_metrics=lambda t, m: seen.append(t),
+        on_checkpoint=lambda st: saved.append(st.tokens_seen),
+        allreduce_grads=lambda params: reduced.append(len(params)),
+    )
+    assert (state.step, state.tokens_seen) == (4, 1000)  # 256 * 3 + 232
+    assert seen == [512, 1000] and saved == [512, 1000] and len(reduced) == 4
+    section = "train" if kind == "sae" else "stitch"
+    two_steps = [torch.randn(256 // world_size, D_IN) for _ in range(2)]
+    with pytest.raises(ValueError, match=f"ran out 488 tokens .* lower {section}.num_tokens"):
+        train_either(kind, two_steps, world_size=world_size)
+
+
 def test_dead_latents_are_counted() -> None:
     sae = build_sae("relu")
     with torch.no_grad():
@@ -198,7 +247,7 @@ def test_dead_latents_are_counted() -> None:
     cfg = build_train_cfg(num_tokens=3000, dead_window_tokens=1000, lr=1e-6, log_every_steps=2)
     reports: list[dict[str, float]] = []
     state = train_sae(sae, cfg, sparse_batches(256), on_metrics=lambda t, m: reports.append(m))
-    assert (state.tokens_since_fired_F[:16] == 3000).all()
+    assert (state.extra["tokens_since_fired_F"][:16] == 3000).all()
     assert reports[-1]["dead_fraction"] == pytest.approx(16 / 64)
     assert reports[0]["dead_fraction"] == 0.0  # nobody is dead before a full window
 
@@ -235,14 +284,12 @@ def test_core_modules_import_no_ray_or_mlflow() -> None:
 
 
 def test_flops_are_counted_per_token() -> None:
-    from raysae.train import flops_per_token
-
     D, F, k, B = 32, 256, 8, 64
     cfg = TrainConfig(num_tokens=4096, batch_size=B)
     x = torch.randn(B, D)
-    dense = flops_per_token(SAE(SAEConfig(architecture="relu", d_sae=F), D), x, cfg)
+    dense = sae_flops_per_token(SAE(SAEConfig(architecture="relu", d_sae=F), D), x, cfg)
     # five [B, D] x [D, F]-sized products per step (encoder, decoder, their three gradients)
     assert 5 * 2 * D * F <= dense <= 5.5 * 2 * D * F
-    sparse = flops_per_token(SAE(SAEConfig(architecture="topk", d_sae=F, k=k), D), x, cfg)
+    sparse = sae_flops_per_token(SAE(SAEConfig(architecture="topk", d_sae=F, k=k), D), x, cfg)
     # the dense encoder plus O(k D) for the sparse decode and backward: far below relu
     assert 2 * D * F + 2 * k * D <= sparse <= 2 * D * F + 10 * 2 * k * D

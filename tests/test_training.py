@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 
+import chaos
 import pytest
+import ray.cloudpickle
+from chaos import Trace, row_digest
 from conftest import build_cfg
 from mlflow.tracking import MlflowClient
 
@@ -16,6 +18,7 @@ from raysae.sae import SAE
 from raysae.tracking import RUN_KEY_TAG, tracking_uri
 
 pytestmark = pytest.mark.ray
+ray.cloudpickle.register_pickle_by_value(chaos)  # the hooks run on the Train workers
 
 BUDGET = 8192
 
@@ -51,7 +54,7 @@ def shard_rows(directory, files):
     rows = set()
     for info in infos:
         for r in reader.vectors(reader.read_shard(info)):
-            rows.add(hashlib.sha256(r.numpy().tobytes()).hexdigest()[:12])
+            rows.add(row_digest(r))
     return rows
 
 
@@ -69,7 +72,7 @@ def uninterrupted(job, tmp_path_factory):
 
     cfg, directory = job
     debug = tmp_path_factory.mktemp("debug")
-    return train_on_ray(cfg, spec(directory, "plain"), debug_dir=str(debug)), debug
+    return train_on_ray(cfg, spec(directory, "plain"), hooks=Trace(str(debug))), debug
 
 
 def test_data_parallel_training_lowers_loss_and_logs(job, uninterrupted):
@@ -99,18 +102,18 @@ def test_data_parallel_training_lowers_loss_and_logs(job, uninterrupted):
     assert ev[-1].value > 0.5
     assert {a.path for a in client.list_artifacts(run.info.run_id, "sae")} == {
         "sae/cfg.json", "sae/sae_weights.safetensors"}
-    assert SAE.load(result.sae_dir).d_sae == 256
+    assert SAE.load(result.out_dir).d_sae == 256
     assert result.run_id == run.info.run_id
 
 
 def test_killed_worker_resumes_from_checkpoint_with_exact_budget(job, uninterrupted, tmp_path):
-    from raysae.distributed.training import FaultInjection, train_on_ray
+    from raysae.distributed.training import train_on_ray
 
     cfg, directory = job
     marker = tmp_path / "killed"
     debug = tmp_path / "debug"
-    fault = FaultInjection(kill_at_tokens=5000, marker=str(marker), rank=1)
-    result = train_on_ray(cfg, spec(directory, "killed"), fault=fault, debug_dir=str(debug))
+    hooks = Trace(str(debug), kill_at_tokens=5000, marker=str(marker), kill_rank=1)
+    result = train_on_ray(cfg, spec(directory, "killed"), hooks=hooks)
     assert marker.exists()  # the worker really died once
     # the second attempt started from the 4096-token checkpoint, not from scratch
     resumed = {p.name for p in debug.iterdir()}
@@ -123,7 +126,7 @@ def test_killed_worker_resumes_from_checkpoint_with_exact_budget(job, uninterrup
     assert max(tokens) == BUDGET
     # identical to the uninterrupted run: same data order, same optimiser state
     plain, _ = uninterrupted
-    a, b = SAE.load(plain.sae_dir), SAE.load(result.sae_dir)
+    a, b = SAE.load(plain.out_dir), SAE.load(result.out_dir)
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         assert (getattr(a, name) - getattr(b, name)).abs().max() < 1e-6, name
 

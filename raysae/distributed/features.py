@@ -20,9 +20,10 @@ changed settings re-evaluate every checkpoint, and the training runs themselves 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import polars as pl
 import ray
@@ -30,16 +31,31 @@ import torch
 
 from raysae.activations import heldout_tokens, special_token_ids
 from raysae.config import ConfigError, JobConfig, digest, from_dict, to_dict
-from raysae.distributed import root_cause
-from raysae.distributed.training import checkpoint_saes, run_name_for, sae_dir_for
+from raysae.distributed.engine import WORKER_CPUS, fan_out, run_name_for
+from raysae.distributed.training import checkpoint_saes, sae_dir_for
 from raysae.features import circuits, dashboard
 from raysae.features.tasks import TaskSet, load_tasks
 from raysae.models import hook_name, load_lm, load_tokenizer
 from raysae.sae import SAE
 from raysae.tracking import Tracker, tracking_uri
 
+log = logging.getLogger("raysae.features")
+
 DONE_TAG = "raysae.features"
 CONFIG_TAG = "raysae.features.config"
+
+
+class SAERef(NamedTuple):
+    """A trained SAE found by its training key."""
+
+    label: str
+    """Readable name (dashboard column titles)."""
+    key: str
+    """Its training key."""
+    layer: int
+    """Layer the SAE reads."""
+    large: bool = False
+    """Whether it reads the stitch sweep's large model B."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +70,8 @@ class FeatureTarget:
     """Layer the SAE reads (its site is the sweep's)."""
     large: bool = False
     """Whether the SAE reads the stitch sweep's large model B (`stitch.large`), not `model`."""
-    compare: tuple[tuple[str, str, int, bool], ...] = ()
-    """(label, key, layer, large) of SAEs transferred from this one, shown beside it feature by
-    feature."""
+    compare: tuple[SAERef, ...] = ()
+    """SAEs transferred from this one, shown beside it feature by feature."""
 
 
 def load_task_sets(job: JobConfig) -> list[TaskSet]:
@@ -91,40 +106,49 @@ def features_phase(
     if fc is None or not targets:
         return {}, {}
     gpu = 1 if job.train.use_gpu else 0
-    tasks_ref = ray.put(task_sets)
-    refs = {
-        t.key: _evaluate_sae.options(num_gpus=gpu, max_retries=max_retries).remote(
-            to_dict(job), dataclasses.asdict(t), site, tasks_ref
-        )
-        for t in targets
-    }
-    done, errors = {}, {}
-    for key, ref in refs.items():
-        try:
-            done[key] = ray.get(ref)
-        except Exception as e:  # one SAE's failure does not stop the others
-            errors[key] = f"features failed: {root_cause(e)}"
-    return done, errors
+    groups = {t.key: [t.key] for t in targets}
+    return fan_out(_evaluate_sae, groups, to_dict(job), {t.key: t for t in targets}, site,
+                   ray.put(task_sets), max_retries=max_retries, error_prefix="features failed",
+                   num_gpus=gpu)
 
 
-@ray.remote(num_cpus=0.5)
+def run_features_phase(
+    job: JobConfig,
+    targets: list[FeatureTarget],
+    site: str,
+    task_sets: list[TaskSet],
+    max_retries: int,
+    tracker: Tracker,
+    parent: str,
+) -> dict[str, str]:
+    """The feature phase of a sweep: evaluate every target, tag the tally on the parent run;
+    returns why each failed target failed, keyed `features:<key>`."""
+    _, errors = features_phase(job, targets, site, task_sets, max_retries)
+    status = f"{len(targets) - len(errors)} done, {len(errors)} failed"
+    tracker.set_tags(parent, {"raysae.status.features": status})
+    log.info("phase features: %s", status)
+    return {f"features:{k}": why for k, why in errors.items()}
+
+
+@ray.remote(num_cpus=WORKER_CPUS)
 def _evaluate_sae(
-    job_d: dict, target_d: dict, site: str, task_sets: list[TaskSet]
-) -> dict[str, float]:
-    job = from_dict(JobConfig, job_d)
-    target = FeatureTarget(**{**target_d, "compare": tuple(map(tuple, target_d["compare"]))})
+    keys: list[str], job_d: dict, targets: dict[str, FeatureTarget], site: str,
+    task_sets: list[TaskSet],
+) -> dict[str, dict[str, float]]:
+    (key,) = keys
+    job, target = from_dict(JobConfig, job_d), targets[key]
     tracker = Tracker(tracking_uri(job.runs_dir), job.name)
     run_id = tracker.find(target.key)
     if run_id is None:
         raise RuntimeError(f"no MLflow run carries the key {target.key!r}")
-    tags = tracker.client.get_run(run_id).data.tags
+    tags = tracker.tags(run_id)
     settings = digest(to_dict(job.features))
     fresh = tags.get(CONFIG_TAG) != settings  # first visit, or the features settings changed
     if not fresh and tags.get(DONE_TAG) == "done":
-        metrics = tracker.client.get_run(run_id).data.metrics
-        return {k: v for k, v in metrics.items() if k.startswith("circuit/mean/")}
+        return {key: {k: v for k, v in tracker.metrics(run_id).items()
+                      if k.startswith("circuit/mean/")}}
     tracker.set_tags(run_id, {CONFIG_TAG: settings, DONE_TAG: "running"})
-    return FeatureEvaluation(job, site, task_sets, tracker).run(target, run_id, redo=fresh)
+    return {key: FeatureEvaluation(job, site, task_sets, tracker).run(target, run_id, redo=fresh)}
 
 
 class FeatureEvaluation:
@@ -161,8 +185,8 @@ class FeatureEvaluation:
         if self.fc.checkpoints == "final" or not ckpts:
             tokens = ckpts[-1][0] if ckpts else 0
             ckpts = [(tokens, sae_dir_for(self.job, target.key))]
-        history = self.tracker.client.get_metric_history(run_id, "circuit/mean/m_model")
-        logged = set() if redo else {m.step for m in history}
+        history = self.tracker.history(run_id, "circuit/mean/m_model")
+        logged = set() if redo else {step for step, _ in history}
         values: dict[str, float] = {}
         for tokens, folder in ckpts:
             if tokens in logged:
@@ -182,7 +206,7 @@ class FeatureEvaluation:
             values = {k: v for r in results for k, v in r.metrics().items()}
             values |= circuits.mean_over_tasks(results)
             if final:  # the per-feature view, before the metrics that mark the step as done
-                table = pl.DataFrame(circuits.feature_table(results, sizes[0]))
+                table = pl.DataFrame(circuits.circuit_feature_table(results, sizes[0]))
                 with tempfile.TemporaryDirectory() as tmp:
                     table.write_parquet(Path(tmp) / "features.parquet")
                     self.tracker.log_artifacts(run_id, tmp, "circuits")
@@ -216,8 +240,8 @@ class FeatureEvaluation:
         if target.compare:
             indices = [s.index for s in own]
             columns: list[tuple[str, Any]] = [(target.name, own)]
-            for label, key, layer, large in target.compare:
-                columns.append((label, stats(key, layer, large, indices)[1]))
+            for ref in target.compare:
+                columns.append((ref.label, stats(ref.key, ref.layer, ref.large, indices)[1]))
             out = dashboard.write_comparison(
                 columns, root / f"{run_name_for(target.key)}-compare", decode,
                 f"{job.name}: {target.name} beside the SAEs transferred from it", meta,

@@ -1,6 +1,7 @@
-"""Ray Tune: the model-stitching sweep, stage by stage, resumable after any interruption.
+"""Ray Tune: the model-stitching sweep, phase by phase on the engine, resumable after any
+interruption.
 
-Stages follow `raysae.stitching.grid`: the optional layer matching (a Ray task: SVCCA or CKA of
+Phases follow `raysae.stitching.grid`: the optional layer matching (a Ray task: SVCCA or CKA of
 every A layer against every B layer picks each matched A layer's partner), caching of A's and
 B's layers from the same tokens (Ray Data), then one Tune experiment that fits the stitches
 (Ray Train, `raysae.distributed.stitching`) and trains the SAEs of A and B's scratch SAEs (Ray
@@ -14,6 +15,7 @@ keys, MLflow runs are found by their key tag, and finished evaluations are not r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import tempfile
 from pathlib import Path
@@ -21,16 +23,29 @@ from typing import Any
 
 import ray
 import torch
-from ray import tune
 
 from raysae.activations import fingerprint, heldout_tokens, job_tokens, special_token_ids
 from raysae.config import ConfigError, JobConfig, flatten, from_dict, sweep_digest, to_dict
-from raysae.distributed import root_cause
 from raysae.distributed.caching import cache_activations
-from raysae.distributed.features import FeatureTarget, features_phase, load_task_sets
+from raysae.distributed.engine import (
+    WORKER_CPUS,
+    Done,
+    Errors,
+    FitResult,
+    Phase,
+    SweepResult,
+    fan_out,
+    run_phases,
+    tune_phase,
+)
+from raysae.distributed.features import (
+    FeatureTarget,
+    SAERef,
+    load_task_sets,
+    run_features_phase,
+)
 from raysae.distributed.stitching import StitchSpec, stitch_dir_for, train_stitch_on_ray
 from raysae.distributed.training import TrainSpec, sae_dir_for, train_on_ray
-from raysae.distributed.transfer_sweep import SweepResult, run_tune_experiment
 from raysae.evaluate import evaluate_sae
 from raysae.models import hook_name, load_lm, load_tokenizer, validate_sites
 from raysae.sae import SAE
@@ -43,7 +58,7 @@ log = logging.getLogger("raysae.stitch_sweep")
 
 
 def run_stitch_sweep(job: JobConfig) -> SweepResult:
-    """Run (or resume) every stage of the job's stitch sweep."""
+    """Run (or resume) every phase of the job's stitch sweep."""
     s = job.stitch
     if s is None:
         raise ConfigError("stitch: the config has no stitch section")
@@ -54,7 +69,8 @@ def run_stitch_sweep(job: JobConfig) -> SweepResult:
     digest = sweep_digest(job)
     task_sets = load_task_sets(job)  # task files checked and tokenised before any work
     tracker = Tracker.for_runs_dir(job.runs_dir, job.name)
-    tags = {"raysae.phase": "stitch_sweep", "raysae.sweep_kind": stitch_grid.SWEEP_KIND}
+    tags = {"raysae.phase": "sweep", "raysae.role": "stitch_sweep",
+            "raysae.sweep_kind": stitch_grid.SWEEP_KIND}
     parent = tracker.open_run(f"stitch_sweep:{digest}", f"{job.name} stitch sweep", tags, flatten(job))
 
     matches = None
@@ -71,47 +87,32 @@ def run_stitch_sweep(job: JobConfig) -> SweepResult:
     }
     tracker.set_tags(parent, {"raysae.status.cache": "done", "raysae.pairs": str(list(pairs))})
 
-    finished: dict[str, dict[str, float]] = {}
-    failed: dict[str, str] = {}
-    for i, stage in enumerate(stitch_grid.stages(trials)):
-        todo = []
-        for t in stage:
-            missing = [d for d in t.depends_on if d not in finished]
-            if missing:
-                failed[t.key] = f"skipped: depends on {missing[0]}, which did not finish"
-            else:
-                todo.append(t)
-        if not todo:
-            continue
-        payload = {"job": to_dict(job), "trials": {t.key: dataclasses.asdict(t) for t in todo},
-                   "dirs": dirs, "parent": parent}
-        if todo[0].phase in ("zeroshot", "probes"):
-            done, errors = _run_tasks(job, todo, payload)
-        else:
-            trainable = tune.with_parameters(_train_trial, **payload)
-            name = f"{job.name}-{digest}-stitch-stage{i}"
-            done, errors = run_tune_experiment(
-                job, name, [t.key for t in todo], trainable, s.max_failures
-            )
-        finished.update(done)
-        failed.update(errors)
-        names = "-".join(dict.fromkeys(t.phase for t in stage))
-        status = f"{len(done)} done, {len(stage) - len(done)} not done"
-        tracker.set_tags(parent, {f"raysae.status.{names}": status})
-        log.info("stage %s: %s", names, status)
+    payload = {"job": to_dict(job), "trials": {t.key: dataclasses.asdict(t) for t in trials},
+               "dirs": dirs, "parent": parent}
+
+    def train(phase: str, todo: list[StitchTrial]) -> tuple[Done, Errors]:
+        return tune_phase(job, f"{job.name}-{digest}-stitch-{phase}", [t.key for t in todo],
+                          _train_trial, payload, s.max_failures)
+
+    def per_pair(task: Any, todo: list[StitchTrial]) -> tuple[Done, Errors]:
+        by_pair: dict[str, list[str]] = {}
+        for t in todo:
+            by_pair.setdefault(t.pair, []).append(t.key)
+        return fan_out(task, by_pair, payload, max_retries=s.max_failures)
+
+    run = {"fit": functools.partial(train, "fit"), "zeroshot": functools.partial(per_pair, _zeroshot_pair),
+           "transfer": functools.partial(train, "transfer"), "probes": functools.partial(per_pair, _probes_pair)}
+    phases = [Phase(p, ts, run[p]) for p, ts in stitch_grid.phases(trials).items()]
+    finished, failed = run_phases(phases, tracker, parent)
 
     if job.features is not None:
         targets = stitch_feature_targets([t for t in trials if t.key in finished])
-        _, errors = features_phase(job, targets, s.site, task_sets, s.max_failures)
-        failed.update({f"features:{k}": why for k, why in errors.items()})
-        status = f"{len(targets) - len(errors)} done, {len(errors)} failed"
-        tracker.set_tags(parent, {"raysae.status.features": status})
-        log.info("stage features: %s", status)
+        failed |= run_features_phase(job, targets, s.site, task_sets, s.max_failures, tracker, parent)
 
     _log_stitch_flops(job, trials, finished, tracker)
     summary = {"pairs": [list(p) for p in pairs], "matches": matches, "failed": failed,
-               "trials": {p: sum(t.phase == p for t in trials) for stage in stitch_grid.STAGES
-                          for p in stage}}
+               "trials": {r: sum(t.role == r for t in trials)
+                          for roles in stitch_grid.PHASES.values() for r in roles}}
     tracker.log_dict(parent, summary, "stitch_summary.json")
     tracker.finish(parent, "FINISHED" if not failed else "FAILED")
     return SweepResult(parent, finished, failed, summary)
@@ -123,18 +124,18 @@ def stitch_feature_targets(trials: list[StitchTrial]) -> list[FeatureTarget]:
     stitched-init SAE of the largest budget (the same feature indices, carried by the stitch)."""
     targets = []
     for t in trials:
-        if t.phase not in ("scratch_a", "scratch_b", "zeroshot", "transfer"):
+        if t.role not in ("scratch_a", "scratch_b", "zeroshot", "transfer"):
             continue
-        compare: list[tuple[str, str, int, bool]] = []
-        if t.phase == "scratch_a":
+        compare: list[SAERef] = []
+        if t.role == "scratch_a":
             for z in trials:
-                if z.phase == "zeroshot" and t.key in z.depends_on:
-                    compare.append((z.name, z.key, z.layer_b, True))
-                    grown = [c for c in trials if c.phase == "transfer" and c.depends_on == (z.key,)]
+                if z.role == "zeroshot" and t.key in z.depends_on:
+                    compare.append(SAERef(z.name, z.key, z.layer_b, True))
+                    grown = [c for c in trials if c.role == "transfer" and c.depends_on == (z.key,)]
                     if grown:
                         c = max(grown, key=lambda c: c.budget)
-                        compare.append((c.name, c.key, c.layer_b, True))
-        large = t.phase != "scratch_a"
+                        compare.append(SAERef(c.name, c.key, c.layer_b, True))
+        large = t.role != "scratch_a"
         layer = t.layer_b if large else t.layer_a
         targets.append(FeatureTarget(t.key, t.name, layer, large, tuple(compare)))
     return targets
@@ -145,7 +146,7 @@ def _log_stitch_flops(job: JobConfig, trials: list[StitchTrial], finished: dict,
     against it in the FLOPs-to-quality comparison (the small SAE's do not)."""
     by_key = {t.key: t for t in trials}
     for t in trials:
-        if t.phase != "transfer" or t.key not in finished:
+        if t.role != "transfer" or t.key not in finished:
             continue
         stitch_key = by_key[t.depends_on[0]].depends_on[0]
         flops = finished.get(stitch_key, {}).get("flops")
@@ -158,81 +159,52 @@ def _log_stitch_flops(job: JobConfig, trials: list[StitchTrial], finished: dict,
 # Trainings: stitches and SAEs, one Tune trainable
 
 
-def _train_trial(config: dict[str, Any], job: dict, trials: dict, dirs: dict, parent: str) -> None:
-    """A Tune function trainable: fit the stitch or train the SAE named by config["key"]."""
+def _train_trial(key: str, job: dict, trials: dict, dirs: dict, parent: str) -> FitResult:
+    """Fit the stitch or train the SAE of one trial on Ray Train."""
     job_cfg = from_dict(JobConfig, job)
     s = job_cfg.stitch
-    trial = StitchTrial(**trials[config["key"]])
+    trial = StitchTrial(**trials[key])
     site = s.site
-    if trial.phase == "stitch":
+    if trial.role == "stitch":
         spec = StitchSpec(
             key=trial.key, name=trial.name, layer_a=trial.layer_a, layer_b=trial.layer_b,
             shards_a=dirs["a"][hook_name(site, trial.layer_a)],
             shards_b=dirs["b"][hook_name(site, trial.layer_b)],
             tags=trial.tags, parent_run=parent,
         )
-        result = train_stitch_on_ray(job_cfg, spec, max_failures=s.max_failures)
-        tune.report({**result.metrics, "out_dir": str(result.stitch_dir)})
-        return
-    large = trial.phase != "scratch_a"
+        return train_stitch_on_ray(job_cfg, spec, max_failures=s.max_failures)
+    large = trial.role != "scratch_a"
     layer = trial.layer_b if large else trial.layer_a
     # B's SAE from the stitched initialisation starts from the zero-shot trial's saved SAE
-    init = str(sae_dir_for(job_cfg, trial.depends_on[0])) if trial.phase == "transfer" else None
+    init = str(sae_dir_for(job_cfg, trial.depends_on[0])) if trial.role == "transfer" else None
     spec = TrainSpec(
         key=trial.key, name=trial.name, shards_dir=dirs["b" if large else "a"][hook_name(site, layer)],
         init_from=init, tags=trial.tags, parent_run=parent,
     )
-    result = train_on_ray(stitch_grid.sae_job(job_cfg, trial, large), spec, max_failures=s.max_failures)
-    tune.report({**result.metrics, "out_dir": str(result.sae_dir)})
+    return train_on_ray(stitch_grid.sae_job(job_cfg, trial, large), spec, max_failures=s.max_failures)
 
 
 # ---------------------------------------------------------------------------------------------
 # Evaluations: Ray tasks, one per pair
 
 
-def _run_tasks(job: JobConfig, todo: list[StitchTrial], payload: dict) -> tuple[dict, dict]:
-    by_pair: dict[str, list[str]] = {}
-    for t in todo:
-        by_pair.setdefault(t.pair, []).append(t.key)
-    task = _zeroshot_pair if todo[0].phase == "zeroshot" else _probes_pair
-    refs = {pair: task.options(max_retries=job.stitch.max_failures).remote(keys, **payload)
-            for pair, keys in by_pair.items()}
-    done, errors = {}, {}
-    for pair, ref in refs.items():
-        try:
-            done.update(ray.get(ref))
-        except Exception as e:  # one pair's failure does not stop the others
-            for key in by_pair[pair]:
-                errors[key] = f"failed: {root_cause(e)}"
-    return done, errors
-
-
-def _finished_metrics(tracker: Tracker, key: str) -> dict[str, float] | None:
-    run_id = tracker.find(key)
-    if run_id is not None:
-        run = tracker.client.get_run(run_id)
-        if run.info.status == "FINISHED":
-            return dict(run.data.metrics)
-    return None
-
-
 def _heldout(job: JobConfig) -> tuple[torch.Tensor, list[int]]:
     return heldout_tokens(job), special_token_ids(job.model, load_tokenizer(job.model, job.data))
 
 
-@ray.remote(num_cpus=0.5)
-def _zeroshot_pair(keys: list[str], job: dict, trials: dict, dirs: dict, parent: str) -> dict:
+@ray.remote(num_cpus=WORKER_CPUS)
+def _zeroshot_pair(keys: list[str], payload: dict[str, Any]) -> Done:
     """A's SAEs carried to B through the pair's stitch: saved (the stitched initialisation) and
     evaluated on B with every SAE metric."""
-    job_cfg = from_dict(JobConfig, job)
+    job_cfg = from_dict(JobConfig, payload["job"])
     s = job_cfg.stitch
     tracker = Tracker(tracking_uri(job_cfg.runs_dir), job_cfg.name)
-    out: dict[str, dict[str, float]] = {}
+    out: Done = {}
     model_b = tokens = special = None
     for key in keys:
-        trial = StitchTrial(**trials[key])
+        trial = StitchTrial(**payload["trials"][key])
         target = sae_dir_for(job_cfg, key)
-        done = _finished_metrics(tracker, key)
+        done = tracker.finished_metrics(key)
         if done is not None and target.exists():
             out[key] = done
             continue
@@ -249,7 +221,7 @@ def _zeroshot_pair(keys: list[str], job: dict, trials: dict, dirs: dict, parent:
         sae.save(target)
         res = evaluate_sae(model_b, sae, s.site, trial.layer_b, tokens, special)
         values = {f"eval/{k}": v for k, v in res.as_dict().items()}
-        run_id = tracker.open_run(key, trial.name, trial.tags, {}, parent)
+        run_id = tracker.open_run(key, trial.name, trial.tags, {}, payload["parent"])
         tracker.log_metrics(run_id, values, step=0)
         tracker.log_artifacts(run_id, target, "sae")
         tracker.finish(run_id)
@@ -257,20 +229,20 @@ def _zeroshot_pair(keys: list[str], job: dict, trials: dict, dirs: dict, parent:
     return out
 
 
-@ray.remote(num_cpus=0.5)
-def _probes_pair(keys: list[str], job: dict, trials: dict, dirs: dict, parent: str) -> dict:
+@ray.remote(num_cpus=WORKER_CPUS)
+def _probes_pair(keys: list[str], payload: dict[str, Any]) -> Done:
     """Probes, sparse probes, steering and feature classes of one stitch pair."""
-    from raysae.stitching.feature_classes import class_summary, feature_table, load_variants
+    from raysae.stitching.feature_classes import class_summary, feature_class_table, load_variants
     from raysae.stitching.probes import load_labelled, probe_and_steer
 
-    job_cfg = from_dict(JobConfig, job)
+    job_cfg = from_dict(JobConfig, payload["job"])
     s = job_cfg.stitch
     tracker = Tracker(tracking_uri(job_cfg.runs_dir), job_cfg.name)
     (key,) = keys
-    done = _finished_metrics(tracker, key)
+    done = tracker.finished_metrics(key)
     if done is not None:
         return {key: done}
-    trial = StitchTrial(**trials[key])
+    trial = StitchTrial(**payload["trials"][key])
     stitch = Stitch.load(stitch_dir_for(job_cfg, trial.depends_on[0]))
     saes = {}
     for sae_key in trial.depends_on[1:]:
@@ -281,7 +253,7 @@ def _probes_pair(keys: list[str], job: dict, trials: dict, dirs: dict, parent: s
     special = special_token_ids(job_cfg.model, tokenizer)
     la, lb = trial.layer_a, trial.layer_b
     values: dict[str, float] = {}
-    run_id = tracker.open_run(key, trial.name, trial.tags, {}, parent)
+    run_id = tracker.open_run(key, trial.name, trial.tags, {}, payload["parent"])
     if s.probes is not None:
         data = load_labelled(s.probes, tokenizer, job_cfg.data.context_length)
         values |= probe_and_steer(model_a, model_b, stitch, s.site, la, lb, data, s.probes, saes, special)
@@ -291,7 +263,7 @@ def _probes_pair(keys: list[str], job: dict, trials: dict, dirs: dict, parent: s
         variants = load_variants(s.variants)
         with tempfile.TemporaryDirectory() as tmp:
             for width, sae in saes.items():
-                table = feature_table(model_a, model_b, sae, stitch, s.site, la, lb, tokens,
+                table = feature_class_table(model_a, model_b, sae, stitch, s.site, la, lb, tokens,
                                       ~torch.isin(tokens, special_t), variants,
                                       variants_mask_GVT=~torch.isin(variants, special_t))
                 values |= {f"features/w{width}/{k}": v for k, v in class_summary(table).items()}
@@ -306,7 +278,7 @@ def _probes_pair(keys: list[str], job: dict, trials: dict, dirs: dict, parent: s
 # Layer matching
 
 
-@ray.remote(num_cpus=0.5)
+@ray.remote(num_cpus=WORKER_CPUS)
 def _match_layers(job: dict) -> dict[str, Any]:
     """Similarity of every layer of A with every layer of B at the stitch site, on held-out
     tokens after the evaluation tokens; the best B layer per matched A layer."""

@@ -16,19 +16,33 @@ still fails after its retries is reported; trials that depend on it are skipped,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-from pathlib import Path
 from typing import Any
 
 import ray
 import torch
-from ray import tune
 
 from raysae.activations import fingerprint, heldout_tokens, special_token_ids
 from raysae.config import ConfigError, JobConfig, flatten, from_dict, sweep_digest, to_dict
-from raysae.distributed import root_cause
 from raysae.distributed.caching import cache_activations
-from raysae.distributed.features import FeatureTarget, features_phase, load_task_sets
+from raysae.distributed.engine import (
+    WORKER_CPUS,
+    Done,
+    Errors,
+    FitResult,
+    Phase,
+    SweepResult,
+    fan_out,
+    run_phases,
+    tune_phase,
+)
+from raysae.distributed.features import (
+    FeatureTarget,
+    SAERef,
+    load_task_sets,
+    run_features_phase,
+)
 from raysae.distributed.training import TrainSpec, sae_dir_for, train_on_ray
 from raysae.evaluate import evaluate_sae
 from raysae.models import hook_name, load_lm, load_tokenizer
@@ -43,25 +57,14 @@ TOP_K_TOKENS = 10
 """Tokens per feature compared by the transfer score (top/bottom logits, max-activating)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class SweepResult:
-    parent_run: str
-    """MLflow run id of the sweep."""
-    finished: dict[str, dict[str, float]]
-    """Trial key -> final metrics, for every trial that completed."""
-    failed: dict[str, str]
-    """Trial key -> why it did not complete (its error, or the failed trial it needed)."""
-    summary: dict[str, Any]
-    """The compute-plan token summary and per-phase counts."""
-
-
 def run_sweep(job: JobConfig) -> SweepResult:
     """Run (or resume) every phase of the job's sweep."""
     sweep = job.sweep
     if sweep is None:
         raise ConfigError("sweep: the config has no sweep section")
     digest = sweep_digest(job)
-    trials = grid.expand(job, sweep, grid.base_digest(job, fingerprint(job)))  # validates the declaration before any work
+    # validates the declaration before any work
+    trials = grid.expand(job, sweep, grid.base_digest(job, fingerprint(job)))
     by_phase = grid.phases(trials)
     task_sets = load_task_sets(job)  # task files checked and tokenised before any work
     tracker = Tracker.for_runs_dir(job.runs_dir, job.name)
@@ -71,33 +74,27 @@ def run_sweep(job: JobConfig) -> SweepResult:
     dirs = {k: str(v) for k, v in cache_activations(job).items()}
     tracker.set_tags(parent, {"raysae.status.cache": "done"})
 
-    finished: dict[str, dict[str, float]] = {}
-    failed: dict[str, str] = {}
-    for phase in grid.PHASES:
-        todo = []
-        for t in by_phase[phase]:
-            missing = [d for d in t.depends_on if d not in finished]
-            if missing:
-                failed[t.key] = f"skipped: depends on {missing[0]}, which did not finish"
-            else:
-                todo.append(t)
-        if phase == "zeroshot":
-            done, errors = _zeroshot_phase(job, todo, dirs, parent)
-        else:
-            done, errors = _tune_phase(job, phase, digest, todo, dirs, parent)
-        finished.update(done)
-        failed.update(errors)
-        status = f"{len(done)} done, {len(by_phase[phase]) - len(done)} not done"
-        tracker.set_tags(parent, {f"raysae.status.{phase}": status})
-        log.info("phase %s: %s", phase, status)
+    payload = {"job": to_dict(job), "trials": {t.key: dataclasses.asdict(t) for t in trials},
+               "dirs": dirs, "parent": parent}
+
+    def train(phase: str, todo: list[grid.Trial]) -> tuple[Done, Errors]:
+        return tune_phase(job, f"{job.name}-{digest}-{phase}", [t.key for t in todo], _train_trial,
+                          payload, sweep.max_failures)
+
+    def zeroshot(todo: list[grid.Trial]) -> tuple[Done, Errors]:
+        by_layer: dict[str, list[str]] = {}
+        for t in todo:  # one task per target layer: the LM and its tokens load once per layer
+            by_layer.setdefault(str(t.layer), []).append(t.key)
+        return fan_out(_zeroshot_layer, by_layer, payload, max_retries=sweep.max_failures)
+
+    phases = [Phase(p, by_phase[p], zeroshot if p == "zeroshot" else functools.partial(train, p))
+              for p in grid.PHASES]
+    finished, failed = run_phases(phases, tracker, parent)
 
     if job.features is not None:
         targets = feature_targets([t for t in trials if t.trains and t.key in finished])
-        _, errors = features_phase(job, targets, sweep.site, task_sets, sweep.max_failures)
-        failed.update({f"features:{k}": why for k, why in errors.items()})
-        status = f"{len(targets) - len(errors)} done, {len(errors)} failed"
-        tracker.set_tags(parent, {"raysae.status.features": status})
-        log.info("phase features: %s", status)
+        failed |= run_features_phase(job, targets, sweep.site, task_sets, sweep.max_failures,
+                                     tracker, parent)
 
     derived = [t for t in trials if t.phase in ("transfer", "plan") and t.key in finished]
     _derive(job, derived, {t.key: t for t in trials}, finished, dirs)
@@ -111,161 +108,48 @@ def run_sweep(job: JobConfig) -> SweepResult:
     return SweepResult(parent, finished, failed, summary)
 
 
-# ---------------------------------------------------------------------------------------------
-# Training phases: one Tune experiment each
-
-
-def _spec(job: JobConfig, trial: grid.Trial, dirs: dict[str, str], parent: str) -> TrainSpec:
-    site = job.sweep.site
-    init = str(sae_dir_for(job, trial.depends_on[0])) if trial.depends_on else None
-    return TrainSpec(
+def _train_trial(key: str, job: dict, trials: dict, dirs: dict, parent: str) -> FitResult:
+    """Fit the SAE of one training trial (scratch, transfer, plan) on Ray Train."""
+    job_cfg = from_dict(JobConfig, job)
+    trial = grid.Trial(**trials[key])
+    trial_job = dataclasses.replace(job_cfg, train=grid.train_config_for(job_cfg, trial))
+    init = str(sae_dir_for(job_cfg, trial.depends_on[0])) if trial.depends_on else None
+    spec = TrainSpec(
         key=trial.key,
         name=trial.name,
-        shards_dir=dirs[hook_name(site, trial.layer)],
+        shards_dir=dirs[hook_name(job_cfg.sweep.site, trial.layer)],
         init_from=init,
         tags=trial.tags,
         parent_run=parent,
     )
+    return train_on_ray(trial_job, spec, max_failures=job_cfg.sweep.max_failures)
 
 
-def _train_trial(config: dict[str, Any], job: dict, trials: dict, dirs: dict, parent: str) -> None:
-    """A Tune function trainable: fit one Ray Train run for the trial named by config["key"]."""
-    job_cfg = from_dict(JobConfig, job)
-    trial = grid.Trial(**trials[config["key"]])
-    trial_job = dataclasses.replace(job_cfg, train=grid.train_config_for(job_cfg, trial))
-    spec = _spec(job_cfg, trial, dirs, parent)
-    result = train_on_ray(trial_job, spec, max_failures=job_cfg.sweep.max_failures)
-    tune.report({**result.metrics, "out_dir": str(result.sae_dir)})
-
-
-def _tune_phase(
-    job: JobConfig,
-    phase: str,
-    digest: str,
-    todo: list[grid.Trial],
-    dirs: dict[str, str],
-    parent: str,
-) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
-    if not todo:
-        return {}, {}
-    trainable = tune.with_parameters(
-        _train_trial,
-        job=to_dict(job),
-        trials={t.key: dataclasses.asdict(t) for t in todo},
-        dirs=dirs,
-        parent=parent,
-    )
-    name = f"{job.name}-{digest}-{phase}"
-    return run_tune_experiment(job, name, [t.key for t in todo], trainable, job.sweep.max_failures)
-
-
-def run_tune_experiment(
-    job: JobConfig, name: str, keys: list[str], trainable: Any, max_failures: int
-) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
-    """One Tune experiment over trial keys (a grid search on "key"), restored when it already
-    exists. The trainable reports its metrics and "out_dir"; returns (done, errors): the
-    metrics with a '/' in their name (eval/..., ce/...) and `flops` per finished key, and the
-    root cause per failed key."""
-    storage = Path(job.runs_dir).resolve() / "tune"
-    # the trial only drives; its Train workers ask for their own resources
-    trainable = tune.with_resources(trainable, {"CPU": 0.1})
-    path = storage / name
-    if tune.Tuner.can_restore(path):
-        log.info("restoring Tune experiment %s", path)
-        tuner = tune.Tuner.restore(
-            str(path), trainable, resume_unfinished=True, resume_errored=True
-        )
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"key": tune.grid_search(keys)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=_concurrency(job)),
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=str(storage),
-                failure_config=tune.FailureConfig(max_failures=max_failures),
-                verbose=1,
-            ),
-        )
-    done, errors = {}, {}
-    for result in tuner.fit():
-        key = result.config["key"]
-        if result.error is not None:
-            errors[key] = f"failed: {root_cause(result.error)}"
-        elif result.metrics and "out_dir" in result.metrics:
-            done[key] = {
-                k: v for k, v in result.metrics.items()
-                if ("/" in k or k == "flops") and isinstance(v, int | float)
-            }
-        else:
-            errors[key] = "failed: the trial reported no result"
-    return done, errors
-
-
-def _concurrency(job: JobConfig) -> int:
-    """Trials at once: as many Train worker groups as the cluster's CPUs (or GPUs) hold; at most
-    two against a sqlite MLflow store, which serialises writers."""
-    res = ray.cluster_resources()
-    workers = job.train.num_workers
-    if job.train.use_gpu:
-        n = int(res.get("GPU", 0) // workers)
-    else:
-        n = int(res.get("CPU", 1) // (0.5 * workers + 0.1))
-    if tracking_uri(job.runs_dir).startswith("sqlite:"):
-        n = min(n, 2)
-    return max(1, n)
-
-
-# ---------------------------------------------------------------------------------------------
-# Zero-shot matrix: plain Ray tasks, one per target layer
-
-
-@ray.remote(num_cpus=0.5)
-def _zeroshot_layer(job: dict, trials: list[dict], parent: str) -> dict[str, Any]:
-    job_cfg = from_dict(JobConfig, job)
-    tracker = Tracker(tracking_uri(job_cfg.runs_dir), job_cfg.name)
+@ray.remote(num_cpus=WORKER_CPUS)
+def _zeroshot_layer(keys: list[str], payload: dict[str, Any]) -> Done:
+    """SAE_j read on layer i for every j, one target layer i per task."""
+    job = from_dict(JobConfig, payload["job"])
+    tracker = Tracker(tracking_uri(job.runs_dir), job.name)
     model = tokens = special = None
-    out: dict[str, Any] = {}
-    for d in trials:
-        trial = grid.Trial(**d)
-        run_id = tracker.find(trial.key)
-        if run_id is not None and tracker.client.get_run(run_id).info.status == "FINISHED":
-            out[trial.key] = {k: v for k, v in tracker.client.get_run(run_id).data.metrics.items()}
+    out: Done = {}
+    for key in keys:
+        trial = grid.Trial(**payload["trials"][key])
+        done = tracker.finished_metrics(key)
+        if done is not None:
+            out[key] = done
             continue
         if model is None:  # load the LM and the held-out tokens once per layer
-            model = load_lm(job_cfg.model)
-            tokens = heldout_tokens(job_cfg)
-            special = special_token_ids(job_cfg.model, load_tokenizer(job_cfg.model, job_cfg.data))
-        sae = SAE.load(sae_dir_for(job_cfg, trial.depends_on[0]))
-        res = evaluate_sae(model, sae, job_cfg.sweep.site, trial.layer, tokens, special)
+            model = load_lm(job.model)
+            tokens = heldout_tokens(job)
+            special = special_token_ids(job.model, load_tokenizer(job.model, job.data))
+        sae = SAE.load(sae_dir_for(job, trial.depends_on[0]))
+        res = evaluate_sae(model, sae, job.sweep.site, trial.layer, tokens, special)
         values = {f"eval/{k}": v for k, v in res.as_dict().items()}
-        run_id = tracker.open_run(trial.key, trial.name, trial.tags, {}, parent)
+        run_id = tracker.open_run(trial.key, trial.name, trial.tags, {}, payload["parent"])
         tracker.log_metrics(run_id, values, step=0)
         tracker.finish(run_id)
-        out[trial.key] = values
+        out[key] = values
     return out
-
-
-def _zeroshot_phase(
-    job: JobConfig, todo: list[grid.Trial], dirs: dict[str, str], parent: str
-) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
-    by_layer: dict[int, list[dict]] = {}
-    for t in todo:
-        by_layer.setdefault(t.layer, []).append(dataclasses.asdict(t))
-    refs = {
-        layer: _zeroshot_layer.options(max_retries=job.sweep.max_failures).remote(
-            to_dict(job), ts, parent
-        )
-        for layer, ts in by_layer.items()
-    }
-    done, errors = {}, {}
-    for layer, ref in refs.items():
-        try:
-            done.update(ray.get(ref))
-        except Exception as e:  # one layer's failure does not stop the others
-            for d in by_layer[layer]:
-                errors[d["key"]] = f"failed: {root_cause(e)}"
-    return done, errors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +167,7 @@ def feature_targets(trials: list[grid.Trial]) -> list[FeatureTarget]:
                 best = children.get(c.direction)
                 if best is None or c.budget > best.budget:
                     children[c.direction] = c
-        compare = tuple((c.name, c.key, c.layer, False) for c in children.values())
+        compare = tuple(SAERef(c.name, c.key, c.layer) for c in children.values())
         targets.append(FeatureTarget(t.key, t.name, t.layer, compare=compare))
     return targets
 
@@ -312,7 +196,7 @@ def _derive(
     W_U_DV = model.get_output_embeddings().weight.detach().T
     for t in trials:
         run_id = tracker.find(t.key)
-        if "mmcs_vs_scratch" in tracker.client.get_run(run_id).data.metrics:
+        if "mmcs_vs_scratch" in tracker.metrics(run_id):
             continue  # derived on an earlier submission of this sweep
         values: dict[str, float] = {}
         scratch_key = scratch_of.get(t.layer)
@@ -320,9 +204,9 @@ def _derive(
         if scratch_key in finished and zs_key in finished:
             ces_scratch = finished[scratch_key]["eval/ces"]
             ces_zero_shot = finished[zs_key]["eval/ces"]
-            for m in tracker.client.get_metric_history(run_id, "eval/ces"):
-                norm = scores.normalized_ces(m.value, ces_zero_shot, ces_scratch)
-                tracker.log_metrics(run_id, {"normalized_ces": norm}, step=m.step)
+            for step, ces in tracker.history(run_id, "eval/ces"):
+                norm = scores.normalized_ces(ces, ces_zero_shot, ces_scratch)
+                tracker.log_metrics(run_id, {"normalized_ces": norm}, step=step)
         transferred = SAE.load(sae_dir_for(job, t.key))
         source = SAE.load(sae_dir_for(job, t.depends_on[0]))
         if scratch_key in finished:

@@ -26,7 +26,7 @@ Conventions, fixed here once:
   through the error term or is not at this site); below a set share of |m(M)| it is NaN.
 - Direct logit attribution (Appendix B, eq. 11): attr_i = f_i (C(W_dec[i]) ⊙ γ) ·
   (W_U[correct] - W_U[wrong]) / σ at the last prompt position, the final norm's scale σ frozen
-  at its actual value (`feature_classes.NormFrame`): feature i's direct share of m.
+  at its actual value (`features.attribution`): feature i's direct share of m.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from raysae.features.attribution import direct_attribution, norm_frame
 from raysae.features.tasks import TaskSet, logit_diff
-from raysae.models import get_blocks, hook_name, run_with_cache, splice
+from raysae.models import final_norm, get_blocks, hook_name, model_device, run_with_cache, splice
 from raysae.sae import SAE
-from raysae.stitching.feature_classes import direct_attribution, final_norm, norm_frame
 
 Edit = Callable[[Tensor, Tensor], Tensor]
 """(f_tF at the real positions of a batch, example index of each row) -> the features to decode."""
@@ -68,10 +68,6 @@ def prompt_mask(task: TaskSet, special_ids: Sequence[int] = ()) -> Tensor:
     return inside & ~torch.isin(task.clean_NT, torch.tensor(list(special_ids), dtype=torch.long))
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def run_with_features(
     model: nn.Module,
     sae: SAE,
@@ -84,7 +80,7 @@ def run_with_features(
     """Logits [B, T, V] with the SAE spliced at (site, layer) and its clean error term kept:
     x -> decode(edit(f, rows)) + (x - decode(f)) at the `mask_BT` positions (rows: each masked
     position's example index within the batch). `edit=None` keeps f: the model's own output."""
-    dev = _device(model)
+    dev = model_device(model)
     mask = mask_BT.to(dev)
     rows_t = mask.nonzero()[:, 0]
 
@@ -211,7 +207,7 @@ def exact_effects(
 @torch.inference_mode()
 def _counter_features(model: nn.Module, sae: SAE, site: str, layer: int, b: _Batch) -> Tensor:
     """f at the masked positions of the counterfactual prompts [t, F]."""
-    x_BTD = run_with_cache(model, b.counter_BT.to(_device(model)), [(site, layer)])[
+    x_BTD = run_with_cache(model, b.counter_BT.to(model_device(model)), [(site, layer)])[
         hook_name(site, layer)
     ]
     x_tD = x_BTD[b.mask_BT.to(x_BTD.device)]
@@ -298,7 +294,7 @@ def task_dla(
     last = len(get_blocks(model)) - 1
     names = hook_name(site, layer), hook_name("resid_post", last)
     norm, W_U_VD = final_norm(model), model.get_output_embeddings().weight
-    dev, sae_dev = _device(model), sae.W_dec.device
+    dev, sae_dev = model_device(model), sae.W_dec.device
     out = []
     for s in range(0, len(task), batch_size):
         ids = task.clean_NT[s : s + batch_size].to(dev)
@@ -406,7 +402,7 @@ def evaluate_circuits(
     )
 
 
-def feature_table(results: Sequence[CircuitResult], n: int) -> dict[str, list]:
+def circuit_feature_table(results: Sequence[CircuitResult], n: int) -> dict[str, list]:
     """Per task and feature: mean IE_AtP, mean |IE|, mean DLA, and the share of examples whose
     circuit of size `n` holds the feature; columns of a table (features never in a circuit
     and with no effect are left out)."""

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from raysae.checkpoint import write_folder_atomically
 from raysae.models import hook_name, run_with_cache
-from raysae.sae import SAE, write_folder_atomically
+from raysae.sae import SAE
 
 
 @dataclass(frozen=True)

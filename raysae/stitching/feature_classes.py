@@ -9,7 +9,7 @@ The stitching paper's feature-class analysis, per feature i of an SAE of model A
   also fires on that text's content rewrites (same template, other topic's words). Features that
   keep firing are "structural" (syntax, position, template), the others "semantic" (content).
 
-The paper's finding is that structural features transfer more consistently; `feature_table`
+The paper's finding is that structural features transfer more consistently; `feature_class_table`
 puts both numbers side by side and `class_summary` condenses them per class.
 
 Pure torch (+ polars for the table): no ray, no mlflow.
@@ -26,7 +26,8 @@ import polars as pl
 import torch
 from torch import Tensor, nn
 
-from raysae.models import final_norm, get_blocks, hook_name, run_with_cache
+from raysae.features.attribution import direct_attribution, norm_frame
+from raysae.models import final_norm, get_blocks, hook_name, model_device, run_with_cache
 from raysae.sae import SAE
 from raysae.stitching.stitch import Stitch, transfer_sae
 
@@ -37,62 +38,7 @@ SUMMARY_CLASSES = ("structural", "semantic")
 
 
 # ---------------------------------------------------------------------------------------------
-# Direct logit attribution
-
-
-class NormFrame(NamedTuple):
-    """The final norm read as y = γ ⊙ C(x) / σ(x) + β, where C is the centring (LayerNorm)
-    or the identity (RMSNorm)."""
-
-    gamma_D: Tensor
-    """The effective per-dimension gain γ (float64)."""
-    centred: bool
-    """Whether the norm subtracts the mean over dimensions (LayerNorm) or not (RMSNorm)."""
-    eps: float
-    """The ε inside σ(x) = sqrt(mean_d C(x)_d² + ε)."""
-
-    def centre(self, x_ND: Tensor) -> Tensor:
-        """C(x) in float64: minus the mean over the last dimension for a LayerNorm."""
-        x = x_ND.to(torch.float64)
-        return x - x.mean(-1, keepdim=True) if self.centred else x
-
-    def scale(self, x_ND: Tensor) -> Tensor:
-        """σ(x) [N] in float64: the norm's divisor on each row."""
-        return (self.centre(x_ND).square().mean(-1) + self.eps).sqrt()
-
-
-def norm_frame(norm: nn.Module, x_final_ND: Tensor) -> NormFrame:
-    """Read γ, centring and ε of a final norm, checked against its own output on `x_final_ND`.
-
-    LayerNorm and every RMSNorm spelling are covered without naming classes: the candidates
-    (centred or not) x (γ = weight, or 1 + weight as in Gemma) are tried until one reproduces
-    `norm(x)`; anything else (a norm of another form) is refused with an error.
-    """
-    x = x_final_ND.detach()
-    weight = getattr(norm, "weight", None)
-    bias = getattr(norm, "bias", None)
-    eps_attr = getattr(norm, "eps", None)
-    if eps_attr is None:
-        eps_attr = getattr(norm, "variance_epsilon", None)  # Llama-style RMSNorms
-    # torch.nn.RMSNorm(eps=None) uses the input dtype's machine epsilon
-    eps = float(eps_attr) if eps_attr is not None else float(torch.finfo(x.dtype).eps)
-    with torch.no_grad():
-        out = norm(x).to(torch.float64)
-    ones = torch.ones(x.shape[-1], dtype=torch.float64, device=x.device)
-    w = ones if weight is None else weight.detach().to(torch.float64)
-    beta = 0.0 if bias is None else bias.detach().to(torch.float64)
-    rel = 1e-4 if x.dtype in (torch.float32, torch.float64) else 3e-2
-    tol = rel * (1 + float(out.abs().max()))
-    for centred in (True, False):
-        for gamma in (w, 1 + w) if weight is not None else (ones,):
-            frame = NormFrame(gamma, centred, eps)
-            pred = gamma * frame.centre(x) / frame.scale(x)[..., None] + beta
-            if float((pred - out).abs().max()) <= tol:
-                return frame
-    raise ValueError(
-        f"the final norm {type(norm).__name__} is neither a LayerNorm nor an RMSNorm "
-        "(γ ⊙ x / rms(x) with γ = weight or 1 + weight): direct logit attribution needs one"
-    )
+# Direct logit attribution to the next token (`features.attribution`)
 
 
 class Attribution(NamedTuple):
@@ -106,10 +52,6 @@ class Attribution(NamedTuple):
     """Tokens attributed (rows of attr_TF)."""
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _pair_mask(input_ids_NT: Tensor, mask_NT: Tensor | None) -> Tensor:
     """[N, T-1]: token t counts when it and its next token are both unmasked."""
     if mask_NT is None:
@@ -118,19 +60,6 @@ def _pair_mask(input_ids_NT: Tensor, mask_NT: Tensor | None) -> Tensor:
         raise ValueError(f"mask shape {tuple(mask_NT.shape)} != ids {tuple(input_ids_NT.shape)}")
     m = mask_NT.cpu().bool()
     return m[:, :-1] & m[:, 1:]
-
-
-def direct_attribution(
-    sae: SAE, frame: NormFrame, f_tF: Tensor, final_tD: Tensor, u_tD: Tensor
-) -> Tensor:
-    """attr [t, F] (float64): f_i(x_t) · (C(W_dec[i]) ⊙ γ) · u_t / σ_t, the direct effect of
-    feature i on token t's logit direction u_t (an unembedding row, or a difference of two),
-    the final norm read by `frame` with σ_t frozen at the last block's output `final_tD`."""
-    dev = sae.W_dec.device
-    # What each decoder row writes through the norm (σ frozen): C(W_dec_i) ⊙ γ.
-    dirs_FD = frame.centre(sae.W_dec.detach()) * frame.gamma_D.to(dev)
-    sigma_t = frame.scale(final_tD).to(dev)
-    return f_tF.double() * (u_tD.to(dev, torch.float64) @ dirs_FD.T) / sigma_t[:, None]
 
 
 @torch.inference_mode()
@@ -148,7 +77,7 @@ def attribute(
     names = hook_name(site, layer), hook_name("resid_post", last)
     sites = [(site, layer), ("resid_post", last)]
     norm, W_U_VD = final_norm(model), model.get_output_embeddings().weight
-    dev, sae_dev = _device(model), sae.W_dec.device
+    dev, sae_dev = model_device(model), sae.W_dec.device
     keep_NT = _pair_mask(input_ids_NT, mask_NT)
     attrs, counts_F = [], torch.zeros(sae.d_sae, dtype=torch.long)
     for b0 in range(0, input_ids_NT.shape[0], batch_size):
@@ -268,7 +197,7 @@ def variant_fires(
     mask_ST = (
         torch.ones(G * V, T, dtype=torch.bool) if mask_GVT is None else mask_GVT.reshape(G * V, T)
     )
-    dev, sae_dev = _device(model), sae.W_dec.device
+    dev, sae_dev = model_device(model), sae.W_dec.device
     fires = []
     for s0 in range(0, G * V, batch_size):
         x_BTD = run_with_cache(model, ids_ST[s0 : s0 + batch_size].to(dev), [(site, layer)])[
@@ -311,7 +240,7 @@ def classify(consistency_F: Tensor, cut: float = 0.5) -> list[str]:
 # The table
 
 
-def feature_table(
+def feature_class_table(
     model_a: nn.Module,
     model_b: nn.Module,
     sae_a: SAE,

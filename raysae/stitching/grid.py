@@ -18,22 +18,30 @@ from typing import Any, Literal
 from raysae.config import ConfigError, JobConfig, StitchConfig, TrainConfig, digest, to_dict
 from raysae.transfer.grid import format_tokens
 
-StitchPhase = Literal["stitch", "scratch_a", "scratch_b", "zeroshot", "transfer", "probes"]
-STAGES: tuple[tuple[StitchPhase, ...], ...] = (
-    ("stitch", "scratch_a", "scratch_b"),
-    ("zeroshot",),
-    ("transfer",),
-    ("probes",),
-)
-"""Phases in dependency order; the phases of one stage run together (one Tune experiment)."""
+Role = Literal["stitch", "scratch_a", "scratch_b", "zeroshot", "transfer", "probes"]
+PHASES: dict[str, tuple[Role, ...]] = {
+    "fit": ("stitch", "scratch_a", "scratch_b"),
+    "zeroshot": ("zeroshot",),
+    "transfer": ("transfer",),
+    "probes": ("probes",),
+}
+"""The sweep's phases in dependency order, with the roles of the trials each runs together
+(the `fit` phase trains the stitches and both models' scratch SAEs at once)."""
 SWEEP_KIND = "stitch"
+
+
+def phase_of(role: Role) -> str:
+    """The phase that runs trials of this role."""
+    return next(p for p, roles in PHASES.items() if role in roles)
 
 
 @dataclass(frozen=True)
 class StitchTrial:
     """One run of the stitch grid."""
 
-    phase: StitchPhase
+    role: Role
+    """What the trial is: a stitch, an SAE of A or of B, a zero-shot transfer, a stitched-init
+    SAE of B, or a pair's probes."""
     layer_a: int | None
     """A's layer (None for an SAE of B trained from scratch)."""
     layer_b: int | None
@@ -46,6 +54,11 @@ class StitchTrial:
     name: str
     tags: dict[str, str] = field(default_factory=dict)
     depends_on: tuple[str, ...] = ()
+
+    @property
+    def phase(self) -> str:
+        """The phase of the sweep that runs it."""
+        return phase_of(self.role)
 
     @property
     def pair(self) -> str:
@@ -90,7 +103,7 @@ def _key(kind: str, setting: Any) -> str:
 def expand(
     job: JobConfig, fingerprints: tuple[str, str], matches: dict[int, int] | None = None
 ) -> list[StitchTrial]:
-    """Every trial, in stage order. `fingerprints` are the activation fingerprints of A and B."""
+    """Every trial, in phase order. `fingerprints` are the activation fingerprints of A and B."""
     validate(job)
     s = job.stitch
     assert s is not None
@@ -103,18 +116,18 @@ def expand(
             "raysae.architecture": job.sae.architecture}
     many = len(budgets_of(job)) > 1
 
-    def make(phase: StitchPhase, la: int | None, lb: int | None, width: int | None, budget: int,
+    def make(role: Role, la: int | None, lb: int | None, width: int | None, budget: int,
              name: str, setting: dict[str, Any], deps: tuple[str, ...] = ()) -> StitchTrial:
-        tags = {**base, "raysae.phase": phase,
+        tags = {**base, "raysae.role": role, "raysae.phase": phase_of(role),
                 "raysae.layer_a": "" if la is None else str(la),
                 "raysae.layer_b": "" if lb is None else str(lb),
                 "raysae.width": "" if width is None else str(width),
                 "raysae.budget": str(budget)}
         if la is not None and lb is not None:
             tags["raysae.pair"] = f"A{la}-B{lb}"
-        key = _key(phase, {"site": s.site, "layers": [la, lb], "width": width, "budget": budget,
+        key = _key(role, {"site": s.site, "layers": [la, lb], "width": width, "budget": budget,
                            "deps": list(deps), **setting})
-        return StitchTrial(phase, la, lb, width, budget, key, name, tags, deps)
+        return StitchTrial(role, la, lb, width, budget, key, name, tags, deps)
 
     pairs = pairs_of(s, matches)
     trials: dict[str, StitchTrial] = {}
@@ -145,19 +158,22 @@ def expand(
             setting = {"probes": None if s.probes is None else to_dict(s.probes),
                        "variants": s.variants}
             add(make("probes", la, lb, None, 0, f"A{la}→B{lb} probes", setting, deps))
-    order = [p for stage in STAGES for p in stage]
-    return sorted(trials.values(), key=lambda t: order.index(t.phase))
+    order = [r for roles in PHASES.values() for r in roles]
+    return sorted(trials.values(), key=lambda t: order.index(t.role))
 
 
-def stages(trials: list[StitchTrial]) -> list[list[StitchTrial]]:
-    """Trials grouped by stage; every dependency sits in an earlier stage (ValueError if not)."""
-    out = [[t for t in trials if t.phase in stage] for stage in STAGES]
+def phases(trials: list[StitchTrial]) -> dict[str, list[StitchTrial]]:
+    """Trials grouped by phase, in dependency order; every dependency sits in an earlier phase
+    (ValueError if not)."""
+    out: dict[str, list[StitchTrial]] = {p: [] for p in PHASES}
+    for t in trials:
+        out[t.phase].append(t)
     done: set[str] = set()
-    for group in out:
+    for p, group in out.items():
         for t in group:
             late = [k for k in t.depends_on if k not in done]
             if late:
-                raise ValueError(f"trial {t.name!r} depends on {late}, not in an earlier stage")
+                raise ValueError(f"trial {t.name!r} ({p}) depends on {late}, not in an earlier phase")
         done.update(t.key for t in group)
     return out
 

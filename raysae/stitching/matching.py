@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from raysae.models import get_blocks, hook_name, run_with_cache
+from raysae.models import get_blocks, hook_name, model_device, run_with_cache
 
 Method = Literal["svcca", "cka"]
 
@@ -125,7 +125,7 @@ def layer_activations(
     """Residual stream [R, D] (float64, CPU) at (site, layer) for every layer, on the tokens at
     `positions_R2` (sequence, position); one truncated forward per batch of sequences caches
     every layer."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     sites = [(site, layer) for layer in layers]
     out: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     seq_R = positions_R2[:, 0]

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raysae.config import ProbeConfig
-from raysae.models import hook_name, run_with_cache, splice
+from raysae.models import hook_name, model_device, run_with_cache, splice
 from raysae.sae import SAE
 from raysae.stitching.stitch import Stitch, map_probe, map_steering, transfer_sae
 
@@ -366,10 +366,6 @@ def target_tokens(
     return keep_V.nonzero().flatten()
 
 
-def _device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -382,7 +378,7 @@ def generate(
 ) -> Tensor:
     """Greedy continuations [N, n_new]; with a vector, strength * vector is added to the
     residual at (site, layer) at every position of every forward pass."""
-    device = _device(model)
+    device = model_device(model)
     ids_NT = prompts_NT.to(device)
     steer = contextlib.nullcontext()
     if vector_D is not None:
@@ -433,7 +429,7 @@ def _gather(
     model: nn.Module, ids_NS: Tensor, keep_NS: Tensor, site: str, layer: int, batch_size: int = 32
 ) -> Tensor:
     """Activations [T, D] (float32, CPU) of the kept tokens, rows in order."""
-    name, device, out = hook_name(site, layer), _device(model), []
+    name, device, out = hook_name(site, layer), model_device(model), []
     for s in range(0, len(ids_NS), batch_size):
         # Right padding: a causal model's activations at real positions ignore the pads.
         acts_BSD = run_with_cache(model, ids_NS[s : s + batch_size].to(device), [(site, layer)])[name]

@@ -9,7 +9,8 @@ jointly on activations of the same tokens with the paper's loss
 (MSE = mean over tokens and dimensions), starting from the closed-form least-squares fit of
 each map (`Lstsq`, also the baseline) or from random maps with zero biases. What a stitch carries
 across, in closed form: an SAE of A becomes an SAE of B (`transfer_sae`), a linear probe on A
-reads B (`map_probe`), a steering vector of A steers B (`map_steering`).
+reads B (`map_probe`), a steering vector of A steers B (`map_steering`). `train_stitch` fits
+the maps with Adam on the training loop SAEs share (`raysae.train.train_loop`).
 
 Pure torch: no ray, no mlflow. Stitches are saved as safetensors plus a JSON config.
 """
@@ -19,8 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,12 +29,18 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from raysae import metrics
-from raysae.sae import SAE, write_folder_atomically
+from raysae.checkpoint import TrainState, write_folder_atomically
+from raysae.config import StitchConfig
+from raysae.sae import SAE
 from raysae.train import (
-    load_optimizer_tensors,
-    load_state_folder,
-    optimizer_tensors,
-    save_state_folder,
+    AllReduceFn,
+    CheckpointFn,
+    LogPoint,
+    LoopSettings,
+    MetricsFn,
+    StepOutput,
+    total_steps,
+    train_loop,
 )
 
 WEIGHTS_FILE = "stitch.safetensors"
@@ -234,115 +240,81 @@ def map_steering(v_A: Tensor, stitch: Stitch) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Training: Adam, linear warm-up then cosine decay, exact token budget, resumable
+# Training: Adam, linear warm-up then cosine decay, on the shared loop (`raysae.train`)
+
+_LOSS_METRICS = ("loss", "up_mse", "down_mse", "cycle_a_mse", "cycle_b_mse")
+"""The logged names of the `StitchLoss` terms, in order."""
 
 
-@dataclass(frozen=True)
-class StitchTrainSettings:
-    num_tokens: int
-    batch_size: int
-    lr: float
-    alpha: float = 1.0
-    grad_clip: float = 1.0
-    lr_warmup_frac: float = 0.0
-    checkpoint_every_tokens: int = 1 << 62
-    log_every_steps: int = 32
-
-
-@dataclass
-class StitchState:
-    step: int
-    tokens_seen: int
-    params: dict[str, Tensor]
-    optimizer: dict[str, Tensor]
-
-
-def cosine_lr(step: int, total: int, s: StitchTrainSettings) -> float:
+def cosine_lr(step: int, total: int, cfg: StitchConfig) -> float:
     """Linear warm-up to the peak over lr_warmup_frac of the steps, then cosine to zero."""
-    warmup = round(s.lr_warmup_frac * total)
+    warmup = round(cfg.lr_warmup_frac * total)
     if step < warmup:
-        return s.lr * (step + 1) / warmup
+        return cfg.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return s.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def save_stitch_state(state: StitchState, path: str | Path) -> Path:
-    """Write a resumable stitch state (safetensors + JSON), replaced atomically."""
-    groups = {"params": state.params, "optimizer": state.optimizer}
-    return save_state_folder(path, groups, {"step": state.step, "tokens_seen": state.tokens_seen})
+class StitchLearner:
+    """A stitch as a `raysae.train.Learner`: (a, b) batches of the same tokens, the joint loss."""
 
+    def __init__(self, stitch: Stitch, cfg: StitchConfig) -> None:
+        self.model, self.cfg, self.total = stitch, cfg, total_steps(cfg)
+        self.counters: dict[str, Tensor] = {}
 
-def load_stitch_state(path: str | Path) -> StitchState:
-    scalars, g = load_state_folder(path, ("params", "optimizer"))
-    return StitchState(int(scalars["step"]), int(scalars["tokens_seen"]), g["params"], g["optimizer"])
+    def lr(self, step: int) -> float:
+        return cosine_lr(step, self.total, self.cfg)
 
+    def prepare(self, raw: tuple[Tensor, Tensor], rows: int) -> tuple[tuple[Tensor, Tensor], int]:
+        device = self.model.P_up.device
+        a_NA, b_NB = (x[:rows].to(device).float() for x in raw)
+        return (a_NA, b_NB), len(a_NA)
 
-def _snapshot(stitch: Stitch, opt: torch.optim.Adam, step: int, tokens: int) -> StitchState:
-    params = {k: v.detach().cpu().clone() for k, v in stitch.state_dict().items()}
-    return StitchState(step, tokens, params, optimizer_tensors(opt))
+    def loss(self, batch: tuple[Tensor, Tensor], step: int) -> StepOutput:
+        out = self.model.loss(*batch, self.cfg.alpha)
+        return StepOutput(out.total, torch.stack([t.detach() for t in out]).double(), out)
+
+    def after_step(self, batch: tuple[Tensor, Tensor], out: StepOutput) -> None:
+        pass
+
+    def probe(self, batch: tuple[Tensor, Tensor]) -> dict[str, float]:
+        return {}
+
+    def report(self, means: list[float], at: LogPoint) -> dict[str, float]:
+        return dict(zip(_LOSS_METRICS, means)) | {"lr": at.lr}
 
 
 def train_stitch(
     stitch: Stitch,
-    s: StitchTrainSettings,
+    cfg: StitchConfig,
     batches: Iterable[tuple[Tensor, Tensor]],
     *,
-    on_metrics: Callable[[int, dict[str, float]], None] | None = None,
-    on_checkpoint: Callable[[StitchState], None] | None = None,
-    start_state: StitchState | None = None,
-    allreduce_grads: Callable[[list[Tensor]], None] | None = None,
+    log_every_steps: int = 32,
+    on_metrics: MetricsFn | None = None,
+    on_checkpoint: CheckpointFn | None = None,
+    start_state: TrainState | None = None,
+    allreduce_grads: AllReduceFn | None = None,
     world_size: int = 1,
-) -> StitchState:
-    """Fit `stitch` in place on (a, b) batches until exactly `s.num_tokens` tokens."""
-    total = math.ceil(s.num_tokens / s.batch_size)
-    opt = torch.optim.Adam(stitch.parameters(), lr=s.lr)
-    step, tokens = 0, 0
-    if start_state is not None:
-        stitch.load_state_dict(start_state.params)
-        load_optimizer_tensors(opt, start_state.optimizer)
-        step, tokens = start_state.step, start_state.tokens_seen
-    it: Iterator[tuple[Tensor, Tensor]] = iter(batches)
-    device = stitch.P_up.device
-    sums = torch.zeros(5, dtype=torch.float64, device=device)
-    window = 0
-    while tokens < s.num_tokens:
-        try:
-            a, b = next(it)
-        except StopIteration:
-            raise ValueError(
-                f"the activation batches ran out {s.num_tokens - tokens} tokens before the "
-                "stitch's token budget; cache more tokens or lower stitch.num_tokens"
-            ) from None
-        rows = -(-(s.num_tokens - tokens) // world_size)
-        a, b = a[:rows].to(device).float(), b[:rows].to(device).float()
-        lr = cosine_lr(step, total, s)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        out = stitch.loss(a, b, s.alpha)
-        out.total.backward()
-        params = list(stitch.parameters())
-        if allreduce_grads is not None:
-            allreduce_grads(params)
-        if s.grad_clip > 0:
-            nn.utils.clip_grad_norm_(params, s.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sums += torch.stack([t.detach() for t in out]).double()
-        window += 1
-        step, before, tokens = step + 1, tokens, tokens + len(a) * world_size
-        if on_metrics is not None and (step % s.log_every_steps == 0 or tokens >= s.num_tokens):
-            vals = (sums / window).tolist()
-            sums.zero_()
-            window = 0
-            names = ("loss", "up_mse", "down_mse", "cycle_a_mse", "cycle_b_mse")
-            on_metrics(tokens, dict(zip(names, vals)) | {"lr": lr})
-        every = s.checkpoint_every_tokens
-        if on_checkpoint is not None and (tokens // every > before // every or tokens >= s.num_tokens):
-            on_checkpoint(_snapshot(stitch, opt, step, tokens))
-    return _snapshot(stitch, opt, step, tokens)
+) -> TrainState:
+    """Fit `stitch` in place on (a, b) batches until exactly `cfg.num_tokens` tokens; return
+    the state (see `raysae.train.train_loop`)."""
+    loop = LoopSettings(
+        cfg.num_tokens, cfg.checkpoint_every_tokens, log_every_steps, cfg.grad_clip, "stitch"
+    )
+    return train_loop(
+        StitchLearner(stitch, cfg),
+        torch.optim.Adam(stitch.parameters(), lr=cfg.lr),
+        loop,
+        batches,
+        on_metrics=on_metrics,
+        on_checkpoint=on_checkpoint,
+        start_state=start_state,
+        allreduce_grads=allreduce_grads,
+        world_size=world_size,
+    )
 
 
-def flops_per_token(stitch: Stitch, a_NA: Tensor, b_NB: Tensor, alpha: float = 1.0) -> float:
+def stitch_flops_per_token(stitch: Stitch, a_NA: Tensor, b_NB: Tensor, alpha: float = 1.0) -> float:
     """Training FLOPs per token of the joint loss (forward and backward), counted with
     `torch.utils.flop_counter.FlopCounterMode` on one batch. Four maps run forward (T↑A, T↓B,
     T↓T↑A, T↑T↓B), each 2·d_a·d_b per token; backward takes the four weight gradients and
@@ -376,16 +348,3 @@ def map_quality(stitch: Stitch, a_NA: Tensor, b_NB: Tensor) -> dict[str, float]:
         out[f"{name}_ev"] = metrics.explained_variance(x, recon)
     return out
 
-
-def stitch_settings(cfg: Any, log_every_steps: int = 32) -> StitchTrainSettings:
-    """The training settings of a `StitchConfig`."""
-    return StitchTrainSettings(
-        num_tokens=cfg.num_tokens,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        alpha=cfg.alpha,
-        grad_clip=cfg.grad_clip,
-        lr_warmup_frac=cfg.lr_warmup_frac,
-        checkpoint_every_tokens=cfg.checkpoint_every_tokens,
-        log_every_steps=log_every_steps,
-    )

@@ -224,11 +224,6 @@ def phases(trials: list[Trial]) -> dict[str, list[Trial]]:
     return out
 
 
-def by_key(trials: list[Trial]) -> dict[str, Trial]:
-    """Trials indexed by key."""
-    return {t.key: t for t in trials}
-
-
 def train_config_for(job: JobConfig, trial: Trial) -> TrainConfig:
     """The job's training settings with the trial's budget and learning rate."""
     if not trial.trains or trial.lr is None:
