@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,25 +63,26 @@ def load_rows(source: str, split: str, column: str) -> Iterable[Any]:
     return (row[column] for row in ds)
 
 
-def token_sequences(
+def iter_windows(
     rows: Iterable[Any],
     context_length: int,
     num_tokens: int,
     tokenizer: Any | None = None,
     prepend_bos: bool = False,
     skip_tokens: int = 0,
-) -> np.ndarray:
-    """Pack rows (token-id lists, or texts with a tokenizer) into [n_seq, context_length] int32
-    windows until num_tokens is reached, after dropping the windows that cover the first
-    skip_tokens (held-out data follows the cached data this way). Documents are joined with
-    EOS when texts are tokenized."""
+) -> Iterator[np.ndarray]:
+    """Pack rows (token-id lists, or texts with a tokenizer) into context_length int32 windows,
+    lazily, until num_tokens is reached, after dropping the windows that cover the first
+    skip_tokens (held-out data follows the training data this way). Documents are joined with
+    EOS when texts are tokenized. Raises when the source runs out first."""
     n_seq = -(-num_tokens // context_length)
     skip = -(-skip_tokens // context_length)
     bos = [tokenizer.bos_token_id] if prepend_bos and tokenizer is not None else []
     body = context_length - len(bos)
-    out = np.empty((n_seq, context_length), dtype=np.int32)
     buf: list[int] = []
     filled = 0
+    if n_seq == 0:
+        return
     for row in rows:
         if isinstance(row, str):
             if tokenizer is None:
@@ -96,21 +97,21 @@ def token_sequences(
             if skip:
                 skip -= 1
             else:
-                out[filled] = bos + buf[:body]
+                yield np.asarray(bos + buf[:body], dtype=np.int32)
                 filled += 1
             del buf[:body]
         if filled == n_seq:
-            return out
+            return
     raise ValueError(
         f"data.source: the source ran out after {filled * context_length + len(buf)} of the "
         f"{num_tokens} tokens requested (after skipping {skip_tokens})"
     )
 
 
-def job_tokens(job: JobConfig, num_tokens: int, skip_tokens: int = 0) -> np.ndarray:
-    """The job's token windows: the cached ones (skip 0), or held-out ones after them."""
+def job_windows(job: JobConfig, num_tokens: int, skip_tokens: int = 0) -> Iterator[np.ndarray]:
+    """The job's token windows, lazily: the training ones (skip 0), or held-out ones after."""
     data = job.data
-    return token_sequences(
+    return iter_windows(
         load_rows(data.source, data.split, data.column),
         data.context_length,
         num_tokens,
@@ -118,6 +119,12 @@ def job_tokens(job: JobConfig, num_tokens: int, skip_tokens: int = 0) -> np.ndar
         data.prepend_bos,
         skip_tokens,
     )
+
+
+def job_tokens(job: JobConfig, num_tokens: int, skip_tokens: int = 0) -> np.ndarray:
+    """The job's token windows [n_seq, context_length]: the cached ones (skip 0), or held-out
+    ones after them."""
+    return np.stack(list(job_windows(job, num_tokens, skip_tokens)))
 
 
 def heldout_tokens(job: JobConfig) -> torch.Tensor:

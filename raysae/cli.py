@@ -78,6 +78,26 @@ def cmd_check(cfg: JobConfig) -> None:
     print(f"{cfg.name}: config OK ({cfg.model.name}, layers {list(cfg.cache.layers)})")
 
 
+def cmd_plan(cfg: JobConfig, calibrate: bool = True, slots: int = 1) -> int:
+    """Tokens, FLOPs, shard bytes, memory per worker and (calibrated on this machine) wall time
+    of every phase, and the activation source; refuses a cache that does not fit on disk."""
+    import torch
+
+    from raysae import plan
+
+    cal = None
+    if calibrate:
+        device = "cuda" if torch.cuda.is_available() and cfg.train.use_gpu else "cpu"
+        cal = plan.calibrate(cfg, device)
+    try:
+        job, why, phases = plan.job_plan(cfg, cal, slots)
+    except ConfigError as e:
+        print(f"raysae: {e}", file=sys.stderr)
+        return 2
+    print(plan.plan_report(job, why, phases, cal))
+    return 0
+
+
 def cmd_cache(cfg: JobConfig) -> None:
     from raysae.distributed.caching import cache_activations
 
@@ -87,23 +107,37 @@ def cmd_cache(cfg: JobConfig) -> None:
 
 
 def cmd_train(cfg: JobConfig) -> None:
-    """Cache, then train and evaluate one scratch SAE per cached site, one after another."""
+    """Train and evaluate one scratch SAE per site of `cache`, all from one activation stream
+    (cached first, or streamed: see `raysae plan`)."""
     from raysae.distributed.caching import cache_activations
-    from raysae.distributed.training import TrainSpec, train_on_ray, training_key
+    from raysae.distributed.training import (
+        SAEGroupSpec,
+        SAERun,
+        group_key,
+        train_on_ray,
+        training_key,
+    )
+    from raysae.plan import resolve_source
 
+    cfg, why = resolve_source(cfg, reads=1)
+    print(f"activation source: {why}")
     _init_ray()
-    for hook, directory in cache_activations(cfg).items():
-        site, layer = parse_hook_name(hook)
-        spec = TrainSpec(
-            key=training_key(cfg, hook, None),
-            name=f"L{layer} {site} scratch",
-            shards_dir=str(directory),
-        )
-        result = train_on_ray(cfg, spec)
-        m = result.metrics
+    shards = None
+    if cfg.train.source == "cached":
+        shards = {k: str(v) for k, v in cache_activations(cfg).items()}
+    hooks = [hook_name(s, i) for i in cfg.cache.layers for s in cfg.cache.sites]
+    members = tuple(
+        SAERun(key=training_key(cfg, h, None), name=f"L{layer} {site} scratch", hook=h)
+        for h, (site, layer) in ((h, parse_hook_name(h)) for h in hooks)
+    )
+    spec = SAEGroupSpec(key=group_key(members), members=members, source=cfg.train.source,
+                        shards=shards)
+    results = train_on_ray(cfg, spec)
+    for h, m in zip(hooks, members):
+        r = results[m.key].metrics
         print(
-            f"{hook}: CES {m['eval/ces']:.3f}  EV {m['eval/explained_variance']:.3f}  "
-            f"L0 {m['eval/l0']:.1f}  dead {m['eval/dead_fraction']:.3f}  -> {result.out_dir}"
+            f"{h}: CES {r['eval/ces']:.3f}  EV {r['eval/explained_variance']:.3f}  "
+            f"L0 {r['eval/l0']:.1f}  dead {r['eval/dead_fraction']:.3f}  -> {results[m.key].out_dir}"
         )
     print(f"MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg.runs_dir)}")
 
@@ -180,8 +214,8 @@ def cmd_dashboard(cfg: JobConfig, sae_dir: str, out: str | None = None) -> int:
     return 0
 
 
-COMMANDS = {"check": cmd_check, "cache": cmd_cache, "train": cmd_train, "sweep": cmd_sweep,
-            "stitch": cmd_stitch, "dashboard": cmd_dashboard}
+COMMANDS = {"check": cmd_check, "plan": cmd_plan, "cache": cmd_cache, "train": cmd_train,
+            "sweep": cmd_sweep, "stitch": cmd_stitch, "dashboard": cmd_dashboard}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-dir", help="root of all outputs (default: the config's runs_dir)")
     parser.add_argument("--sae", help="dashboard: the saved SAE folder")
     parser.add_argument("--out", help="dashboard: output folder (default: <SAE>/dashboard)")
+    parser.add_argument("--no-calibrate", action="store_true",
+                        help="plan: skip the measurement of this machine (no wall times)")
+    parser.add_argument("--slots", type=int, default=1,
+                        help="plan: worker groups the cluster runs at once (default 1)")
     args = parser.parse_args(argv)
     if args.command == "dashboard" and not args.sae:
         parser.error("dashboard needs --sae SAE_DIR")
@@ -202,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "dashboard":
         return cmd_dashboard(cfg, args.sae, args.out)
+    if args.command == "plan":
+        return cmd_plan(cfg, not args.no_calibrate, args.slots)
     return COMMANDS[args.command](cfg) or 0
 
 

@@ -22,6 +22,7 @@ import yaml
 Site = Literal["resid_pre", "resid_post"]
 StorageDtype = Literal["float32", "float16", "bfloat16"]
 ModelDtype = Literal["float32", "float16", "bfloat16"]
+Source = Literal["auto", "cached", "streamed"]
 
 
 class ConfigError(ValueError):
@@ -320,8 +321,30 @@ class TrainConfig:
     """bf16 autocast for the SAE forward (GPU)."""
     log_every_steps: int = 100
     """Optimiser steps between metric reports (the only points where the loop syncs the host)."""
+    source: Source = "auto"
+    """Where activations come from: `cached` Arrow shards (one LM pass, read back by every
+    training), `streamed` (each worker runs the LM's truncated forward on its share of the
+    tokens, nothing written), or `auto` (the plan's choice: see `raysae plan`)."""
+    data_passes: int = 1
+    """Passes a training may make over its data (cached rows or streamed tokens); a budget that
+    needs more is refused before any work, naming both numbers."""
+    shuffle: bool = True
+    """Shuffle rows across a buffer of 4 chunks (and cached chunks' order); off, both sources
+    give the rows in corpus order."""
+    max_group_saes: int = 0
+    """Most SAEs trained together from one activation stream (0: as many as `worker_memory_gb`
+    holds)."""
+    worker_memory_gb: float = 16.0
+    """Memory one worker gives its group (GPU memory with use_gpu, else RAM): groups are split
+    to fit it (`raysae plan` shows how)."""
 
     def __post_init__(self) -> None:
+        if self.data_passes < 1:
+            _fail("train.data_passes", self.data_passes, "a positive integer")
+        if self.max_group_saes < 0:
+            _fail("train.max_group_saes", self.max_group_saes, "0 (no limit) or a positive integer")
+        if not self.worker_memory_gb > 0:
+            _fail("train.worker_memory_gb", self.worker_memory_gb, "a positive number of GiB")
         if self.num_tokens < self.batch_size:
             _fail("train.num_tokens", self.num_tokens, f">= batch_size ({self.batch_size})")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):

@@ -10,8 +10,12 @@ than use `output_hidden_states`, whose last entry some models return after the f
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
+import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +23,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from raysae.config import ConfigError, DataConfig, ModelConfig, Site
+
+log = logging.getLogger("raysae.models")
 
 # Where each supported family keeps its list of transformer blocks.
 BLOCK_PATHS = (
@@ -52,17 +58,38 @@ def parse_hook_name(name: str) -> tuple[Site, int]:
 # Loading
 
 
+SHIPPED_CONFIGS = Path(__file__).parent / "model_configs"
+"""HF configs of the models the paper configs name (`<org>__<name>.json`): the architecture only,
+so that `raysae check` and `raysae plan` work on them without a hub."""
+
+
 def model_hf_config(cfg: ModelConfig) -> PretrainedConfig:
-    """The model's HF config, without loading weights (cheap validation before any work)."""
+    """The model's HF config, without loading weights (cheap validation before any work): from
+    `from_config`, the hub or a local path, else (no hub, a model the paper configs name) the
+    shipped copy."""
     if cfg.from_config is not None:
-        kwargs = dict(cfg.from_config)
-        model_type = kwargs.pop("model_type", None)
-        if model_type is None:
-            raise ConfigError("model.from_config: missing 'model_type' (e.g. 'gpt_neox', 'gpt2')")
-        return AutoConfig.for_model(model_type, **kwargs)
-    return AutoConfig.from_pretrained(
-        cfg.name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-    )
+        return _from_dict(dict(cfg.from_config), "model.from_config")
+    return _named_config(cfg.name, cfg.revision, cfg.trust_remote_code)
+
+
+@functools.lru_cache(maxsize=16)
+def _named_config(name: str, revision: str | None, trust_remote_code: bool) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError:
+        shipped = SHIPPED_CONFIGS / f"{name.replace('/', '__')}.json"
+        if not shipped.is_file():
+            raise
+        log.warning("%s: no hub and no local copy; using the shipped config %s", name, shipped)
+        return _from_dict(json.loads(shipped.read_text()), str(shipped))
+
+
+def _from_dict(kwargs: dict[str, Any], where: str) -> PretrainedConfig:
+    model_type = kwargs.pop("model_type", None)
+    if model_type is None:
+        raise ConfigError(f"{where}: missing 'model_type' (e.g. 'gpt_neox', 'gpt2')")
+    kwargs.pop("architectures", None)
+    return AutoConfig.for_model(model_type, **kwargs)
 
 
 def model_dims(cfg: ModelConfig) -> tuple[int, int]:

@@ -246,33 +246,6 @@ class ActivationReader:
             if full < len(x):
                 pending.append(x[full:])
 
-    def stream(
-        self,
-        batch_size: int,
-        *,
-        seed: int = 0,
-        shards: Sequence[ShardInfo] | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> Iterator[torch.Tensor]:
-        """Endless batches of exactly batch_size rows: shuffled epochs (seed, seed+1, ...) over
-        the shards, rows left at the end of an epoch carried into the next. Training budgets
-        larger than the cache cycle through it this way."""
-        shards = list(self.manifest.shards if shards is None else shards)
-        if not shards or sum(s.num_tokens for s in shards) == 0:
-            raise ShardError(f"{self.directory}: no activation rows to stream")
-        carry: torch.Tensor | None = None
-        epoch = 0
-        while True:
-            for x in self.iter_batches(batch_size, seed=seed + epoch, shards=shards, dtype=dtype):
-                if carry is not None:
-                    x, carry = torch.cat([carry, x]), None
-                while len(x) >= batch_size:
-                    yield x[:batch_size]
-                    x = x[batch_size:]
-                if len(x):
-                    carry = x
-            epoch += 1
-
 
 def aligned_shards(a: ActivationReader, b: ActivationReader) -> list[tuple[ShardInfo, ShardInfo]]:
     """The shard pairs of two caches of the same tokens (two models, or two layers): same files,
@@ -294,16 +267,17 @@ def paired_stream(
     *,
     seed: int = 0,
     pairs: Sequence[tuple[ShardInfo, ShardInfo]] | None = None,
+    passes: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (a, b) batches of exactly batch_size rows of the same tokens: shuffled epochs over
-    the shard pairs, both sides permuted alike. Raises ShardError when a pair's token_id,
-    seq_index or position columns disagree."""
+    """(a, b) batches of exactly batch_size rows of the same tokens over `passes` shuffled
+    passes of the shard pairs, both sides permuted alike (rows left over open the next pass,
+    the last pass's remainder is dropped). Raises ShardError when a pair's token_id, seq_index
+    or position columns disagree."""
     pairs = list(aligned_shards(a, b) if pairs is None else pairs)
     if not pairs or sum(p[0].num_tokens for p in pairs) == 0:
         raise ShardError(f"{a.directory}: no activation rows to stream")
     carry: tuple[torch.Tensor, torch.Tensor] | None = None
-    epoch = 0
-    while True:
+    for epoch in range(passes):
         gen = torch.Generator().manual_seed(seed + epoch)
         for i in torch.randperm(len(pairs), generator=gen).tolist():
             info_a, info_b = pairs[i]
@@ -324,4 +298,3 @@ def paired_stream(
                 xa, xb = xa[batch_size:], xb[batch_size:]
             if len(xa):
                 carry = (xa, xb)
-        epoch += 1

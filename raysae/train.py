@@ -1,6 +1,6 @@
 """The training loop SAEs and stitches share, and the SAE's half of it.
 
-`train_loop` is the skeleton: it draws batches until exactly `num_tokens` tokens have been seen
+`Trainer` is the skeleton: stepped batch by batch until exactly `num_tokens` tokens have been seen
 (the last batch trimmed), sets each step's learning rate from a schedule, runs the backward
 pass, `allreduce_grads`, gradient clipping and the optimiser step, averages metrics on the device
 between log steps, and resumes from a `TrainState`. Callers observe it through two callbacks,
@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -134,7 +134,7 @@ def train_step(
     grad_clip: float,
     allreduce_grads: AllReduceFn | None = None,
 ) -> StepOutput:
-    """One optimiser step on one batch, as `train_loop` runs it (and the benchmark times it);
+    """One optimiser step on one batch, as `Trainer` runs it (and the benchmark times it);
     returns the (pre-update) loss."""
     for group in opt.param_groups:
         group["lr"] = lr
@@ -149,19 +149,6 @@ def train_step(
     opt.zero_grad(set_to_none=True)
     learner.after_step(batch, out)
     return out
-
-
-def _next_batch(
-    learner: Learner, it: Iterator[Any], remaining: int, world_size: int, section: str
-) -> tuple[Any, int]:
-    try:
-        raw = next(it)
-    except StopIteration:
-        raise ValueError(
-            f"the activation batches ran out {remaining} tokens before the token budget; "
-            f"cache more tokens or lower {section}.num_tokens"
-        ) from None
-    return learner.prepare(raw, -(-remaining // world_size))  # the budget is met exactly
 
 
 def _checkpoint_due(tokens_before: int, tokens_after: int, loop: LoopSettings) -> bool:
@@ -192,48 +179,86 @@ def _restore(learner: Learner, opt: torch.optim.Optimizer, state: TrainState) ->
     return state.step, state.tokens_seen
 
 
-def train_loop(
-    learner: Learner,
-    opt: torch.optim.Optimizer,
-    loop: LoopSettings,
-    batches: Iterable[Any],
-    *,
-    on_metrics: MetricsFn | None = None,
-    on_checkpoint: CheckpointFn | None = None,
-    start_state: TrainState | None = None,
-    allreduce_grads: AllReduceFn | None = None,
-    world_size: int = 1,
-) -> TrainState:
-    """Train `learner.model` in place until exactly `loop.num_tokens` tokens; return the state.
+class Trainer:
+    """The loop's state for one learner, advanced one batch at a time: `run_trainer` drives one,
+    and a group of SAEs on one activation stream drives several from the same batches, each
+    stopping at its own budget."""
 
-    When resuming from `start_state`, `batches` must continue where that run's data stopped
-    (at `start_state.tokens_seen`); the result is then identical to an uninterrupted run.
-    """
-    step, tokens = (0, 0) if start_state is None else _restore(learner, opt, start_state)
-    window, it = _Window(), iter(batches)
-    clock, clock_tokens = time.perf_counter(), tokens
+    def __init__(
+        self,
+        learner: Learner,
+        opt: torch.optim.Optimizer,
+        loop: LoopSettings,
+        *,
+        on_metrics: MetricsFn | None = None,
+        on_checkpoint: CheckpointFn | None = None,
+        start_state: TrainState | None = None,
+        allreduce_grads: AllReduceFn | None = None,
+        world_size: int = 1,
+    ) -> None:
+        self.learner, self.opt, self.loop = learner, opt, loop
+        self.on_metrics, self.on_checkpoint = on_metrics, on_checkpoint
+        self.allreduce_grads, self.world_size = allreduce_grads, world_size
+        self.step_no, self.tokens = (0, 0) if start_state is None else _restore(learner, opt, start_state)
+        self.window = _Window()
+        self.clock, self.clock_tokens = time.perf_counter(), self.tokens
 
-    while tokens < loop.num_tokens:
-        batch, rows = _next_batch(learner, it, loop.num_tokens - tokens, world_size, loop.section)
-        n = rows * world_size
-        log_now = on_metrics is not None and (
-            (step + 1) % loop.log_every_steps == 0 or tokens + n >= loop.num_tokens
+    @property
+    def done(self) -> bool:
+        return self.tokens >= self.loop.num_tokens
+
+    def step(self, raw: Any) -> None:
+        """One optimiser step on `raw` (trimmed so that the budget is met exactly), then the
+        log and checkpoint callbacks when due."""
+        loop, learner = self.loop, self.learner
+        remaining = loop.num_tokens - self.tokens
+        batch, rows = learner.prepare(raw, -(-remaining // self.world_size))
+        n = rows * self.world_size
+        log_now = self.on_metrics is not None and (
+            (self.step_no + 1) % loop.log_every_steps == 0 or n >= remaining
         )
         probe = learner.probe(batch) if log_now else {}
-        lr = learner.lr(step)
-        out = train_step(learner, opt, batch, step, lr, loop.grad_clip, allreduce_grads)
-        window.add(out.window)
-        step, tokens_before, tokens = step + 1, tokens, tokens + n
+        lr = learner.lr(self.step_no)
+        out = train_step(learner, self.opt, batch, self.step_no, lr, loop.grad_clip,
+                         self.allreduce_grads)
+        self.window.add(out.window)
+        self.step_no, tokens_before, self.tokens = self.step_no + 1, self.tokens, self.tokens + n
 
         if log_now:
-            assert on_metrics is not None
+            assert self.on_metrics is not None
             now = time.perf_counter()
-            at = LogPoint(step, lr, (tokens - clock_tokens) / max(now - clock, 1e-9))
-            clock, clock_tokens = now, tokens
-            on_metrics(tokens, learner.report(window.read(), at) | probe)
-        if on_checkpoint is not None and _checkpoint_due(tokens_before, tokens, loop):
-            on_checkpoint(_snapshot(learner, opt, step, tokens))
-    return _snapshot(learner, opt, step, tokens)
+            at = LogPoint(self.step_no, lr, (self.tokens - self.clock_tokens) / max(now - self.clock, 1e-9))
+            self.clock, self.clock_tokens = now, self.tokens
+            self.on_metrics(self.tokens, learner.report(self.window.read(), at) | probe)
+        if self.on_checkpoint is not None and _checkpoint_due(tokens_before, self.tokens, loop):
+            self.on_checkpoint(self.state())
+
+    def state(self) -> TrainState:
+        return _snapshot(self.learner, self.opt, self.step_no, self.tokens)
+
+    def out_of_data(self) -> ValueError:
+        """The error for batches that ran out before the budget, naming both numbers."""
+        return ValueError(
+            f"the activation batches ran out after {self.tokens:,} of the {self.loop.num_tokens:,} "
+            f"tokens of the budget ({self.loop.num_tokens - self.tokens:,} short); cache or stream "
+            f"more tokens (data.num_tokens), raise train.data_passes, or lower "
+            f"{self.loop.section}.num_tokens"
+        )
+
+
+def run_trainer(trainer: Trainer, batches: Iterable[Any]) -> TrainState:
+    """Step `trainer` on `batches` until its budget; the out-of-data error names both numbers.
+
+    When resuming, `batches` must continue where that run's data stopped (at the start state's
+    `tokens_seen`); the result is then identical to an uninterrupted run.
+    """
+    it = iter(batches)
+    while not trainer.done:
+        raw = next(it, None)
+        if raw is None:
+            raise trainer.out_of_data()
+        trainer.step(raw)
+    return trainer.state()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,6 +365,16 @@ class SAELearner:
         }
 
 
+def sae_trainer(sae: SAE, cfg: TrainConfig, *, world_size: int = 1, **kwargs: Any) -> Trainer:
+    """The loop for one SAE; `kwargs` are the `Trainer`'s callbacks, start state and
+    all-reduce."""
+    loop = LoopSettings(
+        cfg.num_tokens, cfg.checkpoint_every_tokens, cfg.log_every_steps, cfg.grad_clip, "train"
+    )
+    return Trainer(SAELearner(sae, cfg, world_size), make_optimizer(sae, cfg), loop,
+                   world_size=world_size, **kwargs)
+
+
 def train_sae(
     sae: SAE,
     cfg: TrainConfig,
@@ -352,21 +387,11 @@ def train_sae(
     world_size: int = 1,
 ) -> TrainState:
     """Train `sae` in place on [B, d_in] batches until exactly `cfg.num_tokens` tokens; return
-    the state (see `train_loop`)."""
-    loop = LoopSettings(
-        cfg.num_tokens, cfg.checkpoint_every_tokens, cfg.log_every_steps, cfg.grad_clip, "train"
-    )
-    return train_loop(
-        SAELearner(sae, cfg, world_size),
-        make_optimizer(sae, cfg),
-        loop,
-        batches,
-        on_metrics=on_metrics,
-        on_checkpoint=on_checkpoint,
-        start_state=start_state,
-        allreduce_grads=allreduce_grads,
-        world_size=world_size,
-    )
+    the state (see `Trainer`)."""
+    trainer = sae_trainer(sae, cfg, world_size=world_size, on_metrics=on_metrics,
+                          on_checkpoint=on_checkpoint, start_state=start_state,
+                          allreduce_grads=allreduce_grads)
+    return run_trainer(trainer, batches)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from raysae.config import CacheConfig, DataConfig, JobConfig, ModelConfig
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test reaches a hub: fail at once, not after retries
 
 TINY_NEOX = dict(
     model_type="gpt_neox",

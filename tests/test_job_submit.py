@@ -51,7 +51,7 @@ def test_submit_train_job_and_analyse(head, tmp_path, token_file):
         "data": {"source": str(token_file), "context_length": 16, "num_tokens": 1024},
         "cache": {"layers": [0, 2], "shard_tokens": 256},
         "sae": {"architecture": "topk", "expansion_factor": 2, "k": 8},
-        "train": {"num_tokens": 4096, "batch_size": 512, "lr": 3e-3, "checkpoint_every_tokens": 2048,
+        "train": {"num_tokens": 4096, "batch_size": 512, "lr": 3e-3, "checkpoint_every_tokens": 2048, "data_passes": 5,
                   "eval_tokens": 128, "log_every_steps": 2},
     }
     cfg_path = tmp_path / "job.yaml"

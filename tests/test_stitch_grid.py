@@ -121,10 +121,11 @@ def test_paired_stream_keeps_rows_aligned_and_rejects_other_tokens(tmp_path):
     seqs = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]).numpy()
     a = write_cache(tmp_path / "a", 3, tokens, seqs, 1.0)
     b = write_cache(tmp_path / "b", 3, tokens, seqs, -2.0)
-    stream = shards.paired_stream(a, b, 3, seed=1)
-    for _ in range(6):
-        xa, xb = next(stream)
+    stream = list(shards.paired_stream(a, b, 3, seed=1, passes=3))
+    assert len(stream) == 8  # 24 rows in 3 passes; nothing is read a 4th time
+    for xa, xb in stream:
         assert torch.equal(xb, -2.0 * xa)  # the same rows in the same order on both sides
+    assert len(list(shards.paired_stream(a, b, 3))) == 2  # one pass: 8 rows, 2 left over
     other = write_cache(tmp_path / "c", 3, tokens[::-1].copy(), seqs, 1.0)
     with pytest.raises(shards.ShardError, match="token_id"):
         next(shards.paired_stream(a, other, 3))

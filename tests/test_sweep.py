@@ -30,7 +30,7 @@ CONFIG = {
     "cache": {"layers": [0, 1], "shard_tokens": 256},
     "sae": {"architecture": "topk", "expansion_factor": 2, "k": 8},
     "train": {"num_tokens": 2048, "batch_size": 256, "lr": 1e-3, "checkpoint_every_tokens": 1024,
-              "eval_tokens": 128, "log_every_steps": 2},
+              "eval_tokens": 128, "log_every_steps": 2, "data_passes": 3},
     "sweep": {"layers": [0, 1], "finetune_budgets": [2048], "finetune_lr": 1e-3,
               "compute_plan": False},
 }

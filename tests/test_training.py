@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import chaos
 import pytest
 import ray.cloudpickle
+import torch
 from chaos import Trace, row_digest
 from conftest import build_cfg
 from mlflow.tracking import MlflowClient
@@ -36,16 +38,19 @@ def job(ray_local, tmp_path_factory, token_file):
         sae=SAEConfig(architecture="relu", expansion_factor=4, l1_coefficient=1e-3),
         train=TrainConfig(num_tokens=BUDGET, batch_size=256, lr=3e-3, checkpoint_every_tokens=2048,
                           eval_tokens=128, num_workers=2, log_every_steps=4, lr_warmup_frac=0.0,
-                          lr_decay_frac=0.0, l1_warmup_frac=0.0),
+                          lr_decay_frac=0.0, l1_warmup_frac=0.0, data_passes=10),
     )
     dirs = cache_activations(cfg)
     return cfg, dirs["blocks.1.hook_resid_post"]
 
 
 def spec(directory, key):
-    from raysae.distributed.training import TrainSpec
+    """A group of one SAE on the cached layer."""
+    from raysae.distributed.training import SAEGroupSpec, SAERun
 
-    return TrainSpec(key=key, name=key, shards_dir=str(directory), tags={"raysae.layer": "1"})
+    hook = "blocks.1.hook_resid_post"
+    member = SAERun(key=key, name=key, hook=hook, tags={"raysae.layer": "1"})
+    return SAEGroupSpec(key=key, members=(member,), source="cached", shards={hook: str(directory)})
 
 
 def shard_rows(directory, files):
@@ -72,7 +77,7 @@ def uninterrupted(job, tmp_path_factory):
 
     cfg, directory = job
     debug = tmp_path_factory.mktemp("debug")
-    return train_on_ray(cfg, spec(directory, "plain"), hooks=Trace(str(debug))), debug
+    return train_on_ray(cfg, spec(directory, "plain"), hooks=Trace(str(debug)))["plain"], debug
 
 
 def test_data_parallel_training_lowers_loss_and_logs(job, uninterrupted):
@@ -113,7 +118,7 @@ def test_killed_worker_resumes_from_checkpoint_with_exact_budget(job, uninterrup
     marker = tmp_path / "killed"
     debug = tmp_path / "debug"
     hooks = Trace(str(debug), kill_at_tokens=5000, marker=str(marker), kill_rank=1)
-    result = train_on_ray(cfg, spec(directory, "killed"), hooks=hooks)
+    result = train_on_ray(cfg, spec(directory, "killed"), hooks=hooks)["killed"]
     assert marker.exists()  # the worker really died once
     # the second attempt started from the 4096-token checkpoint, not from scratch
     resumed = {p.name for p in debug.iterdir()}
@@ -136,7 +141,71 @@ def test_rerun_of_finished_training_is_reused(job, uninterrupted):
 
     cfg, directory = job
     plain, _ = uninterrupted
-    again = train_on_ray(cfg, spec(directory, "plain"))
+    again = train_on_ray(cfg, spec(directory, "plain"))["plain"]
     assert again.run_id == plain.run_id
     assert again.metrics["tokens_seen"] == BUDGET
     mlflow_run(cfg, "plain")
+
+
+def group(directory, *members, source="cached"):
+    from raysae.distributed.training import SAEGroupSpec, group_key
+
+    shards = {m.hook: str(directory) for m in members} if source == "cached" else None
+    return SAEGroupSpec(key=group_key(members), members=members, source=source, shards=shards)
+
+
+def test_group_members_share_one_stream_and_keep_their_own_runs(job, uninterrupted):
+    from raysae.distributed.training import SAERun, checkpoint_saes, train_on_ray
+
+    cfg, directory = job
+    hook = "blocks.1.hook_resid_post"
+    twin = SAERun(key="twin", name="twin", hook=hook)  # the settings of the solo "plain" run
+    short = SAERun(key="short", name="short", hook=hook, num_tokens=BUDGET // 2, lr=1e-3)
+    results = train_on_ray(cfg, group(directory, twin, short))
+    # one stream, each member exactly what it would be alone: the twin equals the solo run
+    plain, _ = uninterrupted
+    a, b = SAE.load(plain.out_dir), SAE.load(results["twin"].out_dir)
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        assert (getattr(a, name) - getattr(b, name)).abs().max() < 1e-6, name
+    # each member its own budget, MLflow run, checkpoints and final SAE
+    assert results["short"].metrics["tokens_seen"] == BUDGET // 2
+    client, run = mlflow_run(cfg, "short")
+    assert run.info.status == "FINISHED" and run.data.params["train.num_tokens"] == str(BUDGET // 2)
+    assert run.data.params["train.lr"] == "0.001"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/ces")] == [2048, 4096]
+    assert [t for t, _ in checkpoint_saes(cfg, "short")] == [2048, 4096]
+    assert [t for t, _ in checkpoint_saes(cfg, "twin")] == [2048, 4096, 6144, 8192]
+    assert results["short"].out_dir != results["twin"].out_dir
+    assert SAE.load(results["short"].out_dir).metadata.hook_name == hook
+
+
+def test_streamed_training_equals_cached_training(job):
+    """With shuffling off, the same tokens in the same order: the SAE trained on the LM's own
+    forward (nothing cached) equals the one trained on the shards."""
+    from raysae.distributed.training import SAERun, train_on_ray
+
+    cfg, directory = job
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, shuffle=False,
+                                                             num_tokens=BUDGET // 2))
+    hook = "blocks.1.hook_resid_post"
+    cached = train_on_ray(cfg, group(directory, SAERun(key="in-order", name="c", hook=hook)))
+    streamed = train_on_ray(cfg, group(directory, SAERun(key="in-order-streamed", name="s", hook=hook),
+                                       source="streamed"))
+    a, b = SAE.load(cached["in-order"].out_dir), SAE.load(streamed["in-order-streamed"].out_dir)
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-5)
+    _, run = mlflow_run(cfg, "in-order-streamed")
+    assert run.data.tags["raysae.source"] == "streamed"
+
+
+def test_a_budget_beyond_the_data_is_refused_before_any_work(job):
+    from raysae.config import ConfigError
+    from raysae.distributed.training import SAERun, train_on_ray
+
+    cfg, directory = job
+    once = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, data_passes=1))
+    member = SAERun(key="too-long", name="x", hook="blocks.1.hook_resid_post")
+    with pytest.raises(ConfigError, match=r"budget of 8,192 tokens, but the cached data gives "
+                                          r"768 in 1 pass.*train.data_passes"):
+        train_on_ray(once, group(directory, member))
+    assert not list((Path(cfg.runs_dir).resolve() / "ray_train").glob("too-long*"))

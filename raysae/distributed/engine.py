@@ -1,35 +1,39 @@
 """The engine both sweeps run on: the Ray Train launch, the worker skeleton, Tune phases, the
 phase runner and the Ray-task fan-out, each once.
 
-A `Fit` is what one Ray Train run trains (an SAE, a stitch; the next step is a group of SAEs
-on one activation stream), seen from one worker: how to build it, this worker's batches, the
-pure-torch loop to run, how rank 0 evaluates it at a checkpoint. `fit_on_ray` launches it, and
-`_worker` is the same skeleton for every Fit:
+A `Fit` is what one Ray Train run trains, seen from one worker: a group of members (SAEs of
+several layers, widths and budgets; or one stitch) that read one data stream, each with its own
+MLflow run, budget, checkpoints and final artefact. `fit_on_ray` launches it, and `_worker` is
+the same skeleton for every Fit:
 
-    resume the last committed state -> build -> this worker's batches from where it stopped ->
-    open (or continue) the MLflow run on rank 0 -> train, committing each checkpoint ->
-    log the final artefact and finish the run.
+    resume the last committed group state -> build the unfinished members -> this worker's
+    stream from where it stopped -> open (or continue) each member's MLflow run on rank 0 ->
+    step every unfinished member on each batch; a member that reaches its budget leaves the
+    group (its final artefact saved, its run finished); commit a group checkpoint whenever a
+    member's checkpoint is due -> until every member is done.
 
-A Ray Train run is named after its Fit's stable key, so a worker that dies (or a driver that is
-restarted) resumes from the last committed checkpoint and the MLflow run found by that key
-continues; token budgets are met exactly either way.
+A Ray Train run is named after its group's stable key, so a worker that dies (or a driver that
+is restarted) resumes from the last committed checkpoint: every unfinished member from its own
+state at that step, finished members not at all, and their MLflow runs found by key continue;
+token budgets are met exactly either way. Each member's checkpoints are also kept as artefact
+folders of their own (`<runs_dir>/checkpoints/<run>/tokens_<n>/`), for the evaluations that
+follow a training.
 
 A sweep is a list of `Phase`s over trials that name the trials they depend on (`run_phases`
 skips the dependents of a failed trial); a phase runs its trials either as one Tune experiment
-(`tune_phase`: each trial drives one Fit) or as plain Ray tasks (`fan_out`), and reports
-(done, errors) by trial key.
+whose trials are groups (`tune_phase`: each trial drives one Fit) or as plain Ray tasks
+(`fan_out`), and reports (done, errors) by trial key.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -52,11 +56,12 @@ from raysae.checkpoint import (
     TrainState,
     load_train_state,
     save_train_state,
-    write_folder_atomically,
 )
 from raysae.config import JobConfig, digest, from_dict, to_dict
 from raysae.distributed import root_cause
+from raysae.plan import PhasePlan, plan_report
 from raysae.tracking import Tracker, tracking_uri
+from raysae.train import Trainer
 
 log = logging.getLogger("raysae.engine")
 
@@ -97,12 +102,16 @@ def output_dir(job: JobConfig, kind: str, key: str) -> Path:
     return Path(job.runs_dir).resolve() / kind / run_name_for(key)
 
 
+def checkpoints_dir(job: JobConfig, key: str) -> Path:
+    """Where a member's checkpoint artefacts are kept: `<runs_dir>/checkpoints/<run>/`."""
+    return Path(job.runs_dir).resolve() / "checkpoints" / run_name_for(key)
+
+
 def checkpoint_folders(job: JobConfig, key: str, artifact: str) -> list[tuple[int, Path]]:
-    """(tokens seen, artefact folder) of every checkpoint the fit with this key committed, in
-    order: Ray Train keeps each one (num_to_keep=None) as `<run name>/tokens_<n>/<artifact>`."""
-    run_dir = train_runs_dir(job) / run_name_for(key)
-    found = {int(d.parent.name.removeprefix("tokens_")): d for d in run_dir.glob(f"tokens_*/{artifact}")}
-    return sorted(found.items())
+    """(tokens seen, artefact folder) of every checkpoint of the member with this key, in order
+    (`<runs_dir>/checkpoints/<run>/tokens_<n>/<artifact>`)."""
+    found = checkpoints_dir(job, key).glob(f"tokens_*/{artifact}")
+    return sorted((int(d.parent.name.removeprefix("tokens_")), d) for d in found)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,17 +119,27 @@ def checkpoint_folders(job: JobConfig, key: str, artifact: str) -> list[tuple[in
 
 
 @dataclass(frozen=True, kw_only=True)
-class FitSpec:
-    """The identity and MLflow placement of one fit; each Fit's spec adds what it reads."""
+class RunSpec:
+    """One member of a fit: its identity and MLflow placement; each Fit's members add what
+    they train (a layer, a width, a budget, a start)."""
 
     key: str
-    """Stable identity: the MLflow run key and the Ray Train run name."""
+    """Stable identity: the MLflow run key, its checkpoint and output folders."""
     name: str
     """Readable run name (MLflow UI)."""
     tags: dict[str, str] = field(default_factory=dict)
     """Extra MLflow tags (grid axes)."""
     parent_run: str | None = None
     """MLflow parent run id (a sweep)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FitSpec:
+    """One Ray Train run: a group of members trained from one data stream."""
+
+    key: str
+    """The group's stable identity: the Ray Train run name."""
+    members: tuple[RunSpec, ...]
 
 
 @dataclass(frozen=True)
@@ -150,36 +169,40 @@ class Fit(ABC):
         """On the driver, before any worker starts: raise on settings the data cannot honour."""
 
     @abstractmethod
-    def build(self, state: TrainState | None) -> torch.nn.Module:
-        """The model on this worker's device, identical on every worker (a resumed run loads
-        `state` inside the loop)."""
+    def build(self, member: RunSpec, state: TrainState | None) -> torch.nn.Module:
+        """A member's model on this worker's device, identical on every worker (a resumed
+        member loads `state` in its trainer)."""
 
     @abstractmethod
-    def batches(self) -> Iterator[Any]:
-        """This worker's batches from the start of the run (the skeleton skips those consumed)."""
+    def trainer(self, member: RunSpec, model: torch.nn.Module, state: TrainState | None,
+                **loop: Any) -> Trainer:
+        """The member's loop; `loop` carries on_metrics, on_checkpoint, allreduce_grads and
+        world_size."""
+
+    @abstractmethod
+    def batches(self, skip_batches: int) -> Iterator[Any]:
+        """This worker's stream, from batch `skip_batches` on (those before were consumed)."""
+
+    @abstractmethod
+    def member_batch(self, member: RunSpec, batch: Any) -> Any:
+        """The part of a stream batch a member trains on."""
 
     @property
     @abstractmethod
     def files(self) -> list[str]:
-        """The data files this worker reads (disjoint across workers)."""
+        """The data this worker reads (disjoint across workers)."""
 
     @abstractmethod
-    def run_tags(self) -> dict[str, str]:
-        """MLflow tags of the run (beside the spec's)."""
+    def run_tags(self, member: RunSpec) -> dict[str, str]:
+        """MLflow tags of a member's run (beside the member's own)."""
 
     @abstractmethod
-    def run_params(self) -> dict[str, str]:
-        """MLflow params of the run."""
+    def run_params(self, member: RunSpec) -> dict[str, str]:
+        """MLflow params of a member's run."""
 
     @abstractmethod
-    def train(self, model: torch.nn.Module, batches: Iterator[Any], state: TrainState | None,
-              **loop: Any) -> TrainState:
-        """Run the pure-torch loop; `loop` carries on_metrics, on_checkpoint, allreduce_grads
-        and world_size."""
-
-    @abstractmethod
-    def evaluate(self, model: torch.nn.Module, state: TrainState) -> dict[str, float]:
-        """Rank 0 at a checkpoint: the metrics logged at step = tokens seen."""
+    def evaluate(self, member: RunSpec, model: torch.nn.Module, state: TrainState) -> dict[str, float]:
+        """Rank 0 at a member's checkpoint: the metrics logged at step = tokens seen."""
 
     @abstractmethod
     def save(self, model: torch.nn.Module, folder: Path) -> Path:
@@ -189,11 +212,11 @@ class Fit(ABC):
 class WorkerHooks:
     """Plug-in points of the worker skeleton for tests (chaos, tracing); production has none."""
 
-    def batches(self, batches: Iterator[Any], fit: Fit, model: torch.nn.Module,
+    def batches(self, batches: Iterator[Any], fit: Fit, models: dict[str, torch.nn.Module],
                 start_step: int) -> Iterator[Any]:
         return batches
 
-    def finished(self, fit: Fit, model: torch.nn.Module, start_step: int) -> None:
+    def finished(self, fit: Fit, models: dict[str, torch.nn.Module], start_step: int) -> None:
         pass
 
 
@@ -218,8 +241,9 @@ def fit_on_ray(
     *,
     max_failures: int = 2,
     hooks: WorkerHooks | None = None,
-) -> FitResult:
-    """Run one Fit on Ray Train; idempotent for a given spec.key (a finished run is reused)."""
+) -> dict[str, FitResult]:
+    """Run one Fit on Ray Train; idempotent for a given spec.key (finished members are reused).
+    Returns each member's result by key."""
     fit.check(job, spec)
     trainer = TorchTrainer(
         _worker,
@@ -234,12 +258,13 @@ def fit_on_ray(
         ),
     )
     result = trainer.fit()
-    out = output_dir(job, fit.output_kind, spec.key)
     with result.checkpoint.as_directory() as d:
-        final = json.loads((Path(d) / "metrics.json").read_text())
-        source = Path(d) / fit.artifact
-        write_folder_atomically(out, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True))
-    return FitResult(out, final["run_id"], final["metrics"])
+        group = json.loads((Path(d) / GROUP_FILE).read_text())
+    return {
+        m.key: FitResult(output_dir(job, fit.output_kind, m.key), group["run_ids"][m.key],
+                         group["finished"][m.key])
+        for m in spec.members
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,76 +283,140 @@ def allreduce_mean(params: list[torch.Tensor]) -> None:
         offset += g.numel()
 
 
-def _resume_state() -> TrainState | None:
-    """The state of the last committed checkpoint, if this run has one."""
+GROUP_FILE = "group.json"
+"""In a group checkpoint: the step, each finished member's final metrics, the MLflow run ids."""
+
+
+@dataclass
+class GroupState:
+    """Where a group stands: batches consumed, each unfinished member's state at that step,
+    and the final metrics of the members already done."""
+
+    step: int = 0
+    states: dict[str, TrainState] = field(default_factory=dict)
+    finished: dict[str, dict[str, float]] = field(default_factory=dict)
+    run_ids: dict[str, str] = field(default_factory=dict)
+
+
+def _resume() -> GroupState:
+    """The group state of the last committed checkpoint (empty for a fresh run)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return None
+        return GroupState()
     with checkpoint.as_directory() as d:
-        return load_train_state(Path(d) / "state")
+        group = json.loads((Path(d) / GROUP_FILE).read_text())
+        states = {k: load_train_state(Path(d) / "states" / run_name_for(k)) for k in group["active"]}
+    return GroupState(group["step"], states, group["finished"], group["run_ids"])
 
 
-class _RankZeroRun:
-    """Rank 0's MLflow run: opened (or continued) by key, metrics at tokens seen."""
+class _MemberRun:
+    """A member's MLflow run (rank 0): opened or continued by key, metrics at tokens seen."""
 
-    def __init__(self, fit: Fit, uri: str):
-        self.tracker = Tracker(uri, fit.job.name)
-        spec = fit.spec
-        tags = {**fit.run_tags(), **spec.tags}
-        self.run_id = self.tracker.open_run(spec.key, spec.name, tags, fit.run_params(), spec.parent_run)
+    def __init__(self, fit: Fit, member: RunSpec, tracker: Tracker):
+        self.fit, self.member, self.tracker = fit, member, tracker
+        tags = {**fit.run_tags(member), **member.tags}
+        self.run_id = tracker.open_run(member.key, member.name, tags, fit.run_params(member),
+                                       member.parent_run)
 
     def log_train(self, tokens: int, values: dict[str, float]) -> None:
         self.tracker.log_metrics(self.run_id, {f"train/{k}": v for k, v in values.items()}, tokens)
 
-    def finish(self, fit: Fit, model: torch.nn.Module, state: TrainState) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            self.tracker.log_artifacts(self.run_id, fit.save(model, Path(tmp) / fit.artifact), fit.artifact)
-        self.tracker.set_tags(self.run_id, {"raysae.tokens_seen": str(state.tokens_seen)})
+    def checkpoint(self, model: torch.nn.Module, state: TrainState, final: bool) -> dict[str, float]:
+        """Evaluate and log; keep the artefact as this checkpoint's folder, and as the final
+        artefact when the member is done."""
+        fit, key = self.fit, self.member.key
+        values = {"tokens_seen": state.tokens_seen, **fit.evaluate(self.member, model, state)}
+        self.tracker.log_metrics(self.run_id, values, step=state.tokens_seen)
+        folder = checkpoints_dir(fit.job, key) / f"tokens_{state.tokens_seen:012d}" / fit.artifact
+        fit.save(model, folder)
+        if final:
+            fit.save(model, output_dir(fit.job, fit.output_kind, key))
+        return values
+
+    def finish(self, tokens_seen: int) -> None:
+        """Idempotent: a resumed group finishes the runs of members done before the failure."""
+        if self.tracker.status(self.run_id) == "FINISHED":
+            return
+        out = output_dir(self.fit.job, self.fit.output_kind, self.member.key)
+        self.tracker.log_artifacts(self.run_id, out, self.fit.artifact)
+        self.tracker.set_tags(self.run_id, {"raysae.tokens_seen": str(tokens_seen)})
         self.tracker.finish(self.run_id)
 
 
-def _commit_checkpoint(fit: Fit, model: torch.nn.Module, run: _RankZeroRun | None,
-                       state: TrainState) -> None:
-    """Every worker reports; rank 0 evaluates, logs, and writes state + artefact + metrics,
-    then waits until the controller has registered it: a worker that dies before that would
-    send the run back to the previous checkpoint, costing a whole interval."""
-    if run is None:
-        ray.train.report({"tokens_seen": state.tokens_seen}, checkpoint=None)
+def _commit(group: GroupState, trainers: dict[str, Trainer], rank: int) -> None:
+    """Every worker reports; rank 0 writes the group state (every unfinished member's state at
+    this step), then waits until the controller has registered it: a worker that dies before
+    that would send the run back to the previous checkpoint, costing a whole interval."""
+    if rank != 0:
+        ray.train.report({"step": group.step}, checkpoint=None)
         return
-    values = {"tokens_seen": state.tokens_seen, **fit.evaluate(model, state)}
-    run.tracker.log_metrics(run.run_id, values, step=state.tokens_seen)
     with tempfile.TemporaryDirectory() as tmp:
-        save_train_state(state, Path(tmp) / "state")
-        fit.save(model, Path(tmp) / fit.artifact)
-        (Path(tmp) / "metrics.json").write_text(json.dumps({"run_id": run.run_id, "metrics": values}))
-        ray.train.report(values, checkpoint=Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"tokens_{state.tokens_seen:012d}")
+        for key, trainer in trainers.items():
+            save_train_state(trainer.state(), Path(tmp) / "states" / run_name_for(key))
+        record = {"step": group.step, "active": list(trainers), "finished": group.finished,
+                  "run_ids": group.run_ids}
+        (Path(tmp) / GROUP_FILE).write_text(json.dumps(record))
+        ray.train.report({"step": group.step, "finished": len(group.finished)},
+                         checkpoint=Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"step_{group.step:012d}")
     ray.train.get_all_reported_checkpoints(CheckpointConsistencyMode.COMMITTED)
 
 
 def _worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    job = from_dict(JobConfig, config["job"])
-    fit: Fit = config["fit"](job, config["spec"], rank, world, ray.train.torch.get_device())
+    job, spec = from_dict(JobConfig, config["job"]), config["spec"]
+    fit: Fit = config["fit"](job, spec, rank, world, ray.train.torch.get_device())
     hooks: WorkerHooks = config["hooks"] or WorkerHooks()
 
-    state = _resume_state()
-    start_step = state.step if state is not None else 0
-    model = fit.build(state)
-    batches = hooks.batches(islice(fit.batches(), start_step, None), fit, model, start_step)
-    run = _RankZeroRun(fit, config["uri"]) if rank == 0 else None
-
-    final = fit.train(
-        model, batches, state,
-        on_metrics=run.log_train if run is not None else None,
-        on_checkpoint=lambda st: _commit_checkpoint(fit, model, run, st),
-        allreduce_grads=allreduce_mean if world > 1 else None,
-        world_size=world,
-    )
-    hooks.finished(fit, model, start_step)
-    if run is not None:
-        run.finish(fit, model, final)
+    group = _resume()
+    start = group.step
+    active = [m for m in spec.members if m.key not in group.finished]
+    models = {m.key: fit.build(m, group.states.get(m.key)) for m in active}
+    runs: dict[str, _MemberRun] = {}
+    if rank == 0:
+        tracker = Tracker(config["uri"], job.name)
+        runs = {m.key: _MemberRun(fit, m, tracker) for m in spec.members}
+        group.run_ids = {k: r.run_id for k, r in runs.items()}
+        for m in spec.members:  # done before a failure, maybe not yet marked FINISHED
+            if m.key in group.finished:
+                runs[m.key].finish(int(group.finished[m.key]["tokens_seen"]))
+    due: dict[str, TrainState] = {}
+    trainers = {
+        m.key: fit.trainer(
+            m, models[m.key], group.states.get(m.key),
+            on_metrics=runs[m.key].log_train if rank == 0 else None,
+            on_checkpoint=lambda st, k=m.key: due.__setitem__(k, st),
+            allreduce_grads=allreduce_mean if world > 1 else None,
+            world_size=world,
+        )
+        for m in active
+    }
+    batches = hooks.batches(fit.batches(start), fit, models, start)
+    by_key = {m.key: m for m in active}
+    while trainers:
+        batch = next(batches, None)
+        if batch is None:
+            raise next(iter(trainers.values())).out_of_data()
+        for key, trainer in trainers.items():
+            trainer.step(fit.member_batch(by_key[key], batch))
+        group.step += 1
+        if not due:
+            continue
+        done = {k: t.tokens for k, t in trainers.items() if t.done}
+        if rank == 0:
+            for key, state in due.items():
+                values = runs[key].checkpoint(models[key], state, final=key in done)
+                if key in done:
+                    group.finished[key] = values
+        for key in done:
+            del trainers[key]
+        due.clear()
+        _commit(group, trainers, rank)
+        if rank == 0:
+            for key, tokens in done.items():
+                runs[key].finish(tokens)
+    hooks.finished(fit, models, start)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,6 +455,15 @@ def run_phases(phases: Sequence[Phase], tracker: Tracker, parent: str) -> tuple[
     return finished, failed
 
 
+def log_plan(tracker: Tracker, parent: str, job: JobConfig, why: str,
+             phases: Sequence[PhasePlan]) -> None:
+    """Print a sweep's plan and keep it on its parent run (`plan.json`, source tags)."""
+    log.info("plan:\n%s", plan_report(job, why, phases))
+    tracker.log_dict(parent, {"source": job.train.source, "why": why,
+                              "phases": [dataclasses.asdict(p) for p in phases]}, "plan.json")
+    tracker.set_tags(parent, {"raysae.source": job.train.source, "raysae.source_why": why[:250]})
+
+
 @dataclass(frozen=True)
 class SweepResult:
     parent_run: str
@@ -378,26 +476,30 @@ class SweepResult:
     """The sweep's summary (counts, and what each study adds)."""
 
 
-def _tune_trial(config: dict[str, Any], run_trial: Callable[..., FitResult], payload: dict) -> None:
-    """A Tune function trainable: one trial drives one Fit and reports its final metrics."""
-    result = run_trial(config["key"], **payload)
-    tune.report({**result.metrics, "out_dir": str(result.out_dir)})
+def _tune_trial(config: dict[str, Any], run_group: Callable[..., dict[str, FitResult]],
+                payload: dict) -> None:
+    """A Tune function trainable: one trial drives one Fit (a group) and reports the final
+    metrics of each of its members."""
+    results = run_group(config["key"], **payload)
+    members = {k: {"metrics": r.metrics, "out_dir": str(r.out_dir)} for k, r in results.items()}
+    tune.report({"members": json.dumps(members)})
 
 
 def tune_phase(
     job: JobConfig,
     experiment: str,
-    keys: list[str],
-    run_trial: Callable[..., FitResult],
+    groups: dict[str, list[str]],
+    run_group: Callable[..., dict[str, FitResult]],
     payload: dict[str, Any],
     max_failures: int,
 ) -> tuple[Done, Errors]:
-    """One Tune experiment over trial keys (a grid search on "key"), restored when it already
-    exists; `run_trial(key, **payload)` fits the trial. Returns the metrics with a '/' in their
-    name (eval/..., ce/...) and `flops` per finished key, and the root cause per failed key."""
+    """One Tune experiment whose trials are groups (a grid search on the group "key"),
+    restored when it already exists; `run_group(group_key, **payload)` fits a group and returns
+    its members' results. Returns, per member key, the metrics with a '/' in their name
+    (eval/..., ce/...) and `flops`, or the root cause of its group's failure."""
     storage = Path(job.runs_dir).resolve() / "tune"
     trainable = tune.with_resources(
-        tune.with_parameters(_tune_trial, run_trial=run_trial, payload=payload), {"CPU": TRIAL_CPUS}
+        tune.with_parameters(_tune_trial, run_group=run_group, payload=payload), {"CPU": TRIAL_CPUS}
     )
     path = storage / experiment
     if tune.Tuner.can_restore(path):
@@ -406,7 +508,7 @@ def tune_phase(
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"key": tune.grid_search(keys)},
+            param_space={"key": tune.grid_search(list(groups))},
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrent_fits(job)),
             run_config=tune.RunConfig(
                 name=experiment,
@@ -418,16 +520,15 @@ def tune_phase(
     done: Done = {}
     errors: Errors = {}
     for result in tuner.fit():
-        key = result.config["key"]
+        members = groups[result.config["key"]]
         if result.error is not None:
-            errors[key] = f"failed: {root_cause(result.error)}"
-        elif result.metrics and "out_dir" in result.metrics:
-            done[key] = {
-                k: v for k, v in result.metrics.items()
-                if ("/" in k or k == "flops") and isinstance(v, int | float)
-            }
+            errors |= {k: f"failed: {root_cause(result.error)}" for k in members}
+        elif result.metrics and "members" in result.metrics:
+            for key, r in json.loads(result.metrics["members"]).items():
+                done[key] = {k: v for k, v in r["metrics"].items()
+                             if ("/" in k or k == "flops") and isinstance(v, int | float)}
         else:
-            errors[key] = "failed: the trial reported no result"
+            errors |= {k: "failed: the trial reported no result" for k in members}
     return done, errors
 
 

@@ -35,6 +35,7 @@ from raysae.distributed.engine import (
     Phase,
     SweepResult,
     fan_out,
+    log_plan,
     run_phases,
     tune_phase,
 )
@@ -44,8 +45,14 @@ from raysae.distributed.features import (
     load_task_sets,
     run_features_phase,
 )
-from raysae.distributed.stitching import StitchSpec, stitch_dir_for, train_stitch_on_ray
-from raysae.distributed.training import TrainSpec, sae_dir_for, train_on_ray
+from raysae.distributed.stitching import StitchRun, StitchSpec, stitch_dir_for, train_stitch_on_ray
+from raysae.distributed.training import (
+    SAEGroupSpec,
+    SAERun,
+    sae_dir_for,
+    sae_groups,
+    train_on_ray,
+)
 from raysae.evaluate import evaluate_sae
 from raysae.models import hook_name, load_lm, load_tokenizer, validate_sites
 from raysae.sae import SAE
@@ -72,6 +79,7 @@ def run_stitch_sweep(job: JobConfig) -> SweepResult:
     tags = {"raysae.phase": "sweep", "raysae.role": "stitch_sweep",
             "raysae.sweep_kind": stitch_grid.SWEEP_KIND}
     parent = tracker.open_run(f"stitch_sweep:{digest}", f"{job.name} stitch sweep", tags, flatten(job))
+    log_plan(tracker, parent, *stitch_grid.plan(job))
 
     matches = None
     if s.match_layers:
@@ -91,8 +99,11 @@ def run_stitch_sweep(job: JobConfig) -> SweepResult:
                "dirs": dirs, "parent": parent}
 
     def train(phase: str, todo: list[StitchTrial]) -> tuple[Done, Errors]:
-        return tune_phase(job, f"{job.name}-{digest}-stitch-{phase}", [t.key for t in todo],
-                          _train_trial, payload, s.max_failures)
+        groups = _groups(job, todo, dirs, parent)
+        return tune_phase(job, f"{job.name}-{digest}-stitch-{phase}",
+                          {k: [m.key for m in spec.members] for k, (_, spec) in groups.items()},
+                          _run_group, {"groups": groups, "max_failures": s.max_failures},
+                          s.max_failures)
 
     def per_pair(task: Any, todo: list[StitchTrial]) -> tuple[Done, Errors]:
         by_pair: dict[str, list[str]] = {}
@@ -159,29 +170,47 @@ def _log_stitch_flops(job: JobConfig, trials: list[StitchTrial], finished: dict,
 # Trainings: stitches and SAEs, one Tune trainable
 
 
-def _train_trial(key: str, job: dict, trials: dict, dirs: dict, parent: str) -> FitResult:
-    """Fit the stitch or train the SAE of one trial on Ray Train."""
+def _groups(job: JobConfig, todo: list[StitchTrial], dirs: dict, parent: str
+            ) -> dict[str, tuple[dict, StitchSpec | SAEGroupSpec]]:
+    """A phase's trainings as groups, each with the job it runs under: a stitch each, and the
+    SAEs of each model (A's; B's scratch and stitched-init ones) packed into groups."""
+    s = job.stitch
+    out: dict[str, tuple[dict, StitchSpec | SAEGroupSpec]] = {}
+    saes: dict[bool, list[tuple[StitchTrial, SAERun]]] = {False: [], True: []}
+    for t in todo:
+        if t.role == "stitch":
+            run = StitchRun(key=t.key, name=t.name, tags=t.tags, parent_run=parent,
+                            layer_a=t.layer_a, layer_b=t.layer_b)
+            spec = StitchSpec(key=t.key, members=(run,),
+                              shards_a=dirs["a"][hook_name(s.site, t.layer_a)],
+                              shards_b=dirs["b"][hook_name(s.site, t.layer_b)])
+            out[spec.key] = (to_dict(job), spec)
+            continue
+        large = t.role != "scratch_a"
+        # B's SAE from the stitched initialisation starts from the zero-shot trial's saved SAE
+        init = str(sae_dir_for(job, t.depends_on[0])) if t.role == "transfer" else None
+        layer = t.layer_b if large else t.layer_a
+        saes[large].append((t, SAERun(key=t.key, name=t.name, tags=t.tags, parent_run=parent,
+                                       hook=hook_name(s.site, layer), init_from=init,
+                                       num_tokens=t.budget, d_sae=t.width)))
+    for large, pairs in saes.items():
+        if pairs:
+            model_job = stitch_grid.sae_job(job, pairs[0][0], large)  # the stitch caches both
+            model_job = dataclasses.replace(
+                model_job, train=dataclasses.replace(model_job.train, source="cached"))
+            shards = dirs["b" if large else "a"]
+            for spec in sae_groups(model_job, [m for _, m in pairs], "cached", shards):
+                out[spec.key] = (to_dict(model_job), spec)
+    return out
+
+
+def _run_group(key: str, groups: dict, max_failures: int) -> dict[str, FitResult]:
+    """A Tune trial's work: fit the stitch or train the SAE group with this key."""
+    job, spec = groups[key]
     job_cfg = from_dict(JobConfig, job)
-    s = job_cfg.stitch
-    trial = StitchTrial(**trials[key])
-    site = s.site
-    if trial.role == "stitch":
-        spec = StitchSpec(
-            key=trial.key, name=trial.name, layer_a=trial.layer_a, layer_b=trial.layer_b,
-            shards_a=dirs["a"][hook_name(site, trial.layer_a)],
-            shards_b=dirs["b"][hook_name(site, trial.layer_b)],
-            tags=trial.tags, parent_run=parent,
-        )
-        return train_stitch_on_ray(job_cfg, spec, max_failures=s.max_failures)
-    large = trial.role != "scratch_a"
-    layer = trial.layer_b if large else trial.layer_a
-    # B's SAE from the stitched initialisation starts from the zero-shot trial's saved SAE
-    init = str(sae_dir_for(job_cfg, trial.depends_on[0])) if trial.role == "transfer" else None
-    spec = TrainSpec(
-        key=trial.key, name=trial.name, shards_dir=dirs["b" if large else "a"][hook_name(site, layer)],
-        init_from=init, tags=trial.tags, parent_run=parent,
-    )
-    return train_on_ray(stitch_grid.sae_job(job_cfg, trial, large), spec, max_failures=s.max_failures)
+    if isinstance(spec, StitchSpec):
+        return {spec.members[0].key: train_stitch_on_ray(job_cfg, spec, max_failures=max_failures)}
+    return train_on_ray(job_cfg, spec, max_failures=max_failures)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,29 +14,46 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
 
 from raysae.activations import heldout_tokens, special_token_ids
 from raysae.checkpoint import TrainState
-from raysae.config import JobConfig, StitchConfig, flatten
-from raysae.distributed.engine import Fit, FitResult, FitSpec, fit_on_ray, output_dir, worker_seed
+from raysae.config import ConfigError, JobConfig, StitchConfig, flatten
+from raysae.distributed.engine import (
+    Fit,
+    FitResult,
+    FitSpec,
+    RunSpec,
+    fit_on_ray,
+    output_dir,
+    worker_seed,
+)
 from raysae.evaluate import evaluate_stitch
 from raysae.models import load_lm, load_tokenizer
 from raysae.shards import ActivationReader, aligned_shards, paired_stream
-from raysae.stitching.stitch import Stitch, lstsq_stitch, stitch_flops_per_token, train_stitch
+from raysae.stitching.stitch import Stitch, lstsq_stitch, stitch_flops_per_token, stitch_trainer
+from raysae.train import Trainer
 
 STITCHES = "stitches"
 """The folder under runs_dir of the final stitches."""
 
 
 @dataclass(frozen=True, kw_only=True)
-class StitchSpec(FitSpec):
-    """One stitch fit: its two layers and their shard sets."""
+class StitchRun(RunSpec):
+    """A stitch between one layer of A and one of B."""
 
     layer_a: int
     layer_b: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class StitchSpec(FitSpec):
+    """One stitch fit (a group of one) and its two shard sets."""
+
+    members: tuple[StitchRun]
     shards_a: str
     shards_b: str
 
@@ -48,7 +65,7 @@ def stitch_dir_for(job: JobConfig, key: str) -> Path:
 
 def train_stitch_on_ray(job: JobConfig, spec: StitchSpec, *, max_failures: int = 2) -> FitResult:
     """Fit one stitch with Ray Train; idempotent for a given spec.key."""
-    return fit_on_ray(job, spec, StitchFit, max_failures=max_failures)
+    return fit_on_ray(job, spec, StitchFit, max_failures=max_failures)[spec.members[0].key]
 
 
 def initial_stitch(s: StitchConfig, a: ActivationReader, b: ActivationReader, meta: dict) -> Stitch:
@@ -91,6 +108,15 @@ class StitchFit(Fit):
             raise ValueError(
                 f"{spec.shards_a}: {len(pairs)} shards cannot feed {workers} workers disjoint data"
             )
+        b, passes = job.stitch.batch_size // workers, job.train.data_passes
+        have = workers * b * min(passes * sum(a.num_tokens for a, _ in pairs[r::workers]) // b
+                                 for r in range(workers))
+        if job.stitch.num_tokens > have:
+            raise ConfigError(
+                f"stitch.num_tokens: a budget of {job.stitch.num_tokens:,} tokens, but the cached "
+                f"pairs give {have:,} in {passes} pass(es); raise data.num_tokens or "
+                "train.data_passes (data is never read again silently)"
+            )
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -105,46 +131,50 @@ class StitchFit(Fit):
     def files(self) -> list[str]:
         return [a.file for a, _ in self.mine]
 
-    def build(self, state: TrainState | None) -> Stitch:
-        spec = self.spec
+    def build(self, member: StitchRun, state: TrainState | None) -> Stitch:
         meta = {"model_a": self.job.model.name, "model_b": self.s.large.name, "site": self.s.site,
-                "layer_a": spec.layer_a, "layer_b": spec.layer_b, "run_key": spec.key}
+                "layer_a": member.layer_a, "layer_b": member.layer_b, "run_key": member.key}
         stitch = initial_stitch(self.s, self.reader_a, self.reader_b, meta)
         if self.rank == 0 and self.s.init == "lstsq":
             self.baseline = copy.deepcopy(stitch)
         return stitch.to(self.device)
 
-    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return paired_stream(self.reader_a, self.reader_b, self.s.batch_size // self.world,
-                             seed=worker_seed(self.job.train.seed, self.rank), pairs=self.mine)
+    def batches(self, skip_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        stream = paired_stream(self.reader_a, self.reader_b, self.s.batch_size // self.world,
+                               seed=worker_seed(self.job.train.seed, self.rank), pairs=self.mine,
+                               passes=self.job.train.data_passes)
+        return islice(stream, skip_batches, None)
 
-    def run_tags(self) -> dict[str, str]:
+    def member_batch(self, member: StitchRun, batch: tuple) -> tuple:
+        return batch
+
+    def run_tags(self, member: StitchRun) -> dict[str, str]:
         return {"raysae.model_a": self.job.model.name, "raysae.model_b": self.s.large.name}
 
-    def run_params(self) -> dict[str, str]:
+    def run_params(self, member: StitchRun) -> dict[str, str]:
         return flatten(self.s, "stitch.")
 
-    def train(self, model: Stitch, batches: Iterator, state: TrainState | None, **loop) -> TrainState:
-        return train_stitch(model, self.s, batches, log_every_steps=self.job.train.log_every_steps,
-                            start_state=state, **loop)
+    def trainer(self, member: StitchRun, model: Stitch, state: TrainState | None, **loop) -> Trainer:
+        return stitch_trainer(model, self.s, log_every_steps=self.job.train.log_every_steps,
+                              start_state=state, **loop)
 
-    def evaluate(self, model: Stitch, state: TrainState) -> dict[str, float]:
+    def evaluate(self, member: StitchRun, model: Stitch, state: TrainState) -> dict[str, float]:
         if self._per_token is None:
             a, b = next(paired_stream(self.reader_a, self.reader_b, 256, pairs=self.mine))
             self._per_token = stitch_flops_per_token(model, a.to(self.device), b.to(self.device),
                                                      self.s.alpha)
         values = {"flops": self._per_token * state.tokens_seen}
         if state.tokens_seen >= self.s.num_tokens:
-            values |= self._final_metrics(model)
+            values |= self._final_metrics(member, model)
         return values
 
-    def _final_metrics(self, stitch: Stitch) -> dict[str, float]:
+    def _final_metrics(self, member: StitchRun, stitch: Stitch) -> dict[str, float]:
         """CE of both models, the stitched models and the round trips, and map quality, for the
         trained stitch and (`lstsq/...`) its closed-form baseline, on held-out tokens."""
-        job, s, spec = self.job, self.s, self.spec
+        job, s = self.job, self.s
         model_a, model_b = load_lm(job.model, self.device), load_lm(s.large, self.device)
         special = special_token_ids(job.model, load_tokenizer(job.model, job.data))
-        args = (s.site, spec.layer_a, spec.layer_b, heldout_tokens(job), special)
+        args = (s.site, member.layer_a, member.layer_b, heldout_tokens(job), special)
         values = evaluate_stitch(model_a, model_b, stitch, *args)
         if self.baseline is not None:
             base = evaluate_stitch(model_a, model_b, self.baseline.to(self.device), *args)

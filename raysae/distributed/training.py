@@ -1,27 +1,43 @@
-"""Ray Train: data-parallel SAE training on activation shards, a `Fit` of the engine.
+"""Ray Train: a group of SAEs on one activation stream, data parallel, a `Fit` of the engine.
 
-Each worker streams a disjoint slice of the shards (shard i goes to worker i mod world size),
-runs the pure-torch loop of `raysae.train`, and averages gradients with one all-reduce per step,
-so every worker holds the same SAE. At every checkpoint rank 0 evaluates the SAE inside the LM
-on held-out tokens and logs it to MLflow (step = tokens seen). Resumption, the MLflow run and
-checkpoint commits are the engine's (`raysae.distributed.engine`).
+The members read one model: SAEs of several layers (sites), widths, budgets and starts. Each
+worker takes its share of the data (`raysae.sources`: chunk c to worker c mod world) either
+from cached shards of every member's site, read together, or by running the LM's truncated
+forward on its share of the tokens (`streamed`: one forward per batch for all members, nothing
+written). Every member steps on every batch with its own optimiser and schedule until its own
+budget, gradients averaged with one all-reduce per member and step, so every worker holds the
+same SAEs. At each member's checkpoint rank 0 evaluates it inside the LM on held-out tokens and
+logs it to its own MLflow run (step = tokens seen). Resumption, the MLflow runs and checkpoint
+commits are the engine's (`raysae.distributed.engine`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from raysae.activations import fingerprint, heldout_tokens, special_token_ids
+from raysae.activations import fingerprint, heldout_tokens, job_windows, special_token_ids
 from raysae.checkpoint import TrainState
-from raysae.config import JobConfig, digest, flatten, to_dict
+from raysae.config import (
+    ConfigError,
+    JobConfig,
+    SAEConfig,
+    TrainConfig,
+    digest,
+    flatten,
+    from_dict,
+    to_dict,
+)
 from raysae.distributed.engine import (
     Fit,
     FitResult,
     FitSpec,
+    RunSpec,
     WorkerHooks,
     checkpoint_folders,
     fit_on_ray,
@@ -29,23 +45,57 @@ from raysae.distributed.engine import (
     worker_seed,
 )
 from raysae.evaluate import evaluate_sae
-from raysae.models import load_lm, load_tokenizer, parse_hook_name
+from raysae.models import load_lm, load_tokenizer, model_dims, parse_hook_name
+from raysae.plan import pack_saes
 from raysae.sae import SAE, SAEMetadata
 from raysae.shards import ActivationReader
-from raysae.train import sae_flops_per_token, train_sae
+from raysae.sources import (
+    LMActivations,
+    StreamSettings,
+    batches_from_chunks,
+    cached_chunks,
+    cached_rows,
+    streamed_chunks,
+)
+from raysae.train import Trainer, sae_flops_per_token, sae_trainer
 
 SAES = "saes"
 """The folder under runs_dir of the final SAEs."""
+B_DEC_SAMPLE = 4096
+"""Rows a scratch SAE's b_dec is initialised from."""
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainSpec(FitSpec):
-    """One SAE training: its identity, its data, and where it starts from."""
+class SAERun(RunSpec):
+    """One SAE of a group: its site, its start, its budget."""
 
-    shards_dir: str
-    """Activation shard directory of the site the SAE is trained on."""
+    hook: str
+    """The hook it reads, e.g. blocks.3.hook_resid_post."""
     init_from: str | None = None
     """SAE folder to start from (transfer), or None for scratch."""
+    num_tokens: int | None = None
+    """Its token budget (default: train.num_tokens)."""
+    lr: float | None = None
+    """Its peak learning rate (default: train.lr)."""
+    d_sae: int | None = None
+    """Its width (default: the job's sae section)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SAEGroupSpec(FitSpec):
+    """SAEs trained together from one stream of one model."""
+
+    members: tuple[SAERun, ...]
+    source: Literal["cached", "streamed"] = "cached"
+    shards: dict[str, str] | None = None
+    """Hook -> shard directory of every member's site (cached)."""
+
+
+def group_key(members: list[SAERun] | tuple[SAERun, ...]) -> str:
+    """A group's identity: its members' keys (a group of one is named after its member)."""
+    if len(members) == 1:
+        return members[0].key
+    return f"group:{len(members)}:{digest(sorted(m.key for m in members))}"
 
 
 def training_key(job: JobConfig, hook: str, init_from: str | None) -> str:
@@ -66,100 +116,219 @@ def sae_dir_for(job: JobConfig, key: str) -> Path:
 
 def checkpoint_saes(job: JobConfig, key: str) -> list[tuple[int, Path]]:
     """(tokens seen, SAE folder) of every checkpoint of the training with this key, in order."""
-    return checkpoint_folders(job, key, SAEFit.artifact)
+    return checkpoint_folders(job, key, SAEGroupFit.artifact)
 
 
-def train_on_ray(job: JobConfig, spec: TrainSpec, *, max_failures: int = 2,
-                 hooks: WorkerHooks | None = None) -> FitResult:
-    """Train one SAE with Ray Train; idempotent for a given spec.key (a finished run is reused)."""
-    return fit_on_ray(job, spec, SAEFit, max_failures=max_failures, hooks=hooks)
+def train_on_ray(job: JobConfig, spec: SAEGroupSpec, *, max_failures: int = 2,
+                 hooks: WorkerHooks | None = None) -> dict[str, FitResult]:
+    """Train a group of SAEs with Ray Train; idempotent for a given spec (finished members are
+    reused). Returns each member's result by key."""
+    return fit_on_ray(job, spec, SAEGroupFit, max_failures=max_failures, hooks=hooks)
 
 
-class SAEFit(Fit):
-    """One SAE on one site's shards."""
+def sae_groups(job: JobConfig, members: list[SAERun], source: str,
+               shards: dict[str, str] | None) -> list[SAEGroupSpec]:
+    """The members packed into groups that fit a worker (`train.worker_memory_gb`, the stream
+    included) and `train.max_group_saes`, in order (`plan.pack_saes`)."""
+    saes = [(member_config(job, m)[0], m.hook) for m in members]
+    _, packed = pack_saes(job, job.model, saes, source == "streamed")
+    out = []
+    for idx in packed:
+        group = tuple(members[i] for i in idx)
+        out.append(SAEGroupSpec(key=group_key(group), members=group, source=source,
+                                shards=shards if source == "cached" else None))
+    return out
+
+
+def run_sae_group(key: str, job: dict, groups: dict[str, SAEGroupSpec],
+                  max_failures: int) -> dict[str, FitResult]:
+    """A Tune trial's work: train the group with this key (see `engine.tune_phase`)."""
+    return train_on_ray(from_dict(JobConfig, job), groups[key], max_failures=max_failures)
+
+
+def member_config(job: JobConfig, m: SAERun) -> tuple[SAEConfig, TrainConfig]:
+    """The SAE and training settings of one member: the job's, with its width, budget and lr."""
+    sae = job.sae if m.d_sae is None else dataclasses.replace(job.sae, d_sae=m.d_sae)
+    train = dataclasses.replace(job.train, num_tokens=m.num_tokens or job.train.num_tokens,
+                                lr=m.lr or job.train.lr)
+    return sae, train
+
+
+def stream_tokens(job: JobConfig, spec: SAEGroupSpec, world: int) -> int:
+    """Tokens the group's stream gives, over every worker and pass, counted from the data
+    alone: cached rows from the manifests; streamed, the windows' tokens (an upper bound: the
+    special tokens among them are dropped when read)."""
+    b = job.train.batch_size // world
+    passes = job.train.data_passes
+    if spec.source == "cached":
+        readers = {h: ActivationReader(d) for h, d in spec.shards.items()}
+        per_worker = [cached_rows(readers, r, world) for r in range(world)]
+    else:
+        T = job.data.context_length
+        windows = -(-job.data.num_tokens // T)
+        chunk = _chunk_seqs(job)
+        chunks = [min(chunk, windows - c * chunk) for c in range(-(-windows // chunk))]
+        per_worker = [sum(chunks[r::world]) * T for r in range(world)]
+    return world * b * min(passes * rows // b for rows in per_worker)
+
+
+def _chunk_seqs(job: JobConfig) -> int:
+    """Sequences per chunk: a shard's worth, so both sources split the data alike."""
+    return max(1, job.cache.shard_tokens // job.data.context_length)
+
+
+class SAEGroupFit(Fit):
+    """SAEs on one model's activations, from one stream."""
 
     artifact = "sae"
     output_kind = SAES
-    spec: TrainSpec
+    spec: SAEGroupSpec
 
     @classmethod
-    def check(cls, job: JobConfig, spec: TrainSpec) -> None:
-        tc = job.train
-        if tc.batch_size % tc.num_workers:
+    def check(cls, job: JobConfig, spec: SAEGroupSpec) -> None:
+        tc, world = job.train, job.train.num_workers
+        if tc.batch_size % world:
             raise ValueError(
                 f"train.batch_size: {tc.batch_size} is not divisible by train.num_workers "
-                f"({tc.num_workers}); each worker takes an equal share of every batch"
+                f"({world}); each worker takes an equal share of every batch"
             )
-        reader = ActivationReader(spec.shards_dir)  # verified before any worker starts
-        if len(reader.manifest.shards) < tc.num_workers:
-            raise ValueError(
-                f"{spec.shards_dir}: {len(reader.manifest.shards)} shards cannot feed "
-                f"{tc.num_workers} workers disjoint data; lower cache.shard_tokens or num_workers"
+        if spec.source == "cached":
+            readers = {h: ActivationReader(d) for h, d in spec.shards.items()}  # verified here
+            shards = len(next(iter(readers.values())).manifest.shards)
+            if shards < world:
+                raise ValueError(
+                    f"{next(iter(spec.shards.values()))}: {shards} shards cannot feed {world} "
+                    "workers disjoint data; lower cache.shard_tokens or train.num_workers"
+                )
+        budget = max(member_config(job, m)[1].num_tokens for m in spec.members)
+        have = stream_tokens(job, spec, world)
+        if budget > have:
+            raise ConfigError(
+                f"train.num_tokens: a budget of {budget:,} tokens, but the {spec.source} data "
+                f"gives {have:,} in {tc.data_passes} pass(es) over data.num_tokens "
+                f"({job.data.num_tokens:,}); raise data.num_tokens or set train.data_passes "
+                f"to {-(-budget * tc.data_passes // max(have, 1))} to read it again (never "
+                "done silently)"
             )
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.reader = ActivationReader(self.spec.shards_dir)
-        self.hook = self.reader.manifest.hook_name
-        self.site, self.layer = parse_hook_name(self.hook)
-        self.mine = self.reader.manifest.shards[self.rank :: self.world]
-        self._eval: tuple | None = None  # rank 0: the LM, held-out tokens, FLOPs per token
+        job, spec = self.job, self.spec
+        self.hooks = sorted({m.hook for m in spec.members})
+        self.d_in = model_dims(job.model)[1]
+        self.lm: torch.nn.Module | None = None
+        if spec.source == "cached":
+            self.readers = {h: ActivationReader(spec.shards[h]) for h in self.hooks}
+            files = [s.file for s in next(iter(self.readers.values())).manifest.shards]
+            self._files = files[self.rank :: self.world]
+        else:
+            self._files = []
+        self._eval: tuple | None = None  # rank 0: held-out tokens and special ids
+        self._b_dec_sample: dict[str, torch.Tensor] | None = None
+
+    # the stream ----------------------------------------------------------------------------
+
+    def _chunks(self, rank: int):
+        job = self.job
+        if self.spec.source == "cached":
+            return cached_chunks(self.readers, rank, self.world, job.train.shuffle)
+        lm = LMActivations(self.model_lm(), [parse_hook_name(h) for h in self.hooks],
+                           self.special_ids(), job.cache.batch_size, self.device)
+        return streamed_chunks(lm, lambda: job_windows(job, job.data.num_tokens),
+                               _chunk_seqs(job), rank, self.world)
+
+    def batches(self, skip_batches: int) -> Iterator[dict[str, torch.Tensor]]:
+        tc = self.job.train
+        settings = StreamSettings(
+            batch_size=tc.batch_size // self.world, rank=self.rank, world=self.world,
+            seed=worker_seed(tc.seed, self.rank), shuffle=tc.shuffle, passes=tc.data_passes,
+            skip_batches=skip_batches,
+        )
+        return batches_from_chunks(self._chunks(self.rank), settings)
 
     @property
     def files(self) -> list[str]:
-        return [s.file for s in self.mine]
+        return self._files
 
-    def build(self, state: TrainState | None) -> SAE:
-        job, spec = self.job, self.spec
-        d_in = self.reader.manifest.d_model
+    def member_batch(self, member: SAERun, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch[member.hook]
+
+    def model_lm(self) -> torch.nn.Module:
+        if self.lm is None:
+            self.lm = load_lm(self.job.model, self.device)
+        return self.lm
+
+    def special_ids(self) -> list[int]:
+        job = self.job
+        return special_token_ids(job.model, load_tokenizer(job.model, job.data))
+
+    def b_dec_sample(self, hook: str) -> torch.Tensor:
+        """The first B_DEC_SAMPLE rows of rank 0's first pass (chunks in stream order, rows in
+        corpus order): the same on every worker and in both sources."""
+        if self._b_dec_sample is None:
+            parts: dict[str, list[torch.Tensor]] = {h: [] for h in self.hooks}
+            rows = 0
+            gen = torch.Generator().manual_seed(worker_seed(self.job.train.seed, 0))
+            for chunk in self._chunks(0)(0, gen):
+                for h, x in chunk.load().items():
+                    parts[h].append(x)
+                rows += chunk.rows
+                if rows >= B_DEC_SAMPLE:
+                    break
+            self._b_dec_sample = {h: torch.cat(xs)[:B_DEC_SAMPLE] for h, xs in parts.items()}
+        return self._b_dec_sample[hook]
+
+    # the members ---------------------------------------------------------------------------
+
+    def build(self, member: SAERun, state: TrainState | None) -> SAE:
+        job = self.job
+        sae_cfg, train = member_config(job, member)
         metadata = SAEMetadata(
             model_name=job.model.name,
-            hook_name=self.hook,
+            hook_name=member.hook,
             context_size=job.data.context_length,
             prepend_bos=job.data.prepend_bos,
-            extras={"run_key": spec.key, "init_from": spec.init_from},
+            extras={"run_key": member.key, "init_from": member.init_from},
         )
-        if spec.init_from:
-            return SAE.init_from(spec.init_from, job.sae, d_in, metadata=metadata, device=self.device)
-        sae = SAE(job.sae, d_in, metadata=metadata, seed=job.train.seed, device=self.device)
-        if state is None:  # the same sample on every worker: identical b_dec everywhere
-            sample = next(self.reader.iter_batches(4096, seed=job.train.seed))
-            sae.init_b_dec(sample.to(self.device))
+        if member.init_from:
+            return SAE.init_from(member.init_from, sae_cfg, self.d_in, metadata=metadata,
+                                 device=self.device)
+        sae = SAE(sae_cfg, self.d_in, metadata=metadata, seed=train.seed, device=self.device)
+        if state is None:
+            sae.init_b_dec(self.b_dec_sample(member.hook).to(self.device))
         return sae
 
-    def batches(self) -> Iterator[torch.Tensor]:
-        per_worker = self.job.train.batch_size // self.world
-        seed = worker_seed(self.job.train.seed, self.rank)
-        return self.reader.stream(per_worker, seed=seed, shards=self.mine)
+    def trainer(self, member: SAERun, model: SAE, state: TrainState | None, **loop) -> Trainer:
+        return sae_trainer(model, member_config(self.job, member)[1], start_state=state, **loop)
 
-    def run_tags(self) -> dict[str, str]:
+    def run_tags(self, member: SAERun) -> dict[str, str]:
+        site, layer = parse_hook_name(member.hook)
         return {
             "raysae.model": self.job.model.name,
-            "raysae.site": self.site,
-            "raysae.layer": str(self.layer),
-            "raysae.hook": self.hook,
+            "raysae.site": site,
+            "raysae.layer": str(layer),
+            "raysae.hook": member.hook,
             "raysae.architecture": self.job.sae.architecture,
-            "raysae.init": self.spec.init_from or "scratch",
+            "raysae.init": member.init_from or "scratch",
+            "raysae.source": self.spec.source,
+            "raysae.group": self.spec.key,
         }
 
-    def run_params(self) -> dict[str, str]:
-        return flatten(self.job)
+    def run_params(self, member: SAERun) -> dict[str, str]:
+        sae, train = member_config(self.job, member)
+        return flatten(dataclasses.replace(self.job, sae=sae, train=train))
 
-    def train(self, model: SAE, batches: Iterator[torch.Tensor], state: TrainState | None,
-              **loop) -> TrainState:
-        return train_sae(model, self.job.train, batches, start_state=state, **loop)
-
-    def evaluate(self, model: SAE, state: TrainState) -> dict[str, float]:
+    def evaluate(self, member: SAERun, model: SAE, state: TrainState) -> dict[str, float]:
         if self._eval is None:
-            job = self.job
-            lm = load_lm(job.model, self.device)
-            special = special_token_ids(job.model, load_tokenizer(job.model, job.data))
-            sample = next(self.reader.iter_batches(1024, shuffle=False)).to(self.device)
-            self._eval = (lm, heldout_tokens(job), special, sae_flops_per_token(model, sample, job.train))
-        lm, tokens, special, per_token = self._eval
-        res = evaluate_sae(lm, model, self.site, self.layer, tokens, special)
+            self._eval = (heldout_tokens(self.job), self.special_ids(), {})
+        tokens, special, flops = self._eval
+        if member.key not in flops:  # FLOPs depend on shapes only
+            sample = torch.randn(1024, self.d_in, device=self.device)
+            flops[member.key] = sae_flops_per_token(model, sample, member_config(self.job, member)[1])
+        site, layer = parse_hook_name(member.hook)
+        res = evaluate_sae(self.model_lm(), model, site, layer, tokens, special)
         values = {f"eval/{k}": v for k, v in res.as_dict().items()}
-        values["flops"] = per_token * state.tokens_seen
+        values["flops"] = flops[member.key] * state.tokens_seen
         return values
 
     def save(self, model: SAE, folder: Path) -> Path:

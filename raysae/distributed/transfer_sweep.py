@@ -30,10 +30,10 @@ from raysae.distributed.engine import (
     WORKER_CPUS,
     Done,
     Errors,
-    FitResult,
     Phase,
     SweepResult,
     fan_out,
+    log_plan,
     run_phases,
     tune_phase,
 )
@@ -43,11 +43,10 @@ from raysae.distributed.features import (
     load_task_sets,
     run_features_phase,
 )
-from raysae.distributed.training import TrainSpec, sae_dir_for, train_on_ray
+from raysae.distributed.training import SAERun, run_sae_group, sae_dir_for, sae_groups
 from raysae.evaluate import evaluate_sae
-from raysae.models import hook_name, load_lm, load_tokenizer
+from raysae.models import hook_name, load_lm, load_tokenizer, run_with_cache
 from raysae.sae import SAE
-from raysae.shards import ActivationReader
 from raysae.tracking import Tracker, tracking_uri
 from raysae.transfer import grid, scores
 
@@ -67,24 +66,33 @@ def run_sweep(job: JobConfig) -> SweepResult:
     trials = grid.expand(job, sweep, grid.base_digest(job, fingerprint(job)))
     by_phase = grid.phases(trials)
     task_sets = load_task_sets(job)  # task files checked and tokenised before any work
+    job, why, costs = grid.plan(job)  # the source decided; a cache that cannot fit is refused
     tracker = Tracker.for_runs_dir(job.runs_dir, job.name)
     parent = tracker.open_run(
         f"sweep:{digest}", f"{job.name} sweep", {"raysae.phase": "sweep"}, flatten(job)
     )
-    dirs = {k: str(v) for k, v in cache_activations(job).items()}
-    tracker.set_tags(parent, {"raysae.status.cache": "done"})
-
-    payload = {"job": to_dict(job), "trials": {t.key: dataclasses.asdict(t) for t in trials},
-               "dirs": dirs, "parent": parent}
+    log_plan(tracker, parent, job, why, costs)
+    dirs = None
+    if job.train.source == "cached":
+        dirs = {k: str(v) for k, v in cache_activations(job).items()}
+    tracker.set_tags(parent, {"raysae.status.cache": "done" if dirs else "streamed: nothing cached"})
 
     def train(phase: str, todo: list[grid.Trial]) -> tuple[Done, Errors]:
-        return tune_phase(job, f"{job.name}-{digest}-{phase}", [t.key for t in todo], _train_trial,
-                          payload, sweep.max_failures)
+        members = [_member(job, t, parent) for t in todo]
+        groups = {g.key: g for g in sae_groups(job, members, job.train.source, dirs)}
+        log.info("phase %s: %d SAEs in %d group(s)", phase, len(members), len(groups))
+        return tune_phase(job, f"{job.name}-{digest}-{phase}",
+                          {k: [m.key for m in g.members] for k, g in groups.items()},
+                          run_sae_group, {"job": to_dict(job), "groups": groups,
+                                          "max_failures": sweep.max_failures},
+                          sweep.max_failures)
 
     def zeroshot(todo: list[grid.Trial]) -> tuple[Done, Errors]:
         by_layer: dict[str, list[str]] = {}
         for t in todo:  # one task per target layer: the LM and its tokens load once per layer
             by_layer.setdefault(str(t.layer), []).append(t.key)
+        payload = {"job": to_dict(job), "trials": {t.key: dataclasses.asdict(t) for t in todo},
+                   "parent": parent}
         return fan_out(_zeroshot_layer, by_layer, payload, max_retries=sweep.max_failures)
 
     phases = [Phase(p, by_phase[p], zeroshot if p == "zeroshot" else functools.partial(train, p))
@@ -97,7 +105,7 @@ def run_sweep(job: JobConfig) -> SweepResult:
                                      tracker, parent)
 
     derived = [t for t in trials if t.phase in ("transfer", "plan") and t.key in finished]
-    _derive(job, derived, {t.key: t for t in trials}, finished, dirs)
+    _derive(job, derived, {t.key: t for t in trials}, finished)
     summary = {
         "trials": {p: len(ts) for p, ts in by_phase.items()},
         "failed": failed,
@@ -108,21 +116,12 @@ def run_sweep(job: JobConfig) -> SweepResult:
     return SweepResult(parent, finished, failed, summary)
 
 
-def _train_trial(key: str, job: dict, trials: dict, dirs: dict, parent: str) -> FitResult:
-    """Fit the SAE of one training trial (scratch, transfer, plan) on Ray Train."""
-    job_cfg = from_dict(JobConfig, job)
-    trial = grid.Trial(**trials[key])
-    trial_job = dataclasses.replace(job_cfg, train=grid.train_config_for(job_cfg, trial))
-    init = str(sae_dir_for(job_cfg, trial.depends_on[0])) if trial.depends_on else None
-    spec = TrainSpec(
-        key=trial.key,
-        name=trial.name,
-        shards_dir=dirs[hook_name(job_cfg.sweep.site, trial.layer)],
-        init_from=init,
-        tags=trial.tags,
-        parent_run=parent,
-    )
-    return train_on_ray(trial_job, spec, max_failures=job_cfg.sweep.max_failures)
+def _member(job: JobConfig, trial: grid.Trial, parent: str) -> SAERun:
+    """A training trial (scratch, transfer, plan) as a member of an SAE group."""
+    init = str(sae_dir_for(job, trial.depends_on[0])) if trial.depends_on else None
+    return SAERun(key=trial.key, name=trial.name, tags=trial.tags, parent_run=parent,
+                  hook=hook_name(job.sweep.site, trial.layer), init_from=init,
+                  num_tokens=trial.budget, lr=trial.lr)
 
 
 @ray.remote(num_cpus=WORKER_CPUS)
@@ -181,7 +180,6 @@ def _derive(
     trials: list[grid.Trial],
     all_trials: dict[str, grid.Trial],
     finished: dict[str, dict[str, float]],
-    dirs: dict[str, str],
 ) -> None:
     """Per transfer trial: normalized CES at every checkpoint, MMCS with the scratch SAE of the
     same layer, and the transfer scores against its source SAE, all logged to its own run."""
@@ -194,6 +192,8 @@ def _derive(
     }
     model = load_lm(job.model)
     W_U_DV = model.get_output_embeddings().weight.detach().T
+    heldout = _heldout_sites(job, model, sorted({t.layer for t in trials} |
+                                                {t.source_layer for t in trials}))
     for t in trials:
         run_id = tracker.find(t.key)
         if "mmcs_vs_scratch" in tracker.metrics(run_id):
@@ -212,21 +212,36 @@ def _derive(
         if scratch_key in finished:
             scratch = SAE.load(sae_dir_for(job, scratch_key))
             values["mmcs_vs_scratch"] = scores.mmcs(transferred.W_dec, scratch.W_dec)
-        values.update(_transfer_scores(job, source, transferred, t, W_U_DV, dirs))
+        values.update(_transfer_scores(source, transferred, t, W_U_DV, heldout))
         tracker.log_metrics(run_id, values, step=t.budget)
 
 
 @torch.no_grad()
+def _heldout_sites(job: JobConfig, model: torch.nn.Module, layers: list[int]
+                   ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Activations of the held-out tokens at the sweep's site of each layer ([N, d], special
+    tokens dropped) and their token ids: where the max-activating tokens are read."""
+    tokens = heldout_tokens(job)
+    special = torch.tensor(special_token_ids(job.model, load_tokenizer(job.model, job.data)))
+    keep = ~torch.isin(tokens, special).reshape(-1)
+    sites = [(job.sweep.site, layer) for layer in layers]
+    acts = run_with_cache(model, tokens, sites)
+    by_layer = {layer: acts[hook_name(*site)].reshape(keep.numel(), -1)[keep].float()
+                for site, layer in zip(sites, layers)}
+    return by_layer, tokens.reshape(-1)[keep]
+
+
+@torch.no_grad()
 def _transfer_scores(
-    job: JobConfig,
     source: SAE,
     transferred: SAE,
     trial: grid.Trial,
     W_U_DV: torch.Tensor,
-    dirs: dict[str, str],
+    heldout: tuple[dict[int, torch.Tensor], torch.Tensor],
 ) -> dict[str, float]:
-    """Figure 6: shared top-logit, bottom-logit and max-activating tokens per feature index
-    between the source SAE (on its layer) and the transferred one (on the target layer)."""
+    """Figure 6: shared top-logit, bottom-logit and max-activating tokens (on held-out tokens)
+    per feature index between the source SAE (on its layer) and the transferred one (on the
+    target layer)."""
     k = TOP_K_TOKENS
     out = {
         "transfer_score/top_logits": scores.transfer_score(
@@ -238,13 +253,8 @@ def _transfer_scores(
             scores.top_logit_tokens(transferred.W_dec, W_U_DV, k, largest=False),
         ),
     }
-    site = job.sweep.site
-    tables = []
-    for sae, layer in ((source, trial.source_layer), (transferred, trial.layer)):
-        reader = ActivationReader(dirs[hook_name(site, layer)])
-        table = reader.read_shard(reader.manifest.shards[0])
-        feats = sae.encode(reader.vectors(table).float())
-        ids = torch.from_numpy(table.column("token_id").to_numpy())
-        tables.append(scores.max_activating_tokens(feats, ids, k))
+    acts, ids = heldout
+    tables = [scores.max_activating_tokens(sae.encode(acts[layer]), ids, k)
+              for sae, layer in ((source, trial.source_layer), (transferred, trial.layer))]
     out["transfer_score/max_activating"] = scores.transfer_score(*tables)
     return out

@@ -10,7 +10,7 @@ jointly on activations of the same tokens with the paper's loss
 each map (`Lstsq`, also the baseline) or from random maps with zero biases. What a stitch carries
 across, in closed form: an SAE of A becomes an SAE of B (`transfer_sae`), a linear probe on A
 reads B (`map_probe`), a steering vector of A steers B (`map_steering`). `train_stitch` fits
-the maps with Adam on the training loop SAEs share (`raysae.train.train_loop`).
+the maps with Adam on the training loop SAEs share (`raysae.train.Trainer`).
 
 Pure torch: no ray, no mlflow. Stitches are saved as safetensors plus a JSON config.
 """
@@ -39,8 +39,9 @@ from raysae.train import (
     LoopSettings,
     MetricsFn,
     StepOutput,
+    Trainer,
+    run_trainer,
     total_steps,
-    train_loop,
 )
 
 WEIGHTS_FILE = "stitch.safetensors"
@@ -284,6 +285,17 @@ class StitchLearner:
         return dict(zip(_LOSS_METRICS, means)) | {"lr": at.lr}
 
 
+def stitch_trainer(stitch: Stitch, cfg: StitchConfig, *, log_every_steps: int = 32,
+                   world_size: int = 1, **kwargs: Any) -> Trainer:
+    """The loop for one stitch; `kwargs` are the `Trainer`'s callbacks, start state and
+    all-reduce."""
+    loop = LoopSettings(
+        cfg.num_tokens, cfg.checkpoint_every_tokens, log_every_steps, cfg.grad_clip, "stitch"
+    )
+    opt = torch.optim.Adam(stitch.parameters(), lr=cfg.lr)
+    return Trainer(StitchLearner(stitch, cfg), opt, loop, world_size=world_size, **kwargs)
+
+
 def train_stitch(
     stitch: Stitch,
     cfg: StitchConfig,
@@ -297,21 +309,11 @@ def train_stitch(
     world_size: int = 1,
 ) -> TrainState:
     """Fit `stitch` in place on (a, b) batches until exactly `cfg.num_tokens` tokens; return
-    the state (see `raysae.train.train_loop`)."""
-    loop = LoopSettings(
-        cfg.num_tokens, cfg.checkpoint_every_tokens, log_every_steps, cfg.grad_clip, "stitch"
-    )
-    return train_loop(
-        StitchLearner(stitch, cfg),
-        torch.optim.Adam(stitch.parameters(), lr=cfg.lr),
-        loop,
-        batches,
-        on_metrics=on_metrics,
-        on_checkpoint=on_checkpoint,
-        start_state=start_state,
-        allreduce_grads=allreduce_grads,
-        world_size=world_size,
-    )
+    the state (see `raysae.train.Trainer`)."""
+    trainer = stitch_trainer(stitch, cfg, log_every_steps=log_every_steps, world_size=world_size,
+                             on_metrics=on_metrics, on_checkpoint=on_checkpoint,
+                             start_state=start_state, allreduce_grads=allreduce_grads)
+    return run_trainer(trainer, batches)
 
 
 def stitch_flops_per_token(stitch: Stitch, a_NA: Tensor, b_NB: Tensor, alpha: float = 1.0) -> float:

@@ -16,7 +16,10 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from raysae.activations import fingerprint
 from raysae.config import ConfigError, JobConfig, SweepConfig, TrainConfig, digest, to_dict
+from raysae.models import hook_name
+from raysae.plan import Calibration, PhasePlan, PlannedSAE, plan_phases, resolve_source
 
 Phase = Literal["scratch", "zeroshot", "transfer", "plan"]
 PHASES: tuple[Phase, ...] = ("scratch", "zeroshot", "transfer", "plan")
@@ -250,3 +253,24 @@ def plan_token_summary(job: JobConfig, sweep: SweepConfig, trials: list[Trial]) 
         "plan_transfers": [list(p) for p in pairs],
         "plan_trial_keys": [k for k in keys if k is not None],
     }
+
+
+def planned(job: JobConfig, trials: list[Trial]) -> dict[str, list[PlannedSAE]]:
+    """The SAE trainings of each training phase, for `raysae.plan`."""
+    assert job.sweep is not None
+    return {
+        phase: [PlannedSAE(job.model, hook_name(job.sweep.site, t.layer), job.sae, t.budget)
+                for t in trials if t.phase == phase]
+        for phase in PHASES if phase != "zeroshot"
+    }
+
+
+def plan(job: JobConfig, cal: Calibration | None = None, slots: int = 1
+         ) -> tuple[JobConfig, str, list[PhasePlan]]:
+    """The sweep's plan: the job with its activation source decided (each training phase reads
+    the activations once), why, and the cost of every phase."""
+    assert job.sweep is not None
+    trials = expand(job, job.sweep, base_digest(job, fingerprint(job)))
+    saes = planned(job, trials)
+    job, why = resolve_source(job, reads=sum(1 for v in saes.values() if v), cal=cal)
+    return job, why, plan_phases(job, saes, cal, slots)
