@@ -27,10 +27,12 @@ whose trials are groups (`tune_phase`: each trial drives one Fit) or as plain Ra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -283,6 +285,8 @@ def allreduce_mean(params: list[torch.Tensor]) -> None:
         offset += g.numel()
 
 
+NODES_TAG = "raysae.nodes"
+"""The Ray node ids a member trained on, in order."""
 GROUP_FILE = "group.json"
 """In a group checkpoint: the step, each finished member's final metrics, the MLflow run ids."""
 
@@ -317,6 +321,11 @@ class _MemberRun:
         tags = {**fit.run_tags(member), **member.tags}
         self.run_id = tracker.open_run(member.key, member.name, tags, fit.run_params(member),
                                        member.parent_run)
+        # every node rank 0 has run this member on (a resumed member may move)
+        node = ray.get_runtime_context().get_node_id()
+        nodes = [n for n in tracker.tags(self.run_id).get(NODES_TAG, "").split(",") if n]
+        if node not in nodes:
+            tracker.set_tags(self.run_id, {NODES_TAG: ",".join([*nodes, node])})
 
     def log_train(self, tokens: int, values: dict[str, float]) -> None:
         self.tracker.log_metrics(self.run_id, {f"train/{k}": v for k, v in values.items()}, tokens)
@@ -333,14 +342,38 @@ class _MemberRun:
             fit.save(model, output_dir(fit.job, fit.output_kind, key))
         return values
 
-    def finish(self, tokens_seen: int) -> None:
-        """Idempotent: a resumed group finishes the runs of members done before the failure."""
+    def finish(self, tokens_seen: int, seconds: dict[str, float] | None = None) -> None:
+        """Idempotent: a resumed group finishes the runs of members done before the failure.
+        `seconds`: where the group's rank 0 spent its time so far (`time/...`)."""
         if self.tracker.status(self.run_id) == "FINISHED":
             return
+        if seconds:
+            self.tracker.log_metrics(self.run_id, {f"time/{k}_s": v for k, v in seconds.items()},
+                                     step=tokens_seen)
         out = output_dir(self.fit.job, self.fit.output_kind, self.member.key)
         self.tracker.log_artifacts(self.run_id, out, self.fit.artifact)
         self.tracker.set_tags(self.run_id, {"raysae.tokens_seen": str(tokens_seen)})
         self.tracker.finish(self.run_id)
+
+
+class _Clock:
+    """Seconds spent in each part of the worker loop (stream: reading or forwarding the data;
+    train: the SAE steps; eval and commit: checkpoints), and in all since it started."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.parts: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, part: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.parts[part] = self.parts.get(part, 0.0) + time.perf_counter() - t
+
+    def seconds(self) -> dict[str, float]:
+        return {**self.parts, "worker": time.perf_counter() - self.start}
 
 
 def _commit(group: GroupState, trainers: dict[str, Trainer], rank: int) -> None:
@@ -394,28 +427,33 @@ def _worker(config: dict[str, Any]) -> None:
     }
     batches = hooks.batches(fit.batches(start), fit, models, start)
     by_key = {m.key: m for m in active}
+    clock = _Clock()
     while trainers:
-        batch = next(batches, None)
+        with clock("stream"):
+            batch = next(batches, None)
         if batch is None:
             raise next(iter(trainers.values())).out_of_data()
-        for key, trainer in trainers.items():
-            trainer.step(fit.member_batch(by_key[key], batch))
+        with clock("train"):
+            for key, trainer in trainers.items():
+                trainer.step(fit.member_batch(by_key[key], batch))
         group.step += 1
         if not due:
             continue
         done = {k: t.tokens for k, t in trainers.items() if t.done}
-        if rank == 0:
-            for key, state in due.items():
-                values = runs[key].checkpoint(models[key], state, final=key in done)
-                if key in done:
-                    group.finished[key] = values
+        with clock("eval"):
+            if rank == 0:
+                for key, state in due.items():
+                    values = runs[key].checkpoint(models[key], state, final=key in done)
+                    if key in done:
+                        group.finished[key] = values
         for key in done:
             del trainers[key]
         due.clear()
-        _commit(group, trainers, rank)
+        with clock("commit"):
+            _commit(group, trainers, rank)
         if rank == 0:
             for key, tokens in done.items():
-                runs[key].finish(tokens)
+                runs[key].finish(tokens, clock.seconds())
     hooks.finished(fit, models, start)
 
 
@@ -529,6 +567,37 @@ def tune_phase(
                              if ("/" in k or k == "flops") and isinstance(v, int | float)}
         else:
             errors |= {k: "failed: the trial reported no result" for k in members}
+    return done, errors
+
+
+def run_groups(
+    job: JobConfig,
+    experiment: str,
+    specs: dict[str, Any],
+    run_group: Callable[..., dict[str, FitResult]],
+    extra: dict[str, Any],
+    max_failures: int,
+    members_of: Callable[[Any], list[str]],
+    alone: Callable[[Any], dict[str, Any]],
+) -> tuple[Done, Errors]:
+    """Run a phase's groups (`tune_phase`, `run_group(key, groups=specs, **extra)`); a group
+    that fails is then split and its members retried one per group, so that a fault in one
+    member's data fails that member only, not the SAEs that shared its stream."""
+    groups = {k: members_of(spec) for k, spec in specs.items()}
+    done, errors = tune_phase(job, experiment, groups, run_group, {"groups": specs, **extra},
+                              max_failures)
+    retry = {k: single for key, spec in specs.items()
+             if len(groups[key]) > 1 and any(m in errors for m in groups[key])
+             for k, single in alone(spec).items()}
+    if retry:
+        log.info("%s: %d group(s) failed; retrying their %d members one by one", experiment,
+                 sum(1 for k in specs if len(groups[k]) > 1 and set(groups[k]) & set(errors)),
+                 len(retry))
+        more, still = tune_phase(job, f"{experiment}-alone",
+                                 {k: members_of(spec) for k, spec in retry.items()}, run_group,
+                                 {"groups": retry, **extra}, max_failures)
+        done |= more
+        errors = {k: v for k, v in errors.items() if k not in more} | still
     return done, errors
 
 

@@ -36,8 +36,8 @@ from raysae.distributed.engine import (
     SweepResult,
     fan_out,
     log_plan,
+    run_groups,
     run_phases,
-    tune_phase,
 )
 from raysae.distributed.features import (
     FeatureTarget,
@@ -49,6 +49,8 @@ from raysae.distributed.stitching import StitchRun, StitchSpec, stitch_dir_for, 
 from raysae.distributed.training import (
     SAEGroupSpec,
     SAERun,
+    alone,
+    members_of,
     sae_dir_for,
     sae_groups,
     train_on_ray,
@@ -99,11 +101,9 @@ def run_stitch_sweep(job: JobConfig) -> SweepResult:
                "dirs": dirs, "parent": parent}
 
     def train(phase: str, todo: list[StitchTrial]) -> tuple[Done, Errors]:
-        groups = _groups(job, todo, dirs, parent)
-        return tune_phase(job, f"{job.name}-{digest}-stitch-{phase}",
-                          {k: [m.key for m in spec.members] for k, (_, spec) in groups.items()},
-                          _run_group, {"groups": groups, "max_failures": s.max_failures},
-                          s.max_failures)
+        return run_groups(job, f"{job.name}-{digest}-stitch-{phase}", _groups(job, todo, dirs, parent),
+                          _run_group, {"max_failures": s.max_failures}, s.max_failures,
+                          lambda g: members_of(g[1]), lambda g: {k: (g[0], v) for k, v in alone(g[1]).items()})
 
     def per_pair(task: Any, todo: list[StitchTrial]) -> tuple[Done, Errors]:
         by_pair: dict[str, list[str]] = {}

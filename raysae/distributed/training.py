@@ -140,6 +140,15 @@ def sae_groups(job: JobConfig, members: list[SAERun], source: str,
     return out
 
 
+def members_of(spec: SAEGroupSpec) -> list[str]:
+    return [m.key for m in spec.members]
+
+
+def alone(spec: SAEGroupSpec) -> dict[str, SAEGroupSpec]:
+    """Each member of a group as a group of its own (a failed group's retry)."""
+    return {m.key: dataclasses.replace(spec, key=m.key, members=(m,)) for m in spec.members}
+
+
 def run_sae_group(key: str, job: dict, groups: dict[str, SAEGroupSpec],
                   max_failures: int) -> dict[str, FitResult]:
     """A Tune trial's work: train the group with this key (see `engine.tune_phase`)."""

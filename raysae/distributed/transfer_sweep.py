@@ -34,8 +34,8 @@ from raysae.distributed.engine import (
     SweepResult,
     fan_out,
     log_plan,
+    run_groups,
     run_phases,
-    tune_phase,
 )
 from raysae.distributed.features import (
     FeatureTarget,
@@ -43,7 +43,14 @@ from raysae.distributed.features import (
     load_task_sets,
     run_features_phase,
 )
-from raysae.distributed.training import SAERun, run_sae_group, sae_dir_for, sae_groups
+from raysae.distributed.training import (
+    SAERun,
+    alone,
+    members_of,
+    run_sae_group,
+    sae_dir_for,
+    sae_groups,
+)
 from raysae.evaluate import evaluate_sae
 from raysae.models import hook_name, load_lm, load_tokenizer, run_with_cache
 from raysae.sae import SAE
@@ -81,11 +88,9 @@ def run_sweep(job: JobConfig) -> SweepResult:
         members = [_member(job, t, parent) for t in todo]
         groups = {g.key: g for g in sae_groups(job, members, job.train.source, dirs)}
         log.info("phase %s: %d SAEs in %d group(s)", phase, len(members), len(groups))
-        return tune_phase(job, f"{job.name}-{digest}-{phase}",
-                          {k: [m.key for m in g.members] for k, g in groups.items()},
-                          run_sae_group, {"job": to_dict(job), "groups": groups,
-                                          "max_failures": sweep.max_failures},
-                          sweep.max_failures)
+        return run_groups(job, f"{job.name}-{digest}-{phase}", groups, run_sae_group,
+                          {"job": to_dict(job), "max_failures": sweep.max_failures},
+                          sweep.max_failures, members_of, alone)
 
     def zeroshot(todo: list[grid.Trial]) -> tuple[Done, Errors]:
         by_layer: dict[str, list[str]] = {}

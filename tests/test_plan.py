@@ -1,0 +1,92 @@
+"""The plan: closed-form costs of the paper config, the source `auto` picks, a cache refused
+beyond the free disk, groups packed by memory, and the shipped model configs."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_cfg
+
+from raysae import plan
+from raysae.cli import main
+from raysae.config import ConfigError, DataConfig, ModelConfig, SAEConfig, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+PAPER = ROOT / "jobs" / "configs" / "pythia160m_layers.yaml"
+
+
+@pytest.mark.parametrize(("name", "params"), [
+    ("EleutherAI/pythia-160m-deduped", 162_322_944),  # the Pythia paper's counts
+    ("EleutherAI/pythia-70m-deduped", 70_426_624),
+    ("openai-community/gpt2", 124_439_808),
+    ("openai-community/gpt2-medium", 354_823_168),
+])
+def test_shipped_configs_build_the_real_architectures(name, params):
+    from transformers import AutoModelForCausalLM
+
+    from raysae.models import model_hf_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_hf_config(ModelConfig(name=name)))
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+def test_paper_plan_matches_the_closed_forms(tmp_path):
+    job = dataclasses.replace(load_config(PAPER), runs_dir=str(tmp_path))
+    job, why, phases = plan.job_plan(job)
+    assert job.train.source == "streamed" and "as the config says" in why
+    by = {p.name: p for p in phases}
+    assert list(by) == ["scratch", "transfer", "plan"]  # streamed: no cache phase
+    d, F, B = 768, 6144, 10**9
+    scratch = by["scratch"]
+    assert (scratch.groups, scratch.saes, scratch.stream_tokens) == (1, 12, B)
+    assert scratch.lm_flops == pytest.approx(B * 24 * d * d * 12)  # one forward for 12 SAEs
+    assert scratch.sae_flops == pytest.approx(12 * B * 6 * d * F)
+    transfer = by["transfer"]
+    assert (transfer.groups, transfer.saes, transfer.stream_tokens) == (1, 22, B // 2)
+    assert transfer.sae_tokens == 22 * B // 2
+    assert transfer.memory_per_worker < job.train.worker_memory_gb * plan.GiB
+
+
+def test_groups_split_to_fit_the_worker_memory(tmp_path):
+    job = dataclasses.replace(load_config(PAPER), runs_dir=str(tmp_path))
+    small = dataclasses.replace(job, train=dataclasses.replace(job.train, worker_memory_gb=12))
+    _, _, phases = plan.job_plan(small)
+    scratch = phases[0]
+    assert scratch.groups > 1 and scratch.memory_per_worker <= 12 * plan.GiB
+    capped = dataclasses.replace(job, train=dataclasses.replace(job.train, max_group_saes=5))
+    assert plan.job_plan(capped)[2][0].groups == 3  # 12 SAEs, at most 5 a group
+    assert plan.pack([3, 3, 3, 9, 1], capacity=7) == [[0, 1], [2], [3], [4]]
+    assert plan.pack([1, 1, 1], capacity=100, max_count=2) == [[0, 1], [2]]
+
+
+def test_auto_source_and_a_cache_beyond_the_disk(tmp_path, token_file):
+    job = build_cfg(tmp_path, token_file)
+    free = plan.free_bytes(tmp_path)
+    assert plan.choose_source(job, 10**6, reads=2, free=free)[0] == "cached"
+    assert plan.choose_source(job, 10**6, reads=1, free=free)[0] == "streamed"
+    source, why = plan.choose_source(job, 10 * free, reads=3, free=free)
+    assert source == "streamed" and "free in runs_dir" in why
+    huge = dataclasses.replace(job, data=DataConfig(source=str(token_file), context_length=16,
+                                                    num_tokens=10**15))
+    cached = dataclasses.replace(huge, train=dataclasses.replace(huge.train, source="cached"))
+    need = plan.shard_bytes(cached)
+    assert need == 10**15 * 64 * 4 * 2  # tokens x d_model x float32 x 2 sites
+    with pytest.raises(ConfigError, match=rf"cached needs {need:,} bytes .* set train.source: streamed"):
+        plan.resolve_source(cached, reads=3)
+    assert plan.resolve_source(huge, reads=3)[0].train.source == "streamed"
+
+
+def test_memory_of_an_sae_by_hand():
+    sae = SAEConfig(architecture="relu", d_sae=100)
+    params = 2 * 10 * 100 + 100 + 10
+    assert plan.sae_memory_bytes(sae, 10, 8) == 16 * params + 12 * 8 * 100 + 8 * 100
+
+
+def test_plan_command_prints_the_table(tmp_path, capsys):
+    assert main(["plan", str(PAPER), "--runs-dir", str(tmp_path), "--no-calibrate"]) == 0
+    out = capsys.readouterr().out
+    assert "activation source streamed" in out and "| scratch | 1 | 12 | 1,000,000,000 |" in out
