@@ -32,6 +32,8 @@ from raysae.models import model_dims, parse_hook_name
 GiB = 1 << 30
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 DISK_MARGIN = 0.9
+FIT_STARTUP_S = 20.0
+"""Ray Train's fixed cost per fit (worker group start, health checks; RAY_NOTES: 15-20 s)."""
 """A cache may use at most this share of the free space of its filesystem."""
 
 
@@ -135,7 +137,8 @@ class PhasePlan:
     memory_per_worker: int
     """The largest group's memory on one worker, its stream included."""
     seconds: float | None = None
-    """Predicted wall time (None without a calibration)."""
+    """Predicted wall time (None without a calibration): the compute at the calibrated
+    throughputs, each group's Ray Train start-up and its checkpoint evaluations."""
 
 
 def cache_phase(job: JobConfig, cal: Calibration | None, slots: int) -> PhasePlan:
@@ -181,7 +184,11 @@ def training_phase(job: JobConfig, name: str, saes: Sequence[PlannedSAE], stream
                 t = sum(m.budget for m in group) / cal.sae_tokens_per_s
                 if streamed:
                     t += tokens / cal.forward_tokens_per_s
-                busy.append(t / job.train.num_workers)
+                # each checkpoint splices the SAE into the LM on the held-out tokens: three
+                # forwards (clean, spliced, zero-ablated), on rank 0 alone
+                checkpoints = sum(-(-m.budget // job.train.checkpoint_every_tokens) for m in group)
+                evals = checkpoints * 3 * job.train.eval_tokens / cal.forward_tokens_per_s
+                busy.append(FIT_STARTUP_S + t / job.train.num_workers + evals)
     secs = None
     if cal is not None:
         # groups run `slots` at a time; a phase lasts at least its longest group

@@ -318,7 +318,7 @@ class _MemberRun:
 
     def __init__(self, fit: Fit, member: RunSpec, tracker: Tracker):
         self.fit, self.member, self.tracker = fit, member, tracker
-        tags = {**fit.run_tags(member), **member.tags}
+        tags = {**fit.run_tags(member), **member.tags, "raysae.group": fit.spec.key}
         self.run_id = tracker.open_run(member.key, member.name, tags, fit.run_params(member),
                                        member.parent_run)
         # every node rank 0 has run this member on (a resumed member may move)

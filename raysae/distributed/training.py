@@ -320,7 +320,6 @@ class SAEGroupFit(Fit):
             "raysae.architecture": self.job.sae.architecture,
             "raysae.init": member.init_from or "scratch",
             "raysae.source": self.spec.source,
-            "raysae.group": self.spec.key,
         }
 
     def run_params(self, member: SAERun) -> dict[str, str]:
