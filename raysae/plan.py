@@ -24,7 +24,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from raysae.config import JobConfig, ModelConfig, SAEConfig
 from raysae.models import model_dims, parse_hook_name
@@ -67,18 +67,26 @@ def stream_memory_bytes(job: JobConfig, hooks: int, streamed: bool, lm_params: i
     return buffer + (BYTES[job.model.dtype] * lm_params if streamed else 0)
 
 
+class Packing(NamedTuple):
+    stream_bytes: int
+    """Memory of the stream every group of this model carries."""
+    sae_bytes: list[int]
+    """Training memory of each SAE."""
+    groups: list[list[int]]
+    """The groups, as indices of the SAEs."""
+
+
 def pack_saes(job: JobConfig, model: ModelConfig, saes: Sequence[tuple[SAEConfig, str]],
-              streamed: bool) -> tuple[int, list[list[int]]]:
+              streamed: bool) -> Packing:
     """SAEs (config, hook) of one model packed in order into the groups the sweeps train, each
-    fitting `train.worker_memory_gb` with its stream and at most `train.max_group_saes`;
-    returns (the stream's memory, the groups as indices)."""
+    fitting `train.worker_memory_gb` with its stream and at most `train.max_group_saes`."""
     blocks, d = model_dims(model)
     rows = job.train.batch_size // job.train.num_workers
     sizes = [sae_memory_bytes(sae, d, rows) for sae, _ in saes]
     hooks = len({hook for _, hook in saes})
     overhead = stream_memory_bytes(job, hooks, streamed, 12 * d * d * blocks, d)
     capacity = int(job.train.worker_memory_gb * GiB) - overhead
-    return overhead, pack(sizes, capacity, job.train.max_group_saes)
+    return Packing(overhead, sizes, pack(sizes, capacity, job.train.max_group_saes))
 
 
 def pack(sizes: Sequence[int], capacity: int, max_count: int = 0) -> list[list[int]]:
@@ -157,7 +165,6 @@ def training_phase(job: JobConfig, name: str, saes: Sequence[PlannedSAE], stream
                    cal: Calibration | None, slots: int, extra_flops: float = 0.0) -> PhasePlan:
     """A phase of SAE trainings: grouped per model as the sweep groups them, each group one
     stream (its forward when streamed) feeding its SAEs."""
-    rows = job.train.batch_size // job.train.num_workers
     by_model: dict[str, list[PlannedSAE]] = {}
     for x in saes:
         by_model.setdefault(x.model.name, []).append(x)
@@ -165,9 +172,8 @@ def training_phase(job: JobConfig, name: str, saes: Sequence[PlannedSAE], stream
     busy: list[float] = []
     for members in by_model.values():
         _, d = model_dims(members[0].model)
-        sizes = [sae_memory_bytes(m.sae, d, rows) for m in members]
-        overhead, packed = pack_saes(job, members[0].model, [(m.sae, m.hook) for m in members],
-                                     streamed)
+        overhead, sizes, packed = pack_saes(job, members[0].model,
+                                            [(m.sae, m.hook) for m in members], streamed)
         for idx in packed:
             group = [members[i] for i in idx]
             tokens = max(m.budget for m in group)

@@ -131,9 +131,8 @@ def sae_groups(job: JobConfig, members: list[SAERun], source: str,
     """The members packed into groups that fit a worker (`train.worker_memory_gb`, the stream
     included) and `train.max_group_saes`, in order (`plan.pack_saes`)."""
     saes = [(member_config(job, m)[0], m.hook) for m in members]
-    _, packed = pack_saes(job, job.model, saes, source == "streamed")
     out = []
-    for idx in packed:
+    for idx in pack_saes(job, job.model, saes, source == "streamed").groups:
         group = tuple(members[i] for i in idx)
         out.append(SAEGroupSpec(key=group_key(group), members=group, source=source,
                                 shards=shards if source == "cached" else None))
