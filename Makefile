@@ -4,7 +4,6 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 RUNS ?= $(CURDIR)/runs
 DEMO_CONFIG ?= jobs/configs/toy_sweep.yaml jobs/configs/toy_stitch.yaml
-DASHBOARD := http://127.0.0.1:8265
 export RAY_USAGE_STATS_ENABLED := 0
 export PATH := $(BIN):$(PATH)
 
@@ -24,16 +23,15 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 
-# A local Ray head on 127.0.0.1, the demo sweep through `ray job submit`, then the head stops.
+# A Ray head of its own on 127.0.0.1 (free ports, own temp dir; dashboard on 8265 when free),
+# the demo sweep through `ray job submit`, then that head stops; any other Ray on the machine
+# is left alone (no `ray stop`).
 demo: $(VENV)/.installed
 	# The toy pair is built here, with every core, before the job reuses it (first run only).
 	$(BIN)/python -m raysae.toy --root $(RUNS)/toy
-	$(BIN)/ray stop --force >/dev/null 2>&1 || true
-	$(BIN)/ray start --head --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 \
-		--dashboard-port 8265 --disable-usage-stats
-	RAY_AUTH_MODE=token $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . \
-		-- python jobs/demo.py $(DEMO_CONFIG) --runs-dir $(RUNS); \
-		status=$$?; $(BIN)/ray stop >/dev/null; exit $$status
+	RAY_AUTH_MODE=token $(BIN)/python jobs/local_head.py --dashboard-port 8265 -- \
+		$(BIN)/ray job submit --address {dashboard} --working-dir . \
+		-- python jobs/demo.py $(DEMO_CONFIG) --runs-dir $(RUNS)
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_caching.py

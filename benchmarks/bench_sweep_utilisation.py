@@ -108,7 +108,7 @@ def main() -> None:
                    help="groups the cluster ran at once (this machine: 1 streamed group "
                         "holds both cores)")
     p.add_argument("--medium", action="store_true")
-    p.add_argument("--tokens", type=int, default=262_144, help="--medium: scratch budget")
+    p.add_argument("--tokens", type=int, default=524_288, help="--medium: scratch budget")
     args = p.parse_args()
     if args.medium:
         args.runs_dir, args.experiment = medium(args.tokens)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from raysae import shards
-from raysae.config import JobConfig, ModelConfig, digest, to_dict
+from raysae.config import ConfigError, JobConfig, ModelConfig, digest, local_path, to_dict
 from raysae.models import (
     hook_name,
     load_lm,
@@ -36,11 +36,23 @@ _LOCAL_FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".
 # Tokens
 
 
+def check_source(source: str, field: str = "data.source") -> None:
+    """Refuse a source that can only be a local path (`config.local_path`) but names nothing
+    there; a hub dataset name is left to `datasets` (checking it would need the network)."""
+    path = local_path(source)
+    if path is not None and not path.exists():
+        raise ConfigError(
+            f"{field}: no file or folder at {source!r}; expected an existing local file or "
+            "folder, or a hub dataset name like 'org/name'"
+        )
+
+
 def load_rows(source: str, split: str, column: str) -> Iterable[Any]:
     """Stream one column of a `datasets` hub dataset or of local parquet/arrow/jsonl files."""
     import datasets  # heavy import, only needed here
 
-    path = Path(source)
+    check_source(source)
+    path = local_path(source) or Path(source)
     if path.exists():
         files = sorted(p for p in path.rglob("*") if p.suffix in _LOCAL_FORMATS) if path.is_dir() else [path]
         if not files:

@@ -9,10 +9,13 @@ import os
 import sys
 from pathlib import Path
 
+from raysae.activations import check_source
 from raysae.config import ConfigError, JobConfig, load_config
 from raysae.features.tasks import check_task_source
-from raysae.models import hook_name, parse_hook_name, validate_sites
-from raysae.tracking import tracking_uri
+from raysae.models import hook_name, model_dims, parse_hook_name, pretrained_name, validate_sites
+from raysae.stitching import grid as stitch_grid
+from raysae.tracking import ui_hint
+from raysae.transfer import grid as transfer_grid
 
 log = logging.getLogger("raysae")
 
@@ -58,10 +61,40 @@ def _load(args: argparse.Namespace) -> JobConfig:
     runs_dir = args.runs_dir or os.environ.get("RAYSAE_RUNS_DIR")
     cfg = dataclasses.replace(cfg, runs_dir=str(Path(runs_dir or cfg.runs_dir).resolve()))
     cfg = resolve_toy(cfg)
-    validate_sites(cfg.model, cfg.cache.sites, cfg.cache.layers)  # before Ray starts any work
+    try:
+        check_job(cfg)  # before Ray starts any work
+    except ConfigError as e:
+        raise ConfigError(f"{args.config}: {e}") from None
+    return cfg
+
+
+def check_job(cfg: JobConfig) -> None:
+    """The checks that need the models' configs or the file system (the config classes check
+    everything else as they load); raises ConfigError naming the field."""
+    d_model = validate_sites(cfg.model, cfg.cache.sites, cfg.cache.layers)
+    d_sae = cfg.sae.width(d_model)
+    if cfg.sae.architecture == "topk" and cfg.sae.k > d_sae:
+        raise ConfigError(
+            f"sae.k: got {cfg.sae.k}, expected at most d_sae ({d_sae} = sae.expansion_factor "
+            f"{cfg.sae.expansion_factor} x d_model {d_model} of {cfg.model.name!r})"
+        )
+    if cfg.sweep is not None:
+        transfer_grid.validate(cfg, cfg.sweep, model_dims(cfg.model)[0])
+    s = cfg.stitch
+    if s is not None:
+        stitch_grid.validate(cfg)
+        validate_sites(cfg.model, [s.site], s.match_layers, "stitch.match_layers")
+        validate_sites(cfg.model, [s.site], [a for a, _ in s.pairs], "stitch.pairs")
+        validate_sites(s.large, [s.site], [b for _, b in s.pairs], "stitch.pairs")
     for source in cfg.features.tasks if cfg.features else ():
         check_task_source(source)
-    return cfg
+    if cfg.data.tokenizer:
+        pretrained_name(cfg.data.tokenizer, "tokenizer")
+    sources = {"data.source": cfg.data.source, "stitch.variants": s and s.variants,
+               "stitch.probes.source": s and s.probes and s.probes.source}
+    for name, source in sources.items():
+        if source:
+            check_source(source, name)
 
 
 def _init_ray() -> None:
@@ -87,8 +120,11 @@ def cmd_plan(cfg: JobConfig, calibrate: bool = True, slots: int = 1) -> int:
 
     cal = None
     if calibrate:
+        from raysae.distributed.engine import WORKER_CPUS
+
         device = "cuda" if torch.cuda.is_available() and cfg.train.use_gpu else "cpu"
-        cal = plan.calibrate(cfg, device)
+        # as a training worker runs: Ray gives it torch threads for its whole CPUs, at least 1
+        cal = plan.calibrate(cfg, device, threads=None if device == "cuda" else max(1, int(WORKER_CPUS)))
     try:
         job, why, phases = plan.job_plan(cfg, cal, slots)
     except ConfigError as e:
@@ -106,7 +142,7 @@ def cmd_cache(cfg: JobConfig) -> None:
         print(f"{name}: {directory}")
 
 
-def cmd_train(cfg: JobConfig) -> None:
+def cmd_train(cfg: JobConfig) -> int:
     """Train and evaluate one scratch SAE per site of `cache`, all from one activation stream
     (cached first, or streamed: see `raysae plan`)."""
     from raysae.distributed.caching import cache_activations
@@ -135,11 +171,15 @@ def cmd_train(cfg: JobConfig) -> None:
     results = train_on_ray(cfg, spec)
     for h, m in zip(hooks, members):
         r = results[m.key].metrics
+        if results[m.key].error is not None:
+            print(f"{h}: FAILED: {results[m.key].error}")
+            continue
         print(
             f"{h}: CES {r['eval/ces']:.3f}  EV {r['eval/explained_variance']:.3f}  "
             f"L0 {r['eval/l0']:.1f}  dead {r['eval/dead_fraction']:.3f}  -> {results[m.key].out_dir}"
         )
-    print(f"MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg.runs_dir)}")
+    print(ui_hint(cfg.runs_dir))
+    return 1 if any(r.error for r in results.values()) else 0
 
 
 def cmd_sweep(cfg: JobConfig) -> int:
@@ -156,7 +196,7 @@ def cmd_sweep(cfg: JobConfig) -> int:
         f"compute plan: {s['plan_tokens']:,} tokens against {s['scratch_everywhere_tokens']:,} "
         f"for scratch on every layer ({s['saved_fraction']:.0%} saved)"
     )
-    print(f"MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg.runs_dir)}")
+    print(ui_hint(cfg.runs_dir))
     return 1 if result.failed else 0
 
 
@@ -170,7 +210,7 @@ def cmd_stitch(cfg: JobConfig) -> int:
           f"{len(result.failed)} not; pairs {result.summary['pairs']}")
     for key, why in result.failed.items():
         print(f"  {key}: {why}")
-    print(f"MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg.runs_dir)}")
+    print(ui_hint(cfg.runs_dir))
     return 1 if result.failed else 0
 
 

@@ -1,9 +1,10 @@
 """Typed, validated configs: the ground floor every other module reads.
 
 Configs are frozen dataclasses with no side effects. They load from YAML (or dicts) with strict
-checking: an unknown field, a wrong type or a value outside its allowed set raises `ConfigError`
-naming the field path, the value and what is allowed. Checks that need the model (a layer index
-beyond its depth) live in `raysae.models.validate_sites`, which runs before any Ray work starts.
+checking: an unknown field, a wrong type, a float that is not finite or a value outside its
+allowed set raises `ConfigError` naming the field path, the value and what is allowed. Checks that
+need the model or the file system (a layer index beyond its depth, a local path that is missing)
+live in `raysae.cli.check_job`, which runs before any Ray work starts.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -78,6 +81,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}: got {value!r}, expected a finite number")
     if tp is int and isinstance(value, float) and value.is_integer() and abs(value) >= 1e3:
         return int(value)  # YAML reads 1e6 as a float; accept it where a token count is meant
     if tp in (int, float, str, bool) and (type(value) is not tp):
@@ -152,6 +157,19 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, str]:
 
 def _fail(path: str, value: Any, expected: str) -> None:
     raise ConfigError(f"{path}: got {value!r}, expected {expected}")
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+_PATH_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json", ".csv", ".txt")
+
+
+def local_path(name: str) -> Path | None:
+    """`name` as a path (`~` expanded) when it can only be one: it starts with /, ./, ../ or ~,
+    has more than one '/', or ends in a data-file suffix. None for anything that may be a hub
+    name ('org/name' or 'name'), which only a hub could tell."""
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or name.endswith(_PATH_SUFFIXES):
+        return Path(name).expanduser()
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +291,8 @@ class SAEConfig:
             _fail("sae.d_sae", self.d_sae, "a positive integer or null")
         if self.k < 1:
             _fail("sae.k", self.k, "a positive integer")
+        if self.architecture == "topk" and self.d_sae is not None and self.k > self.d_sae:
+            _fail("sae.k", self.k, f"at most sae.d_sae ({self.d_sae})")
         if self.l1_coefficient < 0:
             _fail("sae.l1_coefficient", self.l1_coefficient, "a non-negative number")
         if self.jumprelu_threshold <= 0:
@@ -375,7 +395,7 @@ class JobConfig:
     """One job: a model, its data, and the stages to run on it."""
 
     name: str
-    """Experiment name (MLflow experiment, output folder)."""
+    """Experiment name (MLflow experiment, output folder): letters, digits, ., _ and -."""
     model: ModelConfig
     """The language model."""
     data: DataConfig
@@ -394,6 +414,11 @@ class JobConfig:
     """The small-to-large stitch grid (`raysae.stitching.grid`); `model` is the small model A."""
     features: FeaturesConfig | None = None
     """Feature-quality evaluations of every SAE the sweep trains (circuits, DLA, dashboards)."""
+
+    def __post_init__(self) -> None:
+        # The name is a folder and Tune experiment name: nothing that could leave runs_dir.
+        if not _SAFE_NAME.fullmatch(self.name):
+            _fail("name", self.name, "letters, digits, '.', '_' and '-', not starting with '.' or '-'")
 
 
 @dataclass(frozen=True)
@@ -621,7 +646,17 @@ def load_config(path: str | Path) -> JobConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text())
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as e:
+        mark, start = e.problem_mark, e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        opened = f" ({e.context} opened at line {start.line + 1}, column {start.column + 1})"
+        raise ConfigError(
+            f"{where}: invalid YAML: {e.problem or e}{opened if e.context and start else ''}"
+        ) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     try:

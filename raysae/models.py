@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from raysae.config import ConfigError, DataConfig, ModelConfig, Site
+from raysae.config import ConfigError, DataConfig, ModelConfig, Site, local_path
 
 log = logging.getLogger("raysae.models")
 
@@ -72,10 +72,27 @@ def model_hf_config(cfg: ModelConfig) -> PretrainedConfig:
     return _named_config(cfg.name, cfg.revision, cfg.trust_remote_code)
 
 
+def pretrained_name(name: str, what: str = "model") -> str:
+    """`name` as `from_pretrained` takes it: an existing local folder (`~` expanded), or a hub
+    name, which only the hub can check. A path with no folder there is refused here, rather than
+    by the hub client's "Repo id must be in the form ..."."""
+    path = local_path(name)
+    if path is None:
+        return name
+    if not path.is_dir():
+        raise ConfigError(
+            f"no {what} folder at {name!r} and not a hub name "
+            "(expected an existing folder, or a hub name like 'org/name')"
+        )
+    return str(path)
+
+
 @functools.lru_cache(maxsize=16)
 def _named_config(name: str, revision: str | None, trust_remote_code: bool) -> PretrainedConfig:
     try:
-        return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(
+            pretrained_name(name), revision=revision, trust_remote_code=trust_remote_code
+        )
     except OSError:
         shipped = SHIPPED_CONFIGS / f"{name.replace('/', '__')}.json"
         if not shipped.is_file():
@@ -106,7 +123,7 @@ def load_lm(cfg: ModelConfig, device: str | torch.device = "cpu") -> nn.Module:
         model = AutoModelForCausalLM.from_config(model_hf_config(cfg), dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.name,
+            pretrained_name(cfg.name),
             revision=cfg.revision,
             trust_remote_code=cfg.trust_remote_code,
             dtype=dtype,
@@ -122,7 +139,7 @@ def load_tokenizer(model: ModelConfig, data: DataConfig | None = None) -> Any | 
         return None
     try:
         return AutoTokenizer.from_pretrained(
-            name or model.name,
+            pretrained_name(name, "tokenizer") if name else pretrained_name(model.name),
             revision=None if name else model.revision,
             trust_remote_code=model.trust_remote_code,
         )
@@ -177,13 +194,15 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def validate_sites(model: ModelConfig, sites: Sequence[str], layers: Sequence[int]) -> int:
-    """Check layer indices against the model's depth before any work starts; returns d_model."""
+def validate_sites(model: ModelConfig, sites: Sequence[str], layers: Sequence[int],
+                   field: str = "cache.layers") -> int:
+    """Check layer indices (the config's `field`) against the model's depth before any work
+    starts; returns d_model."""
     n_layers, d_model = model_dims(model)
     bad = [i for i in layers if not 0 <= i < n_layers]
     if bad:
         raise ConfigError(
-            f"cache.layers: layer {bad[0]} is outside {model.name!r}, which has {n_layers} "
+            f"{field}: layer {bad[0]} is outside {model.name!r}, which has {n_layers} "
             f"blocks (allowed: 0..{n_layers - 1})"
         )
     for site in sites:
@@ -226,21 +245,19 @@ def _hooks(handles: list) -> Iterator[None]:
             h.remove()
 
 
-def run_with_cache(
-    model: nn.Module,
-    input_ids_BT: torch.Tensor,
-    sites: Sequence[tuple[str, int]],
-    attention_mask_BT: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """Residual-stream activations [B, T, D] at every (site, layer), from one forward pass that
-    stops right after the deepest requested site (caching layer 2 costs 3 blocks, not 12)."""
+@contextlib.contextmanager
+def capture(model: nn.Module, sites: Sequence[tuple[str, int]], stop: bool = False
+            ) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, every forward pass records the residual stream [B, T, D] at each
+    (site, layer) into the yielded dict; with `stop`, the pass ends (`_StopForward`) once the
+    deepest requested site is recorded."""
     blocks = get_blocks(model)
     wanted = {hook_name(s, i) for s, i in sites}
     cache: dict[str, torch.Tensor] = {}
 
     def record(name: str, x: torch.Tensor) -> None:
         cache[name] = x.detach()
-        if len(cache) == len(wanted):
+        if stop and len(cache) == len(wanted):
             raise _StopForward
 
     handles = []
@@ -252,11 +269,24 @@ def run_with_cache(
         else:
             hook = lambda _m, _a, o, n=name: record(n, _block_output(o))  # noqa: E731
             handles.append(blocks[layer].register_forward_hook(hook))
-    with _hooks(handles), torch.inference_mode(), contextlib.suppress(_StopForward):
-        model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False)
+    with _hooks(handles):
+        yield cache
     missing = wanted - set(cache)
     if missing:
         raise RuntimeError(f"sites {sorted(missing)} were never reached in the forward pass")
+
+
+def run_with_cache(
+    model: nn.Module,
+    input_ids_BT: torch.Tensor,
+    sites: Sequence[tuple[str, int]],
+    attention_mask_BT: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Residual-stream activations [B, T, D] at every (site, layer), from one forward pass that
+    stops right after the deepest requested site (caching layer 2 costs 3 blocks, not 12)."""
+    with capture(model, sites, stop=True) as cache, torch.inference_mode(), \
+            contextlib.suppress(_StopForward):
+        model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False)
     return cache
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -319,19 +319,15 @@ def plan_phases(job: JobConfig, sae_phases: dict[str, list[PlannedSAE]],
     return out
 
 
-def calibrate(job: JobConfig, device: str = "cpu", seconds_each: float = 2.0) -> Calibration:
+def calibrate(job: JobConfig, device: str = "cpu", seconds_each: float = 2.0,
+              threads: int | None = None) -> Calibration:
     """Measured throughputs on this machine: the job's truncated forward (random weights of its
-    architecture), one SAE training step of its shape, and reads from runs_dir."""
-    import os
-    import tempfile
+    architecture), one SAE training step of its shape, and reads from runs_dir. `threads`: the
+    torch threads of the worker that will run them (a Ray worker gets its whole CPUs, at least
+    one), else torch's default."""
     import time
 
     import torch
-    from transformers import AutoModelForCausalLM
-
-    from raysae.models import model_hf_config, run_with_cache
-    from raysae.sae import SAE
-    from raysae.train import sae_trainer
 
     def rate(fn, units: int) -> float:
         fn()  # warm-up
@@ -340,6 +336,26 @@ def calibrate(job: JobConfig, device: str = "cpu", seconds_each: float = 2.0) ->
             fn()
             n += 1
         return units * n / (time.perf_counter() - start)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        return _calibrate(job, device, rate)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _calibrate(job: JobConfig, device: str, rate: Callable[[Callable[[], object], int], float]
+               ) -> Calibration:
+    import os
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from raysae.models import model_hf_config, run_with_cache
+    from raysae.sae import SAE
+    from raysae.train import sae_trainer
 
     torch.manual_seed(0)
     hf = model_hf_config(job.model)

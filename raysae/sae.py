@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -576,9 +577,26 @@ def _read_folder(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
         saved = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise SAELoadError(f"{cfg_file}: not valid JSON ({e})") from None
-    tensors = load_file(str(weights_file))
+    try:
+        tensors = load_file(str(weights_file))
+    except SafetensorError as e:
+        raise SAELoadError(f"{weights_file}: not a readable safetensors file ({e})") from None
     if "W_enc" not in tensors:
         raise SAELoadError(f"{weights_file}: no W_enc tensor")
+    shape = dict(zip(("d_in", "d_sae"), tensors["W_enc"].shape))
+    for key, n in shape.items():
+        if key in saved and saved[key] != n:
+            raise SAELoadError(
+                f"{cfg_file}: {key} is {saved[key]!r}, but {WEIGHTS_FILENAME} has {key} {n} "
+                f"(W_enc shape {list(tensors['W_enc'].shape)} is [d_in, d_sae])"
+            )
+    for name, t in tensors.items():
+        bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+        if bad:
+            raise SAELoadError(
+                f"{weights_file}: tensor {name} holds {bad} NaN or infinite values of "
+                f"{t.numel()}; expected finite weights"
+            )
     return saved, tensors
 
 

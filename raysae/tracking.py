@@ -21,7 +21,17 @@ from mlflow.tracking import MlflowClient
 
 RUN_KEY_TAG = "raysae.run_key"
 PARENT_TAG = "mlflow.parentRunId"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""The experiment's kind: training runs, not GenAI traces. MLflow 3.17's UI does not read it to
+pick its landing page (it takes `?workflowType=` or the side bar's switch, default GenAI), so
+raysae prints links with `?workflowType=machine_learning` (`ui_hint`); tested in a browser."""
 _MAX_BATCH = 100  # MLflow's log_batch limit on params per call
+
+
+def ui_hint(runs_dir: str | Path) -> str:
+    """How to browse the runs: the `mlflow ui` command and the link that opens on the runs table."""
+    return (f"MLflow: mlflow ui --backend-store-uri {tracking_uri(runs_dir)}  (runs table: "
+            f"'Model training' in the side bar, or #/experiments/<id>?workflowType=machine_learning)")
 
 
 def tracking_uri(runs_dir: str | Path) -> str:
@@ -49,12 +59,16 @@ class Tracker:
         found = self._client.get_experiment_by_name(experiment)
         if found is not None:
             self.experiment_id = found.experiment_id
+            for k, v in EXPERIMENT_KIND.items():  # one made before raysae set the kind
+                if found.tags.get(k) != v:
+                    self._client.set_experiment_tag(self.experiment_id, k, v)
         else:
             artifacts = None
             if uri.startswith("sqlite:") and artifact_root is not None:
                 artifacts = Path(artifact_root).resolve().as_uri()
             try:
-                self.experiment_id = self._client.create_experiment(experiment, artifacts)
+                self.experiment_id = self._client.create_experiment(experiment, artifacts,
+                                                                    tags=EXPERIMENT_KIND)
             except Exception:  # created concurrently by another worker or trial
                 self.experiment_id = self._client.get_experiment_by_name(experiment).experiment_id
 

@@ -125,6 +125,18 @@ class _Window:
         return means
 
 
+class Diverged(RuntimeError):
+    """A non-finite gradient (from a non-finite loss, or an overflow): training stops there; the
+    last checkpoint before it is the last good state."""
+
+    def __init__(self, step: int, tokens: int, section: str) -> None:
+        super().__init__(
+            f"training diverged: non-finite loss or gradient at step {step:,} ({tokens:,} tokens "
+            f"seen); the checkpoints before it are kept. Lower {section}.lr or raise the "
+            f"warm-up, and check the inputs for NaN or inf")
+        self.step, self.tokens = step, tokens
+
+
 def train_step(
     learner: Learner,
     opt: torch.optim.Optimizer,
@@ -133,9 +145,10 @@ def train_step(
     lr: float,
     grad_clip: float,
     allreduce_grads: AllReduceFn | None = None,
-) -> StepOutput:
+) -> tuple[StepOutput, Tensor]:
     """One optimiser step on one batch, as `Trainer` runs it (and the benchmark times it);
-    returns the (pre-update) loss."""
+    returns the (pre-update) loss and, on the device, whether the gradient (after the
+    all-reduce, so the same on every worker) was finite."""
     for group in opt.param_groups:
         group["lr"] = lr
     out = learner.loss(batch, step)
@@ -144,11 +157,13 @@ def train_step(
     if allreduce_grads is not None:
         allreduce_grads(params)
     if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
     opt.step()
     opt.zero_grad(set_to_none=True)
     learner.after_step(batch, out)
-    return out
+    return out, torch.isfinite(norm)
 
 
 def _checkpoint_due(tokens_before: int, tokens_after: int, loop: LoopSettings) -> bool:
@@ -202,6 +217,10 @@ class Trainer:
         self.step_no, self.tokens = (0, 0) if start_state is None else _restore(learner, opt, start_state)
         self.window = _Window()
         self.clock, self.clock_tokens = time.perf_counter(), self.tokens
+        device = next(learner.model.parameters()).device
+        # the first step (and its tokens) whose gradient was not finite, -1 while none: kept on
+        # the device, read by the host only where it syncs anyway (log steps, checkpoints)
+        self.first_bad = torch.full((2,), -1, dtype=torch.long, device=device)
 
     @property
     def done(self) -> bool:
@@ -214,24 +233,36 @@ class Trainer:
         remaining = loop.num_tokens - self.tokens
         batch, rows = learner.prepare(raw, -(-remaining // self.world_size))
         n = rows * self.world_size
-        log_now = self.on_metrics is not None and (
-            (self.step_no + 1) % loop.log_every_steps == 0 or n >= remaining
-        )
+        log_step = (self.step_no + 1) % loop.log_every_steps == 0 or n >= remaining
+        log_now = self.on_metrics is not None and log_step
         probe = learner.probe(batch) if log_now else {}
         lr = learner.lr(self.step_no)
-        out = train_step(learner, self.opt, batch, self.step_no, lr, loop.grad_clip,
-                         self.allreduce_grads)
+        out, finite = train_step(learner, self.opt, batch, self.step_no, lr, loop.grad_clip,
+                                 self.allreduce_grads)
         self.window.add(out.window)
         self.step_no, tokens_before, self.tokens = self.step_no + 1, self.tokens, self.tokens + n
+        here = torch.tensor([self.step_no, self.tokens], device=self.first_bad.device)
+        self.first_bad = torch.where(finite | (self.first_bad[0] >= 0), self.first_bad, here)
 
+        checkpoint_step = _checkpoint_due(tokens_before, self.tokens, loop)
+        if log_step or checkpoint_step:  # the same steps on every worker, whatever it logs
+            self.check_finite()
+        checkpoint_now = self.on_checkpoint is not None and checkpoint_step
         if log_now:
             assert self.on_metrics is not None
             now = time.perf_counter()
             at = LogPoint(self.step_no, lr, (self.tokens - self.clock_tokens) / max(now - self.clock, 1e-9))
             self.clock, self.clock_tokens = now, self.tokens
             self.on_metrics(self.tokens, learner.report(self.window.read(), at) | probe)
-        if self.on_checkpoint is not None and _checkpoint_due(tokens_before, self.tokens, loop):
+        if checkpoint_now:
+            assert self.on_checkpoint is not None
             self.on_checkpoint(self.state())
+
+    def check_finite(self) -> None:
+        """Raise `Diverged` if a step since the start had a non-finite gradient."""
+        step, tokens = self.first_bad.tolist()
+        if step >= 0:
+            raise Diverged(step, tokens, self.loop.section)
 
     def state(self) -> TrainState:
         return _snapshot(self.learner, self.opt, self.step_no, self.tokens)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +18,10 @@ import pytest
 import torch
 
 from raysae.config import CacheConfig, DataConfig, JobConfig, ModelConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "jobs"))
+from local_head import kill_session, local_head  # noqa: E402  (jobs/ is not a package)
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -113,8 +119,8 @@ def driver_env(**extra: str) -> dict[str, str]:
 
 def kill_when(cmd: list[str], env: dict[str, str], ready: Callable[[], bool], settle_s: float,
               timeout_s: float) -> tuple[bool, int | None]:
-    """Start a driver in its own process group and SIGKILL the whole group (the driver and the
-    local Ray it started) `settle_s` after `ready()` first holds. Watch the file system in
+    """Start a driver in its own session and SIGKILL all of it (the driver and the local Ray it
+    started, nothing else) `settle_s` after `ready()` first holds. Watch the file system in
     `ready`, not MLflow: a second sqlite client racing the driver's creation of the database
     could break it. Returns (killed, the exit code if it ended by itself)."""
     first = subprocess.Popen(cmd, env=env, start_new_session=True,
@@ -125,7 +131,51 @@ def kill_when(cmd: list[str], env: dict[str, str], ready: Callable[[], bool], se
         if ready():
             time.sleep(settle_s)
             os.killpg(first.pid, signal.SIGKILL)
+            kill_session(first.pid)  # Ray's workers: process groups of their own, same session
             first.wait(timeout=60)
             return True, None
     first.wait(timeout=60)
     return False, first.returncode
+
+
+# ---------------------------------------------------------------------------------------------
+# A real browser (the dashboard pages, MLflow's UI)
+
+
+def browser() -> str:
+    """The headless browser's path; missing, the test fails in CI and is skipped elsewhere."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    msg = ("no headless browser found (chromium, chromium-browser, google-chrome): install one, "
+           "e.g. `apt-get install -y chromium`")
+    if os.environ.get("CI"):
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+def headless(url: str, *args: str) -> subprocess.CompletedProcess:
+    """Run the headless browser on one URL (args: --dump-dom, --screenshot=..., ...)."""
+    cmd = [browser(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+           "--disable-dev-shm-usage", *args, url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=90, check=True)
+
+
+@pytest.fixture(scope="session")
+def foreign_ray() -> Iterator[str]:
+    """A Ray head the suite did not start for itself (a user's own cluster, as far as the tests
+    are concerned): the tests that start, kill and stop Ray instances must leave it running.
+    Yields its job API URL; `ray_alive(url)` checks it."""
+    with local_head(None, "--num-cpus", "0", "--object-store-memory", "80000000",
+                    env={**os.environ, "RAY_AUTH_MODE": "token"}) as head:
+        yield head.dashboard
+
+
+def ray_alive(dashboard: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{dashboard}/api/version", timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False

@@ -138,3 +138,102 @@ def test_bad_task_source_is_caught_by_check_before_any_work(tmp_path, capsys) ->
     assert main(["check", str(cfg), "--runs-dir", str(tmp_path / "runs")]) == 2
     assert "task source 'nosuchtask': unknown task" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # nothing was written
+
+
+def check(tmp_path, data: dict, capsys) -> str:
+    """`raysae check` on `data`: the error it prints ("" when the config is OK)."""
+    from raysae.cli import main
+
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    rc = main(["check", str(cfg), "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert (rc == 0) == (err == ""), err
+    return err
+
+
+@pytest.fixture
+def checked(token_file) -> dict:
+    """BASE with a token file that exists, so that `raysae check` passes it."""
+    return {**BASE, "data": {**BASE["data"], "source": str(token_file)}}
+
+
+def test_topk_k_above_the_width_is_refused(tmp_path, checked, capsys):
+    with pytest.raises(ConfigError, match=r"sae\.k: got 100000, expected at most sae\.d_sae \(512\)"):
+        from_dict(JobConfig, {**BASE, "sae": {"architecture": "topk", "k": 100000, "d_sae": 512}})
+    SAEConfig(architecture="relu", k=100000, d_sae=512)  # k is a topk setting only
+    # d_sae = expansion_factor x d_model: only `check` knows d_model (64 for TINY_NEOX)
+    err = check(tmp_path, {**checked, "sae": {"architecture": "topk", "k": 600}}, capsys)
+    assert "sae.k: got 600, expected at most d_sae (512 = sae.expansion_factor 8 x d_model 64" in err
+    assert check(tmp_path, {**checked, "sae": {"architecture": "topk", "k": 512}}, capsys) == ""
+
+
+@pytest.mark.parametrize(
+    ("section", "yaml_text", "message"),
+    [
+        ("train", "{lr: .nan}", "train.lr: got nan, expected a finite number"),
+        ("train", "{adam_betas: [0.0, .inf]}", "train.adam_betas[1]: got inf, expected a finite number"),
+        ("sae", "{l1_coefficient: -.inf}", "sae.l1_coefficient: got -inf, expected a finite number"),
+        ("cache", "{actor_cpus: .NaN}", "cache.actor_cpus: got nan, expected a finite number"),
+    ],
+)
+def test_float_settings_must_be_finite(tmp_path, section, yaml_text, message):
+    rest = {k: v for k, v in BASE.items() if k != section}
+    path = tmp_path / "job.yaml"
+    path.write_text(f"{yaml.safe_dump(rest)}{section}: {yaml_text}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert message in str(e.value)
+
+
+def test_sweep_layer_outside_the_cache_and_the_model(tmp_path, checked, capsys):
+    sweep = {"layers": [0, 7], "finetune_budgets": [4096]}
+    data = {**checked, "cache": {"layers": [0, 1, 2]}, "sweep": sweep}
+    err = check(tmp_path, data, capsys)
+    assert "sweep.layers: layer 7 is not cached: expected layers of cache.layers [0, 1, 2]" in err
+    assert "'tiny' has 3 blocks (0..2)" in err
+
+
+@pytest.mark.parametrize("source", ["./data/missing.parquet", "missing.jsonl", "/abs/missing"])
+def test_missing_local_data_source_is_refused(tmp_path, checked, capsys, source):
+    err = check(tmp_path, {**checked, "data": {**checked["data"], "source": source}}, capsys)
+    assert f"data.source: no file or folder at {source!r}" in err
+
+
+def test_a_hub_dataset_name_is_not_taken_for_a_path(tmp_path, checked, capsys):
+    for source in ("NeelNanda/pile-small-tokenized-2b", "wikitext"):
+        assert check(tmp_path, {**checked, "data": {**checked["data"], "source": source}}, capsys) == ""
+
+
+@pytest.mark.parametrize("name", ["../../escape", "a/b", ".hidden", "-flag", "two words", ""])
+def test_job_name_must_be_a_safe_folder_name(name):
+    with pytest.raises(ConfigError) as e:
+        from_dict(JobConfig, {**BASE, "name": name})
+    assert f"name: got {name!r}, expected letters, digits, '.', '_' and '-'" in str(e.value)
+
+
+def test_job_name_accepts_plain_names():
+    for name in ("pythia160m-layer-transfer", "run_1.2", "A"):
+        assert from_dict(JobConfig, {**BASE, "name": name}).name == name
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("name: t\nmodel: {name: x\ndata: [1,\n")
+    with pytest.raises(ConfigError, match=rf"{path}:3:5: invalid YAML: expected ',' or '}}'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("name", ["./models/missing", "/abs/missing", "~/no/such/model", "a/b/c"])
+def test_missing_model_folder_is_not_sent_to_the_hub(tmp_path, checked, capsys, name):
+    err = check(tmp_path, {**checked, "model": {"name": name}}, capsys)
+    assert f"no model folder at {name!r} and not a hub name" in err
+
+
+def test_local_path_tells_paths_from_hub_names(tmp_path):
+    from raysae.config import local_path
+
+    for name in ("gpt2", "EleutherAI/pythia-70m-deduped", "org/model-v1.5"):
+        assert local_path(name) is None
+    for name in ("./m", "../m", "/m", "a/b/c", "tokens.parquet", "x.jsonl"):
+        assert local_path(name) is not None

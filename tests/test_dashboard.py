@@ -8,12 +8,11 @@ import dataclasses
 import os
 import re
 import shutil
-import subprocess
 
 import pytest
 import torch
 import yaml
-from conftest import TINY_NEOX, build_cfg
+from conftest import TINY_NEOX, build_cfg, headless
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from raysae.cli import main
@@ -235,23 +234,6 @@ def test_cli_dashboard(tmp_path, token_file, model):
 
 # ---------------------------------------------------------------------------------------------
 # A real browser
-
-
-def browser() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if path := shutil.which(name):
-            return path
-    msg = ("no headless browser found (chromium, chromium-browser, google-chrome): install one, "
-           "e.g. `apt-get install -y chromium`")
-    if os.environ.get("CI"):
-        pytest.fail(msg)
-    pytest.skip(msg)
-
-
-def headless(url: str, *args: str) -> subprocess.CompletedProcess:
-    cmd = [browser(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-           "--disable-dev-shm-usage", *args, url]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=90, check=True)
 
 
 def test_pages_render_in_a_browser(tmp_path, relu_stats):

@@ -7,7 +7,13 @@ import torch
 from conftest import TINY_NEOX
 
 from raysae.config import ModelConfig, SAEConfig
-from raysae.evaluate import evaluate_sae
+from raysae.evaluate import (
+    evaluate_sae,
+    evaluate_saes,
+    evaluate_saes_kept,
+    read_zero_ablations,
+    write_zero_ablations,
+)
 from raysae.models import load_lm
 from raysae.sae import SAE
 
@@ -65,3 +71,41 @@ def test_noisy_sae_is_between(model):
         sae.W_dec.mul_(0.7)
     r = evaluate_sae(model, sae, "resid_post", 1, tokens(), special_ids=[0, 1, 2])
     assert 0.0 < r.ces < 1.0 and 0.0 < r.explained_variance < 1.0
+
+
+def test_many_saes_in_one_pass_match_one_by_one(model):
+    """The shared pass (one clean forward per batch, one zero-ablation per site) gives each
+    SAE exactly what its own evaluation gives; the zero-ablations it computed are kept and a
+    later call on the same tokens uses them instead of recomputing."""
+    ids = tokens(n=10)
+    saes = {f"s{i}": (SAE(SAEConfig(architecture="topk", d_sae=128, k=8), 64, seed=i), site, layer)
+            for i, (site, layer) in enumerate([("resid_post", 0), ("resid_post", 1),
+                                                ("resid_pre", 1), ("resid_post", 1)])}
+    zero = {}
+    together = evaluate_saes(model, saes, ids, [0, 1, 2], batch_size=4, zero_ablations=zero)
+    assert set(zero) == {("resid_post", 0), ("resid_post", 1), ("resid_pre", 1)}
+    assert zero[("resid_pre", 1)] == zero[("resid_post", 0)]  # the same stream
+    for key, (sae, site, layer) in saes.items():
+        alone = evaluate_sae(model, sae, site, layer, ids, [0, 1, 2], batch_size=4)
+        assert together[key] == alone
+    # a cached zero-ablation is used as given: the call does not recompute it
+    zero[("resid_post", 1)] = (1e9, 1e6)
+    again = evaluate_saes(model, saes, ids, [0, 1, 2], batch_size=4, zero_ablations=zero)
+    assert again["s1"].ce_zero == 1e9 / (10 * 15)  # per target: 15 of each of the 10 rows
+    assert again["s0"] == together["s0"]
+
+
+def test_kept_zero_ablations_are_read_back(model, tmp_path):
+    """The file keeps each site's zero-ablation: a second evaluation reads it (a value planted
+    in the file is what the result shows) and adds only the sites it lacked."""
+    ids = tokens()
+    path = tmp_path / "eval" / "zero.json"
+    sae = identity_sae(64)
+    first = evaluate_saes_kept(path, model, {"a": (sae, "resid_post", 0)}, ids, [0, 1, 2])["a"]
+    assert read_zero_ablations(path) == {("resid_post", 0): pytest.approx(
+        (first.ce_zero * 6 * 15, first.kl_zero * 6 * 15))}
+    write_zero_ablations(path, {("resid_post", 0): (1e9, 1.0)})
+    both = evaluate_saes_kept(path, model, {"a": (sae, "resid_post", 0), "b": (sae, "resid_post", 1)},
+                              ids, [0, 1, 2])
+    assert both["a"].ce_zero == 1e9 / (6 * 15) and both["b"].ces == pytest.approx(1.0, abs=1e-5)
+    assert set(read_zero_ablations(path)) == {("resid_post", 0), ("resid_post", 1)}

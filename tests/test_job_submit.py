@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-from conftest import TINY_NEOX
+from conftest import TINY_NEOX, local_head, ray_alive
 
 pytestmark = pytest.mark.ray
 
@@ -19,28 +18,22 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
+def head(tmp_path_factory, foreign_ray):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the job's own
     env |= {"PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_AUTH_MODE": "token"}
-    port, dash = free_port(), free_port()
-    subprocess.run(
-        [BIN / "ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
-         "--object-store-memory", "200000000", "--disable-usage-stats"],
-        check=True, env=env, capture_output=True,
-    )
-    try:
-        yield env, f"http://127.0.0.1:{dash}"
-    finally:
-        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True)
+    with local_head(None, "--num-cpus", "2", "--object-store-memory", "200000000", env=env) as h:
+        yield env, h.dashboard
+
+
+def test_stopping_our_head_leaves_another_ray_running(foreign_ray):
+    """The suite's heads are started in sessions of their own and stopped by ending that
+    session: a Ray the suite did not start (`foreign_ray`) keeps running."""
+    with local_head(None, "--num-cpus", "1", env={**os.environ, "RAY_AUTH_MODE": "token"}) as ours:
+        assert ray_alive(ours.dashboard) and ray_alive(foreign_ray)
+    assert not ray_alive(ours.dashboard)
+    assert ray_alive(foreign_ray)
 
 
 def test_submit_train_job_and_analyse(head, tmp_path, token_file):

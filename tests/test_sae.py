@@ -211,7 +211,7 @@ def test_init_from_rejects_mismatched_shapes(tmp_path: Path) -> None:
     with pytest.raises(SAELoadError, match=r"\(8, 64\).*\(8, 32\)"):
         SAE.init_from(tmp_path / "s", SAEConfig(d_sae=64), d_in=8)
     with pytest.raises(SAELoadError, match="topk"):
-        SAE.init_from(tmp_path / "s", SAEConfig(architecture="topk", d_sae=32), d_in=8)
+        SAE.init_from(tmp_path / "s", SAEConfig(architecture="topk", d_sae=32, k=4), d_in=8)
 
 
 def test_load_rejects_a_tensor_of_the_wrong_shape(tmp_path: Path) -> None:
@@ -228,6 +228,43 @@ def test_load_rejects_a_folder_without_weights(tmp_path: Path) -> None:
     (tmp_path / "cfg.json").write_text("{}")
     with pytest.raises(SAELoadError, match="sae_weights.safetensors is missing"):
         SAE.load(tmp_path)
+
+
+@pytest.mark.parametrize(("key", "value", "actual"), [("d_sae", 64, 32), ("d_in", 16, 8)])
+def test_load_rejects_a_cfg_that_disagrees_with_its_weights(
+    tmp_path: Path, key: str, value: int, actual: int
+) -> None:
+    build_sae(d_in=8, d_sae=32).save(tmp_path / "s")
+    cfg_file = tmp_path / "s" / "cfg.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), key: value}))
+    message = f"{cfg_file}: {key} is {value}, but sae_weights.safetensors has {key} {actual}"
+    for load in (lambda: SAE.load(tmp_path / "s"),
+                 lambda: SAE.init_from(tmp_path / "s", SAEConfig(d_sae=32), d_in=8)):
+        with pytest.raises(SAELoadError) as e:
+            load()
+        assert message in str(e.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_load_rejects_non_finite_weights(tmp_path: Path, bad: float) -> None:
+    build_sae().save(tmp_path / "s")
+    weights = tmp_path / "s" / "sae_weights.safetensors"
+    tensors = load_file(str(weights))
+    tensors["W_dec"][3, :2] = bad
+    save_file(tensors, str(weights))
+    message = f"{weights}: tensor W_dec holds 2 NaN or infinite values of 256"
+    with pytest.raises(SAELoadError) as e:
+        SAE.load(tmp_path / "s")
+    assert message in str(e.value)
+
+
+def test_load_rejects_weights_that_are_not_safetensors(tmp_path: Path) -> None:
+    build_sae().save(tmp_path / "s")
+    weights = tmp_path / "s" / "sae_weights.safetensors"
+    torch.save({"W_enc": torch.zeros(8, 32)}, weights)  # a pickle under the safetensors name
+    with pytest.raises(SAELoadError) as e:
+        SAE.load(tmp_path / "s")
+    assert f"{weights}: not a readable safetensors file" in str(e.value)
 
 
 def test_init_from_copies_weights_and_takes_new_hyperparameters(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import TINY_NEOX, driver_env, kill_when
+from conftest import TINY_NEOX, driver_env, kill_when, ray_alive
 from mlflow.tracking import MlflowClient
 
 from raysae.activations import fingerprint
@@ -63,7 +63,7 @@ def write_task_file(path: Path, n: int = 8) -> Path:
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, token_file):
+def swept(tmp_path_factory, token_file, foreign_ray):
     tmp = tmp_path_factory.mktemp("sweep")
     cfg_path = tmp / "sweep.yaml"
     tasks = write_task_file(tmp / "tasks.parquet")
@@ -80,7 +80,6 @@ def swept(tmp_path_factory, token_file):
     #    transfer phase is under way: the scratch phase is complete, a transfer trial is running
     killed, code = kill_when(sweep_cmd(cfg_path, runs), env, settle_s=8, timeout_s=400,
                              ready=lambda: any((runs / "tune").glob("sweep-test-*-transfer/*/")))
-    subprocess.run([Path(sys.executable).parent / "ray", "stop", "--force"], capture_output=True, env=env)
     assert killed, f"the sweep ended (exit {code}) before it could be interrupted"
     before = runs_table(runs)
 
@@ -88,6 +87,8 @@ def swept(tmp_path_factory, token_file):
     second = subprocess.run(sweep_cmd(cfg_path, runs), env=env, capture_output=True, text=True,
                             timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    # the kill took the driver's own Ray only: a Ray it did not start runs on
+    assert ray_alive(foreign_ray)
     return load_config(cfg_path), runs, before, second.stdout
 
 

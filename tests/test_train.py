@@ -17,6 +17,7 @@ from raysae.config import ModelConfig, SAEConfig, StitchConfig, TrainConfig
 from raysae.sae import SAE
 from raysae.stitching.stitch import Stitch, train_stitch
 from raysae.train import (
+    Diverged,
     l1_coeff_at,
     lr_at,
     sae_flops_per_token,
@@ -293,3 +294,29 @@ def test_flops_are_counted_per_token() -> None:
     sparse = sae_flops_per_token(SAE(SAEConfig(architecture="topk", d_sae=F, k=k), D), x, cfg)
     # the dense encoder plus O(k D) for the sparse decode and backward: far below relu
     assert 2 * D * F + 2 * k * D <= sparse <= 2 * D * F + 10 * 2 * k * D
+
+
+@pytest.mark.parametrize("kind", ["sae", "stitch"])
+def test_a_non_finite_step_stops_training_with_its_step_and_tokens(kind: str) -> None:
+    """A NaN in the 3rd batch makes that step's gradient non-finite: the loop stops at the next
+    point where the host reads values (here the log step after it) naming step 3 and its 768
+    tokens; the checkpoint before it is the last one written, and no metrics of a NaN window
+    are reported."""
+    def batches() -> Iterator[torch.Tensor]:
+        for i, x in enumerate(sparse_batches(256)):
+            yield torch.full_like(x, float("nan")) if i == 2 else x
+
+    seen: list[int] = []
+    saved: list[TrainState] = []
+    with pytest.raises(Diverged, match=r"at step 3 \(768 tokens seen\).* Lower (train|stitch)\.lr") as e:
+        train_either(kind, batches(), on_metrics=lambda t, m: seen.append(t),
+                     on_checkpoint=saved.append)
+    assert (e.value.step, e.value.tokens) == (3, 768)
+    assert seen == [512] and [s.tokens_seen for s in saved] == [512]
+    assert all(torch.isfinite(v).all() for v in saved[0].model.values())
+
+
+def test_a_learning_rate_that_diverges_is_caught() -> None:
+    cfg = build_train_cfg(lr=1e30, lr_warmup_frac=0.0, grad_clip=0.0)
+    with pytest.raises(Diverged, match="training diverged: non-finite loss or gradient"):
+        train_sae(build_sae("relu"), cfg, sparse_batches(256))

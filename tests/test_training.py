@@ -209,3 +209,28 @@ def test_a_budget_beyond_the_data_is_refused_before_any_work(job):
                                           r"768 in 1 pass.*train.data_passes"):
         train_on_ray(once, group(directory, member))
     assert not list((Path(cfg.runs_dir).resolve() / "ray_train").glob("too-long*"))
+
+
+def test_a_diverged_member_fails_alone_and_its_group_goes_on(job):
+    """An SAE whose learning rate makes it diverge stops at the first check after the bad step,
+    on both workers at once; its run is FAILED with the cause (run, step, tokens), no checkpoint
+    of it holds a non-finite value, and the SAE sharing its stream finishes at its budget."""
+    from raysae.distributed.engine import ERROR_TAG
+    from raysae.distributed.training import SAERun, checkpoint_saes, train_on_ray
+
+    cfg, directory = job
+    hook = "blocks.1.hook_resid_post"
+    steady = SAERun(key="steady", name="steady", hook=hook)
+    wild = SAERun(key="wild", name="wild", hook=hook, lr=1e30)
+    results = train_on_ray(cfg, group(directory, steady, wild))
+    assert results["wild"].error is not None
+    assert results["wild"].error.startswith("wild: training diverged: non-finite loss or gradient at step")
+    assert results["steady"].error is None and results["steady"].metrics["tokens_seen"] == BUDGET
+    _, run = mlflow_run(cfg, "wild")
+    assert run.info.status == "FAILED" and run.data.tags[ERROR_TAG] == results["wild"].error
+    _, run = mlflow_run(cfg, "steady")
+    assert run.info.status == "FINISHED"
+    assert [t for t, _ in checkpoint_saes(cfg, "steady")] == [2048, 4096, 6144, 8192]
+    for _, folder in checkpoint_saes(cfg, "wild"):
+        sae = SAE.load(folder)
+        assert all(torch.isfinite(p).all() for p in sae.parameters())

@@ -63,7 +63,7 @@ from raysae.config import JobConfig, digest, from_dict, to_dict
 from raysae.distributed import root_cause
 from raysae.plan import PhasePlan, plan_report
 from raysae.tracking import Tracker, tracking_uri
-from raysae.train import Trainer
+from raysae.train import Diverged, Trainer
 
 log = logging.getLogger("raysae.engine")
 
@@ -151,7 +151,9 @@ class FitResult:
     run_id: str
     """MLflow run id."""
     metrics: dict[str, float]
-    """Metrics of the final checkpoint."""
+    """Metrics of the final checkpoint (none when the member failed)."""
+    error: str | None = None
+    """Why the member stopped short of its budget (it diverged), while the others went on."""
 
 
 class Fit(ABC):
@@ -203,8 +205,10 @@ class Fit(ABC):
         """MLflow params of a member's run."""
 
     @abstractmethod
-    def evaluate(self, member: RunSpec, model: torch.nn.Module, state: TrainState) -> dict[str, float]:
-        """Rank 0 at a member's checkpoint: the metrics logged at step = tokens seen."""
+    def evaluate(self, due: dict[str, tuple[RunSpec, torch.nn.Module, TrainState]]
+                 ) -> dict[str, dict[str, float]]:
+        """Rank 0 at the checkpoints of the members due at this step, all at once (so that
+        they share the reference forwards): key -> metrics logged at step = tokens seen."""
 
     @abstractmethod
     def save(self, model: torch.nn.Module, folder: Path) -> Path:
@@ -264,7 +268,7 @@ def fit_on_ray(
         group = json.loads((Path(d) / GROUP_FILE).read_text())
     return {
         m.key: FitResult(output_dir(job, fit.output_kind, m.key), group["run_ids"][m.key],
-                         group["finished"][m.key])
+                         group["finished"].get(m.key, {}), group["failed"].get(m.key))
         for m in spec.members
     }
 
@@ -288,18 +292,24 @@ def allreduce_mean(params: list[torch.Tensor]) -> None:
 NODES_TAG = "raysae.nodes"
 """The Ray node ids a member trained on, in order."""
 GROUP_FILE = "group.json"
-"""In a group checkpoint: the step, each finished member's final metrics, the MLflow run ids."""
+"""In a group checkpoint: the step, each finished member's final metrics, each failed member's
+error, the MLflow run ids."""
+MEMBER_FAILED = "diverged"
+"""How a phase reports a member that failed on its own while its group went on."""
+ERROR_TAG = "raysae.error"
+"""On a member's run that failed while its group went on: why."""
 
 
 @dataclass
 class GroupState:
     """Where a group stands: batches consumed, each unfinished member's state at that step,
-    and the final metrics of the members already done."""
+    the final metrics of the members already done and the errors of those that failed."""
 
     step: int = 0
     states: dict[str, TrainState] = field(default_factory=dict)
     finished: dict[str, dict[str, float]] = field(default_factory=dict)
     run_ids: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 def _resume() -> GroupState:
@@ -310,7 +320,7 @@ def _resume() -> GroupState:
     with checkpoint.as_directory() as d:
         group = json.loads((Path(d) / GROUP_FILE).read_text())
         states = {k: load_train_state(Path(d) / "states" / run_name_for(k)) for k in group["active"]}
-    return GroupState(group["step"], states, group["finished"], group["run_ids"])
+    return GroupState(group["step"], states, group["finished"], group["run_ids"], group["failed"])
 
 
 class _MemberRun:
@@ -330,17 +340,24 @@ class _MemberRun:
     def log_train(self, tokens: int, values: dict[str, float]) -> None:
         self.tracker.log_metrics(self.run_id, {f"train/{k}": v for k, v in values.items()}, tokens)
 
-    def checkpoint(self, model: torch.nn.Module, state: TrainState, final: bool) -> dict[str, float]:
-        """Evaluate and log; keep the artefact as this checkpoint's folder, and as the final
+    def checkpoint(self, model: torch.nn.Module, state: TrainState, evaluation: dict[str, float],
+                   final: bool) -> dict[str, float]:
+        """Log the evaluation; keep the artefact as this checkpoint's folder, and as the final
         artefact when the member is done."""
         fit, key = self.fit, self.member.key
-        values = {"tokens_seen": state.tokens_seen, **fit.evaluate(self.member, model, state)}
+        values = {"tokens_seen": state.tokens_seen, **evaluation}
         self.tracker.log_metrics(self.run_id, values, step=state.tokens_seen)
         folder = checkpoints_dir(fit.job, key) / f"tokens_{state.tokens_seen:012d}" / fit.artifact
         fit.save(model, folder)
         if final:
             fit.save(model, output_dir(fit.job, fit.output_kind, key))
         return values
+
+    def fail(self, error: str) -> None:
+        """The member stopped short of its budget (idempotent); its checkpoints stay."""
+        if self.tracker.status(self.run_id) != "FAILED":
+            self.tracker.set_tags(self.run_id, {ERROR_TAG: error[:5000]})
+            self.tracker.finish(self.run_id, "FAILED")
 
     def finish(self, tokens_seen: int, seconds: dict[str, float] | None = None) -> None:
         """Idempotent: a resumed group finishes the runs of members done before the failure.
@@ -387,7 +404,7 @@ def _commit(group: GroupState, trainers: dict[str, Trainer], rank: int) -> None:
         for key, trainer in trainers.items():
             save_train_state(trainer.state(), Path(tmp) / "states" / run_name_for(key))
         record = {"step": group.step, "active": list(trainers), "finished": group.finished,
-                  "run_ids": group.run_ids}
+                  "run_ids": group.run_ids, "failed": group.failed}
         (Path(tmp) / GROUP_FILE).write_text(json.dumps(record))
         ray.train.report({"step": group.step, "finished": len(group.finished)},
                          checkpoint=Checkpoint.from_directory(tmp),
@@ -404,7 +421,7 @@ def _worker(config: dict[str, Any]) -> None:
 
     group = _resume()
     start = group.step
-    active = [m for m in spec.members if m.key not in group.finished]
+    active = [m for m in spec.members if m.key not in group.finished and m.key not in group.failed]
     models = {m.key: fit.build(m, group.states.get(m.key)) for m in active}
     runs: dict[str, _MemberRun] = {}
     if rank == 0:
@@ -414,6 +431,8 @@ def _worker(config: dict[str, Any]) -> None:
         for m in spec.members:  # done before a failure, maybe not yet marked FINISHED
             if m.key in group.finished:
                 runs[m.key].finish(int(group.finished[m.key]["tokens_seen"]))
+            elif m.key in group.failed:
+                runs[m.key].fail(group.failed[m.key])
     due: dict[str, TrainState] = {}
     trainers = {
         m.key: fit.trainer(
@@ -433,17 +452,29 @@ def _worker(config: dict[str, Any]) -> None:
             batch = next(batches, None)
         if batch is None:
             raise next(iter(trainers.values())).out_of_data()
+        diverged: dict[str, str] = {}
         with clock("train"):
             for key, trainer in trainers.items():
-                trainer.step(fit.member_batch(by_key[key], batch))
+                try:
+                    trainer.step(fit.member_batch(by_key[key], batch))
+                except Diverged as e:  # the same on every worker (the gradient is all-reduced)
+                    diverged[key] = f"{by_key[key].name}: {e}"
+                    due.pop(key, None)
         group.step += 1
-        if not due:
+        for key, error in diverged.items():  # it leaves the group, the others go on
+            log.error("%s", error)
+            group.failed[key] = error
+            del trainers[key]
+            if rank == 0:
+                runs[key].fail(error)
+        if not due and not diverged:
             continue
         done = {k: t.tokens for k, t in trainers.items() if t.done}
         with clock("eval"):
-            if rank == 0:
+            if rank == 0 and due:
+                evals = fit.evaluate({k: (by_key[k], models[k], st) for k, st in due.items()})
                 for key, state in due.items():
-                    values = runs[key].checkpoint(models[key], state, final=key in done)
+                    values = runs[key].checkpoint(models[key], state, evals[key], final=key in done)
                     if key in done:
                         group.finished[key] = values
         for key in done:
@@ -519,7 +550,8 @@ def _tune_trial(config: dict[str, Any], run_group: Callable[..., dict[str, FitRe
     """A Tune function trainable: one trial drives one Fit (a group) and reports the final
     metrics of each of its members."""
     results = run_group(config["key"], **payload)
-    members = {k: {"metrics": r.metrics, "out_dir": str(r.out_dir)} for k, r in results.items()}
+    members = {k: {"metrics": r.metrics, "out_dir": str(r.out_dir), "error": r.error}
+               for k, r in results.items()}
     tune.report({"members": json.dumps(members)})
 
 
@@ -563,6 +595,9 @@ def tune_phase(
             errors |= {k: f"failed: {root_cause(result.error)}" for k in members}
         elif result.metrics and "members" in result.metrics:
             for key, r in json.loads(result.metrics["members"]).items():
+                if r["error"] is not None:
+                    errors[key] = f"{MEMBER_FAILED}: {r['error']}"
+                    continue
                 done[key] = {k: v for k, v in r["metrics"].items()
                              if ("/" in k or k == "flops") and isinstance(v, int | float)}
         else:
@@ -582,16 +617,18 @@ def run_groups(
 ) -> tuple[Done, Errors]:
     """Run a phase's groups (`tune_phase`, `run_group(key, groups=specs, **extra)`); a group
     that fails is then split and its members retried one per group, so that a fault in one
-    member's data fails that member only, not the SAEs that shared its stream."""
+    member's data fails that member only, not the SAEs that shared its stream. (A member that
+    diverged has already left its group, which went on without it: it is not retried.)"""
     groups = {k: members_of(spec) for k, spec in specs.items()}
     done, errors = tune_phase(job, experiment, groups, run_group, {"groups": specs, **extra},
                               max_failures)
+    group_failed = {k for k, e in errors.items() if not e.startswith(MEMBER_FAILED)}
     retry = {k: single for key, spec in specs.items()
-             if len(groups[key]) > 1 and any(m in errors for m in groups[key])
+             if len(groups[key]) > 1 and any(m in group_failed for m in groups[key])
              for k, single in alone(spec).items()}
     if retry:
         log.info("%s: %d group(s) failed; retrying their %d members one by one", experiment,
-                 sum(1 for k in specs if len(groups[k]) > 1 and set(groups[k]) & set(errors)),
+                 sum(1 for k in specs if len(groups[k]) > 1 and set(groups[k]) & group_failed),
                  len(retry))
         more, still = tune_phase(job, f"{experiment}-alone",
                                  {k: members_of(spec) for k, spec in retry.items()}, run_group,

@@ -158,15 +158,18 @@ class StitchFit(Fit):
         return stitch_trainer(model, self.s, log_every_steps=self.job.train.log_every_steps,
                               start_state=state, **loop)
 
-    def evaluate(self, member: StitchRun, model: Stitch, state: TrainState) -> dict[str, float]:
-        if self._per_token is None:
-            a, b = next(paired_stream(self.reader_a, self.reader_b, 256, pairs=self.mine))
-            self._per_token = stitch_flops_per_token(model, a.to(self.device), b.to(self.device),
-                                                     self.s.alpha)
-        values = {"flops": self._per_token * state.tokens_seen}
-        if state.tokens_seen >= self.s.num_tokens:
-            values |= self._final_metrics(member, model)
-        return values
+    def evaluate(self, due: dict[str, tuple[StitchRun, Stitch, TrainState]]
+                 ) -> dict[str, dict[str, float]]:
+        out = {}
+        for key, (member, stitch, state) in due.items():
+            if self._per_token is None:
+                a, b = next(paired_stream(self.reader_a, self.reader_b, 256, pairs=self.mine))
+                self._per_token = stitch_flops_per_token(stitch, a.to(self.device),
+                                                         b.to(self.device), self.s.alpha)
+            out[key] = {"flops": self._per_token * state.tokens_seen}
+            if state.tokens_seen >= self.s.num_tokens:
+                out[key] |= self._final_metrics(member, stitch)
+        return out
 
     def _final_metrics(self, member: StitchRun, stitch: Stitch) -> dict[str, float]:
         """CE of both models, the stitched models and the round trips, and map quality, for the

@@ -44,7 +44,7 @@ from raysae.distributed.engine import (
     output_dir,
     worker_seed,
 )
-from raysae.evaluate import evaluate_sae
+from raysae.evaluate import evaluate_saes_kept
 from raysae.models import load_lm, load_tokenizer, model_dims, parse_hook_name
 from raysae.plan import pack_saes
 from raysae.sae import SAE, SAEMetadata
@@ -107,6 +107,14 @@ def training_key(job: JobConfig, hook: str, init_from: str | None) -> str:
         "init_from": init_from,
     }
     return f"{hook}|{'scratch' if init_from is None else 'transfer'}|{digest(setting)}"
+
+
+def zero_ablations_path(job: JobConfig) -> Path:
+    """Where the model's zero-ablated CE and KL per site on the job's held-out tokens are kept,
+    computed once for every group and phase that evaluates SAEs of the job's model."""
+    key = digest({"model": to_dict(job.model), "data": to_dict(job.data),
+                  "eval_tokens": job.train.eval_tokens})
+    return Path(job.runs_dir) / "eval" / f"zero_ablations_{key}.json"
 
 
 def sae_dir_for(job: JobConfig, key: str) -> Path:
@@ -231,7 +239,7 @@ class SAEGroupFit(Fit):
             self._files = files[self.rank :: self.world]
         else:
             self._files = []
-        self._eval: tuple | None = None  # rank 0: held-out tokens and special ids
+        self._eval: tuple | None = None  # rank 0: see evaluate
         self._b_dec_sample: dict[str, torch.Tensor] | None = None
 
     # the stream ----------------------------------------------------------------------------
@@ -325,18 +333,21 @@ class SAEGroupFit(Fit):
         sae, train = member_config(self.job, member)
         return flatten(dataclasses.replace(self.job, sae=sae, train=train))
 
-    def evaluate(self, member: SAERun, model: SAE, state: TrainState) -> dict[str, float]:
-        if self._eval is None:
+    def evaluate(self, due: dict[str, tuple[SAERun, SAE, TrainState]]) -> dict[str, dict[str, float]]:
+        if self._eval is None:  # held-out tokens, FLOPs per member
             self._eval = (heldout_tokens(self.job), self.special_ids(), {})
         tokens, special, flops = self._eval
-        if member.key not in flops:  # FLOPs depend on shapes only
-            sample = torch.randn(1024, self.d_in, device=self.device)
-            flops[member.key] = sae_flops_per_token(model, sample, member_config(self.job, member)[1])
-        site, layer = parse_hook_name(member.hook)
-        res = evaluate_sae(self.model_lm(), model, site, layer, tokens, special)
-        values = {f"eval/{k}": v for k, v in res.as_dict().items()}
-        values["flops"] = flops[member.key] * state.tokens_seen
-        return values
+        saes = {key: (sae, *parse_hook_name(member.hook)) for key, (member, sae, _) in due.items()}
+        results = evaluate_saes_kept(zero_ablations_path(self.job), self.model_lm(), saes,
+                                     tokens, special)
+        out = {}
+        for key, (member, sae, state) in due.items():
+            if key not in flops:  # FLOPs depend on shapes only
+                sample = torch.randn(1024, self.d_in, device=self.device)
+                flops[key] = sae_flops_per_token(sae, sample, member_config(self.job, member)[1])
+            out[key] = {f"eval/{k}": v for k, v in results[key].as_dict().items()}
+            out[key]["flops"] = flops[key] * state.tokens_seen
+        return out
 
     def save(self, model: SAE, folder: Path) -> Path:
         return model.save(folder)

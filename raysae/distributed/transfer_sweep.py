@@ -50,8 +50,9 @@ from raysae.distributed.training import (
     run_sae_group,
     sae_dir_for,
     sae_groups,
+    zero_ablations_path,
 )
-from raysae.evaluate import evaluate_sae
+from raysae.evaluate import evaluate_saes_kept
 from raysae.models import hook_name, load_lm, load_tokenizer, run_with_cache
 from raysae.sae import SAE
 from raysae.tracking import Tracker, tracking_uri
@@ -134,24 +135,27 @@ def _member(job: JobConfig, trial: grid.Trial, parent: str) -> SAERun:
 
 @ray.remote(num_cpus=WORKER_CPUS)
 def _zeroshot_layer(keys: list[str], payload: dict[str, Any]) -> Done:
-    """SAE_j read on layer i for every j, one target layer i per task."""
+    """SAE_j read on layer i for every j, one target layer i per task: the LM and the held-out
+    tokens load once, and all SAEs are evaluated in one pass (one clean and one zero-ablated
+    forward per batch, shared)."""
     job = from_dict(JobConfig, payload["job"])
     tracker = Tracker(tracking_uri(job.runs_dir), job.name)
-    model = tokens = special = None
+    trials = {key: grid.Trial(**payload["trials"][key]) for key in keys}
     out: Done = {}
     for key in keys:
-        trial = grid.Trial(**payload["trials"][key])
         done = tracker.finished_metrics(key)
         if done is not None:
             out[key] = done
-            continue
-        if model is None:  # load the LM and the held-out tokens once per layer
-            model = load_lm(job.model)
-            tokens = heldout_tokens(job)
-            special = special_token_ids(job.model, load_tokenizer(job.model, job.data))
-        sae = SAE.load(sae_dir_for(job, trial.depends_on[0]))
-        res = evaluate_sae(model, sae, job.sweep.site, trial.layer, tokens, special)
-        values = {f"eval/{k}": v for k, v in res.as_dict().items()}
+    todo = {key: t for key, t in trials.items() if key not in out}
+    if not todo:
+        return out
+    special = special_token_ids(job.model, load_tokenizer(job.model, job.data))
+    saes = {key: (SAE.load(sae_dir_for(job, t.depends_on[0])), job.sweep.site, t.layer)
+            for key, t in todo.items()}
+    results = evaluate_saes_kept(zero_ablations_path(job), load_lm(job.model), saes,
+                                 heldout_tokens(job), special)
+    for key, trial in todo.items():
+        values = {f"eval/{k}": v for k, v in results[key].as_dict().items()}
         run_id = tracker.open_run(trial.key, trial.name, trial.tags, {}, payload["parent"])
         tracker.log_metrics(run_id, values, step=0)
         tracker.finish(run_id)

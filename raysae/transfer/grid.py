@@ -126,13 +126,15 @@ def _make(
     return Trial(phase, layer, src, direction, budget, lr, key, name, tags, depends_on)
 
 
-def validate(job: JobConfig, sweep: SweepConfig) -> None:
-    """Checks that need both the job and the sweep; raise ConfigError naming the field."""
+def validate(job: JobConfig, sweep: SweepConfig, n_layers: int | None = None) -> None:
+    """Checks that need both the job and the sweep (and the model's depth `n_layers`, when
+    known); raise ConfigError naming the field."""
     missing = [i for i in sweep.layers if i not in job.cache.layers]
     if missing:
+        depth = "" if n_layers is None else f"; {job.model.name!r} has {n_layers} blocks (0..{n_layers - 1})"
         raise ConfigError(
-            f"sweep.layers: got {list(sweep.layers)}, expected layers cached by cache.layers "
-            f"{list(job.cache.layers)} (missing {missing})"
+            f"sweep.layers: layer {missing[0]} is not cached: expected layers of cache.layers "
+            f"{list(job.cache.layers)}{depth}"
         )
     if sweep.site not in job.cache.sites:
         raise ConfigError(
