@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,6 +59,18 @@ def kill_session(sid: int, sig: int = signal.SIGKILL) -> int:
     return n
 
 
+def answers(url: str) -> bool:
+    """Whether an HTTP server answers at `url` (any status: with Ray's token auth the job API
+    says 401 to a request without the token)."""
+    try:
+        urllib.request.urlopen(url, timeout=2)
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Head:
     address: str
@@ -72,38 +85,39 @@ class Head:
 @contextlib.contextmanager
 def local_head(dashboard_port: int | None = None, *ray_args: str,
                env: dict[str, str] | None = None, timeout_s: float = 120) -> Iterator[Head]:
-    """Start a head (`ray start --head --block` in a new session), yield it once its job API
-    answers, then end its session."""
+    """Start a head (`ray start --head` in a new session: it returns once the node is up, its
+    daemons stay in the session), yield it, then end its session."""
     port, dash = free_port(), free_port(dashboard_port)
     if dashboard_port and dash != dashboard_port:
         print(f"local_head: port {dashboard_port} is taken (another Ray?); dashboard on {dash}",
               file=sys.stderr)
     temp = tempfile.mkdtemp(prefix="raysae-ray-")  # short: Ray's socket paths live under it
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+    # every port Ray would otherwise take at a fixed default (and share with another head)
+    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
            "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-           "--temp-dir", temp, "--disable-usage-stats", *ray_args]
+           "--dashboard-agent-listen-port", str(free_port()),
+           "--ray-client-server-port", str(free_port()), "--min-worker-port", "0",
+           "--max-worker-port", "0", "--temp-dir", temp, "--disable-usage-stats", *ray_args]
     run_env = {**(env or os.environ), "RAY_ADDRESS": ""}
     proc = subprocess.Popen(cmd, env=run_env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    head = Head(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}")
     try:
-        deadline = time.time() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"ray start failed (exit {proc.returncode}):\n{proc.stderr.read()}")
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(f"{head.dashboard}/api/version", timeout=2)
-                break
-            if time.time() > deadline:
-                raise TimeoutError(f"the Ray head's job API at {head.dashboard} did not answer "
-                                   f"within {timeout_s:.0f} s")
-            time.sleep(0.5)
+        _, err = proc.communicate(timeout=timeout_s)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ray start failed (exit {proc.returncode}):\n{err}")
+        head = Head(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}")
+        if not answers(f"{head.dashboard}/api/version"):
+            raise RuntimeError(f"the Ray head started but its job API at {head.dashboard} does "
+                               f"not answer:\n{err}")
         yield head
     finally:
-        kill_session(proc.pid, signal.SIGTERM)  # `ray start --block` stops what it started
+        kill_session(proc.pid, signal.SIGTERM)  # the session outlives `ray start` itself
+        deadline = time.time() + 15
+        while kill_session(proc.pid, 0) and time.time() < deadline:
+            time.sleep(0.2)
+        kill_session(proc.pid)  # whatever did not stop by itself
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=30)
-        kill_session(proc.pid)  # and whatever did not stop by itself
+            proc.wait(timeout=5)
 
 
 def main() -> int:
