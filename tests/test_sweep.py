@@ -118,6 +118,11 @@ def test_grid_counts_and_mlflow_layout(swept):
         scratch = children.filter(pl.col("tags.raysae.phase") == "scratch",
                                   pl.col("tags.raysae.layer") == layer)
         assert diag["metrics.eval/ces"][0] == pytest.approx(scratch["metrics.eval/ces"][0], abs=1e-9)
+    # the zero-shot matrix was read out by the scratch group at its final checkpoint (no
+    # separate pass over the held-out tokens)
+    zs = children.filter(pl.col("tags.raysae.phase") == "zeroshot")
+    groups = set(children.filter(pl.col("tags.raysae.phase") == "scratch")["tags.raysae.group"])
+    assert "nan" not in groups and set(zs["tags.raysae.group"]) <= groups
     # derived metrics on every transfer run
     transfer = children.filter(pl.col("tags.raysae.phase") == "transfer")
     for col in ("metrics.normalized_ces", "metrics.mmcs_vs_scratch", "metrics.flops",

@@ -133,6 +133,11 @@ class RunSpec:
     """Extra MLflow tags (grid axes)."""
     parent_run: str | None = None
     """MLflow parent run id (a sweep)."""
+    readouts: tuple[RunSpec, ...] = ()
+    """Evaluations of the member's final artefact read elsewhere (the zero-shot matrix: a
+    scratch SAE read at every layer), each a member-like spec with its own key, run and site;
+    evaluated in the same pass as the member's final checkpoint and logged, at step 0, to a
+    finished run of its own."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -373,6 +378,15 @@ class _MemberRun:
         self.tracker.finish(self.run_id)
 
 
+def _log_readout(fit: Fit, tracker: Tracker, readout: RunSpec, evaluation: dict[str, float]
+                 ) -> None:
+    """A readout's evaluation as a finished run of its own (found again by key: idempotent)."""
+    tags = {**fit.run_tags(readout), **readout.tags, "raysae.group": fit.spec.key}
+    run_id = tracker.open_run(readout.key, readout.name, tags, {}, readout.parent_run)
+    tracker.log_metrics(run_id, evaluation, step=0)
+    tracker.finish(run_id)
+
+
 class _Clock:
     """Seconds spent in each part of the worker loop (stream: reading or forwarding the data;
     train: the SAE steps; eval and commit: checkpoints), and in all since it started."""
@@ -472,11 +486,16 @@ def _worker(config: dict[str, Any]) -> None:
         done = {k: t.tokens for k, t in trainers.items() if t.done}
         with clock("eval"):
             if rank == 0 and due:
-                evals = fit.evaluate({k: (by_key[k], models[k], st) for k, st in due.items()})
+                reads = {r.key: (r, models[k], st) for k, st in due.items() if k in done
+                         for r in by_key[k].readouts if tracker.finished_metrics(r.key) is None}
+                evals = fit.evaluate({**{k: (by_key[k], models[k], st) for k, st in due.items()},
+                                      **reads})
                 for key, state in due.items():
                     values = runs[key].checkpoint(models[key], state, evals[key], final=key in done)
                     if key in done:
                         group.finished[key] = values
+                for key, (readout, _, _) in reads.items():
+                    _log_readout(fit, tracker, readout, evals[key])
         for key in done:
             del trainers[key]
         due.clear()

@@ -57,7 +57,7 @@ from raysae.sources import (
     cached_rows,
     streamed_chunks,
 )
-from raysae.train import Trainer, sae_flops_per_token, sae_trainer
+from raysae.train import Trainer, dense_sae_flops_per_token, sae_flops_per_token, sae_trainer
 
 SAES = "saes"
 """The folder under runs_dir of the final SAEs."""
@@ -337,7 +337,11 @@ class SAEGroupFit(Fit):
         if self._eval is None:  # held-out tokens, FLOPs per member
             self._eval = (heldout_tokens(self.job), self.special_ids(), {})
         tokens, special, flops = self._eval
-        saes = {key: (sae, *parse_hook_name(member.hook)) for key, (member, sae, _) in due.items()}
+        # an SAE read at its own site twice (a readout on the diagonal) is evaluated once
+        first = {}
+        for key, (member, sae, _) in due.items():
+            first.setdefault((id(sae), member.hook), key)
+        saes = {key: (due[key][1], *parse_hook_name(hook)) for (_, hook), key in first.items()}
         results = evaluate_saes_kept(zero_ablations_path(self.job), self.model_lm(), saes,
                                      tokens, special)
         out = {}
@@ -345,8 +349,11 @@ class SAEGroupFit(Fit):
             if key not in flops:  # FLOPs depend on shapes only
                 sample = torch.randn(1024, self.d_in, device=self.device)
                 flops[key] = sae_flops_per_token(sae, sample, member_config(self.job, member)[1])
-            out[key] = {f"eval/{k}": v for k, v in results[key].as_dict().items()}
+            result = results[first[(id(sae), member.hook)]]
+            out[key] = {f"eval/{k}": v for k, v in result.as_dict().items()}
             out[key]["flops"] = flops[key] * state.tokens_seen
+            dense = dense_sae_flops_per_token(sae.d_in, sae.d_sae)  # the stitching paper's count
+            out[key]["flops_dense_equiv"] = dense * state.tokens_seen
         return out
 
     def save(self, model: SAE, folder: Path) -> Path:

@@ -1,8 +1,9 @@
 """Ray Tune: the layer-transfer sweep, phase by phase, resumable after any interruption.
 
 Phases follow `raysae.transfer.grid`: cache every layer in one pass (Ray Data), train the scratch SAEs
-(a Tune experiment whose trials each fit a Ray Train `TorchTrainer`), evaluate the zero-shot
-matrix (plain Ray tasks, one per target layer), fine-tune the transfer and compute-plan trials
+(a Tune experiment whose trials each fit a Ray Train `TorchTrainer`; each scratch SAE reads
+out its row of the zero-shot matrix at its final checkpoint, in the group's evaluation pass;
+what no group read out, plain Ray tasks evaluate, one per target layer), fine-tune the transfer and compute-plan trials
 from the scratch SAEs (Tune again), then derive per-trial comparisons: normalized CES at every
 checkpoint, MMCS against the scratch SAE of the same layer, and the transfer scores.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import ray
@@ -88,8 +90,12 @@ def run_sweep(job: JobConfig) -> SweepResult:
         dirs = {k: str(v) for k, v in cache_activations(job).items()}
     tracker.set_tags(parent, {"raysae.status.cache": "done" if dirs else "streamed: nothing cached"})
 
+    readouts: dict[str, list[grid.Trial]] = {}  # scratch key -> its zero-shot evaluations
+    for t in by_phase["zeroshot"]:
+        readouts.setdefault(t.depends_on[0], []).append(t)
+
     def train(phase: str, todo: list[grid.Trial]) -> tuple[Done, Errors]:
-        members = [_member(job, t, parent) for t in todo]
+        members = [_member(job, t, parent, readouts.get(t.key, ())) for t in todo]
         groups = {g.key: g for g in sae_groups(job, members, job.train.source, dirs)}
         log.info("phase %s: %d SAEs in %d group(s)", phase, len(members), len(groups))
         return run_groups(job, f"{job.name}-{digest}-{phase}", groups, run_sae_group,
@@ -97,12 +103,16 @@ def run_sweep(job: JobConfig) -> SweepResult:
                           sweep.max_failures, members_of, alone)
 
     def zeroshot(todo: list[grid.Trial]) -> tuple[Done, Errors]:
+        # read by the scratch group at its final checkpoint; left here: those it could not
+        # (a scratch SAE trained by an earlier version of the sweep)
+        done = {t.key: m for t in todo if (m := tracker.finished_metrics(t.key)) is not None}
         by_layer: dict[str, list[str]] = {}
-        for t in todo:  # one task per target layer: the LM and its tokens load once per layer
+        for t in (t for t in todo if t.key not in done):  # one task per target layer
             by_layer.setdefault(str(t.layer), []).append(t.key)
         payload = {"job": to_dict(job), "trials": {t.key: dataclasses.asdict(t) for t in todo},
                    "parent": parent}
-        return fan_out(_zeroshot_layer, by_layer, payload, max_retries=sweep.max_failures)
+        more, errors = fan_out(_zeroshot_layer, by_layer, payload, max_retries=sweep.max_failures)
+        return done | more, errors
 
     phases = [Phase(p, by_phase[p], zeroshot if p == "zeroshot" else functools.partial(train, p))
               for p in grid.PHASES]
@@ -125,12 +135,18 @@ def run_sweep(job: JobConfig) -> SweepResult:
     return SweepResult(parent, finished, failed, summary)
 
 
-def _member(job: JobConfig, trial: grid.Trial, parent: str) -> SAERun:
-    """A training trial (scratch, transfer, plan) as a member of an SAE group."""
+def _member(job: JobConfig, trial: grid.Trial, parent: str,
+            zeroshot: Sequence[grid.Trial] = ()) -> SAERun:
+    """A training trial (scratch, transfer, plan) as a member of an SAE group; a scratch SAE
+    reads out its zero-shot evaluations at its final checkpoint, in the group's evaluation
+    pass (the clean forward is shared)."""
     init = str(sae_dir_for(job, trial.depends_on[0])) if trial.depends_on else None
+    readouts = tuple(SAERun(key=z.key, name=z.name, tags=z.tags, parent_run=parent,
+                            hook=hook_name(job.sweep.site, z.layer), init_from=init,
+                            num_tokens=trial.budget, lr=trial.lr) for z in zeroshot)
     return SAERun(key=trial.key, name=trial.name, tags=trial.tags, parent_run=parent,
                   hook=hook_name(job.sweep.site, trial.layer), init_from=init,
-                  num_tokens=trial.budget, lr=trial.lr)
+                  num_tokens=trial.budget, lr=trial.lr, readouts=readouts)
 
 
 @ray.remote(num_cpus=WORKER_CPUS)
