@@ -13,7 +13,9 @@ no Arrow type: its 16 bits are stored as uint16 and the manifest's `dtype` says 
 (`torch.from_numpy(u16).view(torch.bfloat16)`).
 
 A shard set is complete only when its manifest exists: shards are written to a temporary name
-and renamed, and the manifest (with each shard's size and SHA-256) comes after all of them.
+and renamed, and the manifest (with each shard's size and SHA-256) comes after all of them. A
+write that fails (a full disk) removes its temporary file and raises `ShardWriteError` naming the
+file and its size; the set then has no manifest, and the next run computes it again.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -41,6 +44,11 @@ _STORAGE["bfloat16"] = (torch.bfloat16, pa.uint16())
 
 class ShardError(RuntimeError):
     """A shard set does not match the request, or a shard is missing, truncated or corrupted."""
+
+
+class ShardWriteError(OSError):
+    """A shard or manifest could not be written (a full disk, a quota): names the file and its
+    size. The partial file is gone, and the set has no manifest, so it does not look complete."""
 
 
 @dataclass(frozen=True)
@@ -80,11 +88,31 @@ class Manifest:
 
 
 def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    """Write to a temporary name in the same directory, then rename: never a half-written file."""
+    """Write to a temporary name in the same directory, flush it to the disk, then rename: never
+    a half-written file under the final name. On failure the temporary file is removed and
+    `ShardWriteError` names the file, its size and the free space (fsync first, because some
+    file systems report a full disk only when the data is flushed)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ShardWriteError(
+            e.errno,
+            f"could not write {path} ({len(data)} bytes; {_free_bytes(path.parent)} bytes free "
+            f"there): {e.strerror or e}. The partial file was removed; free space and run again",
+        ) from e
+
+
+def _free_bytes(directory: Path) -> int | str:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return "unknown"
 
 
 def encode_vectors(acts_ND: torch.Tensor, dtype: str) -> pa.FixedSizeListArray:

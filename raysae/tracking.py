@@ -7,17 +7,37 @@ runs directory too (not in `./mlruns` of whatever directory a Ray worker happens
 Every call goes through an explicit run id (MlflowClient), never the process-global active run,
 so Ray workers and restarts cannot mix runs up. This class is the whole MLflow edge of the
 training code: nothing else holds a client (the analysis scripts read MLflow on their own).
+
+A tracking server that stops answering for a while (a restart, a network cut) does not end a
+training. MLflow's client first retries each HTTP request itself (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`,
+default 7, with exponential backoff: about four minutes); when it gives up, the Tracker calls
+again with a backoff of its own until `RAYSAE_MLFLOW_WAIT_S` (default 300) have passed since the
+call began, then raises `TrackingUnavailable` naming the URI and the wait. Only a connection
+failure is retried, never an answer of the server. A repeated call must not duplicate anything:
+- metrics: a batch keeps its timestamps across attempts, and MLflow's SQL store keys metric rows
+  on (key, timestamp, step, value), so a batch that reached the store before the connection
+  dropped is not stored twice (tested against a real server);
+- runs: a run is created only when a search by its key finds none, and a duplicate made anyway
+  (MLflow's own retry of a create whose answer was lost) is deleted right after, keeping the
+  oldest, which `find` also returns;
+- params, tags, status and artifacts are set, not appended: sending them twice is harmless.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
-from mlflow.entities import Metric, Param, RunTag
+import requests
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
+
+log = logging.getLogger("raysae.tracking")
+T = TypeVar("T")
 
 RUN_KEY_TAG = "raysae.run_key"
 PARENT_TAG = "mlflow.parentRunId"
@@ -26,6 +46,47 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 pick its landing page (it takes `?workflowType=` or the side bar's switch, default GenAI), so
 raysae prints links with `?workflowType=machine_learning` (`ui_hint`); tested in a browser."""
 _MAX_BATCH = 100  # MLflow's log_batch limit on params per call
+WAIT_ENV = "RAYSAE_MLFLOW_WAIT_S"
+DEFAULT_WAIT_S = 300.0
+_MAX_BACKOFF_S = 5.0  # between attempts once MLflow gave up: a light poll of a server coming back
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server did not answer within the Tracker's wait."""
+
+
+def wait_seconds() -> float:
+    """How long a Tracker call keeps retrying an unreachable server: RAYSAE_MLFLOW_WAIT_S, else
+    300 s."""
+    text = os.environ.get(WAIT_ENV)
+    if text is None:
+        return DEFAULT_WAIT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"{WAIT_ENV}={text!r}: expected a number of seconds >= 0")
+    return value
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether an MLflow call failed because the server could not be reached (refused, reset,
+    timed out, or still answering 429/5xx after MLflow's own retries), as opposed to an answer
+    of the server (a bad request, a missing run). MLflow wraps the `requests` error in an
+    MlflowException, so the causes are searched."""
+    seen: set[int] = set()
+    err: BaseException | None = error
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, requests.exceptions.SSLError):
+            return False  # a certificate problem does not heal by waiting
+        if isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                            requests.exceptions.RetryError,
+                            requests.exceptions.ChunkedEncodingError)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def ui_hint(runs_dir: str | Path) -> str:
@@ -52,31 +113,76 @@ class Tracker:
         """The job's tracker: its URI, artifacts under `<runs_dir>/mlartifacts`."""
         return cls(tracking_uri(runs_dir), experiment, Path(runs_dir) / "mlartifacts")
 
-    def __init__(self, uri: str, experiment: str, artifact_root: str | Path | None = None) -> None:
-        """`artifact_root`: where a new experiment keeps artifacts (sqlite backends only)."""
+    def __init__(self, uri: str, experiment: str, artifact_root: str | Path | None = None,
+                 wait_s: float | None = None) -> None:
+        """`artifact_root`: where a new experiment keeps artifacts (sqlite backends only).
+        `wait_s`: how long each call retries an unreachable server (default `wait_seconds()`)."""
         self.uri = uri
+        self.wait_s = wait_seconds() if wait_s is None else wait_s
         self._client = MlflowClient(uri)
-        found = self._client.get_experiment_by_name(experiment)
-        if found is not None:
-            self.experiment_id = found.experiment_id
-            for k, v in EXPERIMENT_KIND.items():  # one made before raysae set the kind
-                if found.tags.get(k) != v:
-                    self._client.set_experiment_tag(self.experiment_id, k, v)
-        else:
-            artifacts = None
-            if uri.startswith("sqlite:") and artifact_root is not None:
-                artifacts = Path(artifact_root).resolve().as_uri()
+        artifacts = None
+        if uri.startswith("sqlite:") and artifact_root is not None:
+            artifacts = Path(artifact_root).resolve().as_uri()
+        self.experiment_id = self._retry(f"open experiment {experiment!r}",
+                                         lambda: self._experiment(experiment, artifacts))
+
+    def _experiment(self, name: str, artifacts: str | None) -> str:
+        """The experiment's id, creating it (with its kind) when missing."""
+        found = self._client.get_experiment_by_name(name)
+        if found is None:
             try:
-                self.experiment_id = self._client.create_experiment(experiment, artifacts,
-                                                                    tags=EXPERIMENT_KIND)
-            except Exception:  # created concurrently by another worker or trial
-                self.experiment_id = self._client.get_experiment_by_name(experiment).experiment_id
+                return self._client.create_experiment(name, artifacts, tags=EXPERIMENT_KIND)
+            except Exception as e:  # created concurrently by another worker or trial
+                found = self._client.get_experiment_by_name(name)
+                if unreachable(e) or found is None:
+                    raise
+        for k, v in EXPERIMENT_KIND.items():  # one made before raysae set the kind
+            if found.tags.get(k) != v:
+                self._client.set_experiment_tag(found.experiment_id, k, v)
+        return found.experiment_id
+
+    def _retry(self, what: str, call: Callable[[], T]) -> T:
+        """`call()`, called again with backoff while the server is unreachable, for at most
+        `wait_s` seconds from the first attempt; then TrackingUnavailable names the URI."""
+        start = time.monotonic()
+        pause = 0.5
+        failures = 0
+        while True:
+            try:
+                result = call()
+            except Exception as e:
+                if not unreachable(e):
+                    raise
+                waited = time.monotonic() - start
+                if waited >= self.wait_s:
+                    raise TrackingUnavailable(
+                        f"MLflow at {self.uri} did not answer for {waited:.0f} s while trying to "
+                        f"{what} ({WAIT_ENV}={self.wait_s:g} s; each attempt also retries on its "
+                        f"own, see MLFLOW_HTTP_REQUEST_MAX_RETRIES); last error: {e}"
+                    ) from e
+                if failures == 0:
+                    log.warning("MLflow at %s is unreachable (%s); retrying for up to %.0f s",
+                                self.uri, what, self.wait_s)
+                failures += 1
+                time.sleep(min(pause, self.wait_s - waited))
+                pause = min(2 * pause, _MAX_BACKOFF_S)
+                continue
+            if failures:
+                log.warning("MLflow at %s answered again after %.0f s (%s)", self.uri,
+                            time.monotonic() - start, what)
+            return result
+
+    def _runs_with_key(self, key: str) -> list[Run]:
+        """The live runs carrying the key, oldest first (start time, then id: the same order in
+        every process)."""
+        runs = self._client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=50
+        )
+        return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
     def find(self, key: str) -> str | None:
-        """The run id carrying this stable key, if any."""
-        runs = self._client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=2
-        )
+        """The run id carrying this stable key (the oldest, should there be several), if any."""
+        runs = self._retry(f"find the run of {key!r}", lambda: self._runs_with_key(key))
         return runs[0].info.run_id if runs else None
 
     def open_run(
@@ -90,32 +196,54 @@ class Tracker:
         """Resume the run with this key (setting it RUNNING again), or create it."""
         run_id = self.find(key)
         if run_id is not None:
-            self._client.update_run(run_id, status="RUNNING")
+            self._retry(f"resume run {run_id}",
+                        lambda: self._client.update_run(run_id, status="RUNNING"))
             return run_id
         all_tags = {RUN_KEY_TAG: key, **(tags or {})}
         if parent is not None:
             all_tags[PARENT_TAG] = parent
-        run = self._client.create_run(self.experiment_id, tags=all_tags, run_name=name)
-        run_id = run.info.run_id
+        run_id = self._retry(f"create the run of {key!r}",
+                             lambda: self._create_once(key, name, all_tags))
         items = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
         for s in range(0, len(items), _MAX_BATCH):
-            self._client.log_batch(run_id, params=items[s : s + _MAX_BATCH])
+            chunk = items[s : s + _MAX_BATCH]
+            self._retry(f"log the params of run {run_id}",
+                        lambda chunk=chunk: self._client.log_batch(run_id, params=chunk))
         return run_id
+
+    def _create_once(self, key: str, name: str, tags: dict[str, str]) -> str:
+        """Create the run unless one with the key exists (an earlier attempt may have reached
+        the store), then keep only the oldest run with the key: MLflow's client resends a
+        create whose answer was lost, which makes a second run."""
+        runs = self._runs_with_key(key)
+        if not runs:
+            self._client.create_run(self.experiment_id, tags=tags, run_name=name)
+            runs = self._runs_with_key(key)
+        for extra in runs[1:]:
+            log.warning("deleting run %s: a duplicate of run %s (key %r)", extra.info.run_id,
+                        runs[0].info.run_id, key)
+            self._client.delete_run(extra.info.run_id)
+        return runs[0].info.run_id
 
     def status(self, run_id: str) -> str:
         """RUNNING, FINISHED, FAILED, ..."""
-        return self._client.get_run(run_id).info.status
+        return self._get_run(run_id).info.status
 
     def metrics(self, run_id: str) -> dict[str, float]:
         """The latest value of every metric of the run."""
-        return dict(self._client.get_run(run_id).data.metrics)
+        return dict(self._get_run(run_id).data.metrics)
 
     def tags(self, run_id: str) -> dict[str, str]:
-        return dict(self._client.get_run(run_id).data.tags)
+        return dict(self._get_run(run_id).data.tags)
+
+    def _get_run(self, run_id: str) -> Run:
+        return self._retry(f"read run {run_id}", lambda: self._client.get_run(run_id))
 
     def history(self, run_id: str, metric: str) -> list[tuple[int, float]]:
         """(step, value) of every logged value of one metric, in logging order."""
-        return [(m.step, m.value) for m in self._client.get_metric_history(run_id, metric)]
+        found = self._retry(f"read the history of {metric!r} in run {run_id}",
+                            lambda: self._client.get_metric_history(run_id, metric))
+        return [(m.step, m.value) for m in found]
 
     def finished_metrics(self, key: str) -> dict[str, float] | None:
         """The metrics of the FINISHED run with this key; None when there is none."""
@@ -125,19 +253,26 @@ class Tracker:
         return self.metrics(run_id)
 
     def log_metrics(self, run_id: str, values: Mapping[str, float], step: int) -> None:
-        """Metrics at one step (raysae uses tokens seen as the step)."""
+        """Metrics at one step (raysae uses tokens seen as the step). The timestamp is taken
+        once, so a batch sent again after a lost answer is the same rows, which the store keeps
+        once."""
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, int(step)) for k, v in values.items()]
-        self._client.log_batch(run_id, metrics=batch)
+        self._retry(f"log metrics at step {step} of run {run_id}",
+                    lambda: self._client.log_batch(run_id, metrics=batch))
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
-        self._client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        batch = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._retry(f"set tags of run {run_id}", lambda: self._client.log_batch(run_id, tags=batch))
 
     def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str) -> None:
-        self._client.log_artifacts(run_id, str(local_dir), artifact_path)
+        self._retry(f"upload {local_dir} to run {run_id}",
+                    lambda: self._client.log_artifacts(run_id, str(local_dir), artifact_path))
 
     def log_dict(self, run_id: str, data: Mapping, artifact_file: str) -> None:
-        self._client.log_dict(run_id, dict(data), artifact_file)
+        self._retry(f"upload {artifact_file} to run {run_id}",
+                    lambda: self._client.log_dict(run_id, dict(data), artifact_file))
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
-        self._client.set_terminated(run_id, status)
+        self._retry(f"mark run {run_id} {status}",
+                    lambda: self._client.set_terminated(run_id, status))

@@ -114,3 +114,20 @@ def test_cli_commands_join_the_running_ray_instead_of_starting_another(
     assert main(args) == 0 and main(args) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "blocks.0.hook_resid_post" in ln]
     assert len(lines) == 2 and lines[0] == lines[1]  # the second reused the first's shards
+
+
+def test_a_full_disk_under_the_actors_is_the_drivers_clean_error(ray_local, tmp_path, token_file):
+    """The actors' failed shard write reaches the driver as the ShardWriteError naming the file
+    (not Ray Data's UserCodeException), and no manifest is written."""
+    from test_faults_disk import leftovers, tmpfs
+
+    from raysae.distributed.caching import cache_activations
+
+    with tmpfs(tmp_path / "disk", "160k") as disk:  # 8 shards of ~35 KB are needed
+        cfg = build_cfg(disk, token_file, cache=CacheConfig(
+            layers=(0, 2), sites=("resid_post",), shard_tokens=128, out_dir="acts"))
+        with pytest.raises(shards.ShardWriteError, match=r"could not write \S+/shard-\d+\.arrow "
+                                                         r"\(\d+ bytes; \d+ bytes free there\)"):
+            cache_activations(cfg)
+        assert not list(disk.rglob(shards.MANIFEST)) and leftovers(disk) == []
+        assert plan_cache(cfg).missing == (("resid_post", 0), ("resid_post", 2))

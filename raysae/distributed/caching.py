@@ -8,8 +8,10 @@ manifests once every shard is on disk.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from ray.data import ActorPoolStrategy
 
 from raysae import shards
 from raysae.activations import (
+    CachePlan,
     ShardCacher,
     job_tokens,
     plan_cache,
@@ -78,7 +81,19 @@ def cache_activations(job: JobConfig) -> dict[str, Path]:
         next(iter(plan.dirs.values())).parent,
     )
     t0 = time.perf_counter()
-    records = (
+    with _shard_write_errors_unwrapped():
+        records = _run_actors(job, plan, tokens_NT, seqs_per_shard, tokenizer)
+    write_manifests(job, plan, records)
+    dt = time.perf_counter() - t0
+    log.info("cached %d tokens in %.1f s (%.0f tokens/s)", tokens_NT.size, dt, tokens_NT.size / dt)
+    return plan.dirs
+
+
+def _run_actors(job: JobConfig, plan: CachePlan, tokens_NT: np.ndarray, seqs_per_shard: int,
+                tokenizer: Any) -> list[dict[str, Any]]:
+    """The LM actor pool over every shard's sequences; returns the shards' manifest records."""
+    cache = job.cache
+    return (
         sequences_dataset(tokens_NT, seqs_per_shard)
         .map_batches(
             _LMActor,
@@ -99,10 +114,34 @@ def cache_activations(job: JobConfig) -> dict[str, Path]:
         )
         .take_all()
     )
-    write_manifests(job, plan, records)
-    dt = time.perf_counter() - t0
-    log.info("cached %d tokens in %.1f s (%.0f tokens/s)", tokens_NT.size, dt, tokens_NT.size / dt)
-    return plan.dirs
+
+
+@contextlib.contextmanager
+def _shard_write_errors_unwrapped() -> Iterator[None]:
+    """An actor's failed shard write (a full disk) as the driver's own `ShardWriteError`, which
+    names the file and its size, instead of Ray Data's UserCodeException around a remote
+    traceback. The set's manifest is never written, so the next run computes it again. Ray Data
+    keeps the actor's exception only when asked to (a UserCodeException loses its cause on the
+    way to the driver), so the context asks for it while the pool runs."""
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.raise_original_map_exception
+    ctx.raise_original_map_exception = True
+    try:
+        yield
+    except Exception as e:
+        seen, todo = set(), [e]
+        while todo:
+            err = todo.pop()
+            if err is None or id(err) in seen:
+                continue
+            seen.add(id(err))
+            # the actor's own error, not Ray's copy of it (a RayTaskError subclassing it)
+            if isinstance(err, shards.ShardWriteError) and not isinstance(err, ray.exceptions.RayError):
+                raise shards.ShardWriteError(err.errno, err.strerror) from None
+            todo += [err.__cause__, err.__context__, getattr(err, "cause", None)]
+        raise
+    finally:
+        ctx.raise_original_map_exception = before
 
 
 def _read_shard_batch(batch: dict[str, np.ndarray], directory: str, verify: bool) -> dict[str, np.ndarray]:
