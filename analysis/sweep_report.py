@@ -4,15 +4,22 @@
 
 Writes to `<out>/<experiment>/` (default out: <runs-dir>/analysis):
 - zeroshot_ces.csv/.md/.png  the CES of SAE_j on layer i for every pair (the paper's Figure 2)
-- normalized_ces_fwd.csv/.md, normalized_ces_bwd.csv/.md  per layer and checkpoint (Tables 3, 4)
+- normalized_ces_fwd.csv/.md, normalized_ces_bwd.csv/.md  per layer and checkpoint (Tables 3, 4),
+  with the paper's values beside them: "paper @100M" ... after each checkpoint of a 500M run
+  that is the paper's, else the paper's final "paper @500M"
 - curves.png  CES, L2 and L0 over tokens per layer: scratch, forward, backward (Figures 3, 9-17)
-- similarity.csv/.md  MMCS with the scratch SAE and transfer scores per transfer run (Figs 5, 6)
-- compute.md  tokens of the Appendix B.1 plan against scratch on every layer, and the quality
-  each reaches
-- with a feature phase (`features:` in the config): circuits_by_checkpoint, circuits_by_n,
-  circuits_by_task, dla_by_layer (.csv/.md) and circuits.png (see feature_tables.py)
+- similarity.csv/.md  MMCS with the scratch SAE and transfer scores per transfer run: top
+  logits, bottom logits, max-activating and the three combined (Figs 5, 6)
+- compute.md  tokens of each Appendix B.1 plan (forward, backward) against scratch on every
+  layer, and the quality each reaches (each plan transfer read at the plan's budget)
+- paper.csv/.md  every number of the paper (raysae/reference/layer_transfer.json) beside this
+  sweep's figure for it, with whether the sweep's setting is the paper's
+- with a feature phase (`features:` in the config): circuits_by_checkpoint,
+  circuits_by_direction, circuits_by_n, circuits_by_task, dla_by_layer (.csv/.md) and
+  circuits.png (see feature_tables.py)
 and logs them as artifacts of a `<experiment> summary` run (unless --no-log). Reads nothing but
-MLflow: the tracking URI is MLFLOW_TRACKING_URI, else sqlite under the runs directory.
+MLflow and the paper's numbers: the tracking URI is MLFLOW_TRACKING_URI, else sqlite under the
+runs directory.
 """
 
 from __future__ import annotations
@@ -32,7 +39,13 @@ from common import to_markdown, tracking_uri  # noqa: E402
 from feature_tables import feature_tables  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from raysae.reference import load as load_reference  # noqa: E402  (data only, no training code)
+
 TAG = "tags.raysae."
+REFERENCE = load_reference("layer_transfer")
+PAPER_CHECKPOINT_SLACK = 1e-3
+"""A logged checkpoint at t tokens is the paper's checkpoint c when c <= t <= c (1 + slack): the
+loop checkpoints at the first batch at or after each multiple (100,003,840 for 100M)."""
 
 
 
@@ -96,8 +109,54 @@ def zeroshot_matrix(runs: pl.DataFrame, out: Path) -> pl.DataFrame:
     return matrix
 
 
-def normalized_tables(hist: pl.DataFrame, out: Path) -> None:
-    """Tables 3 and 4: normalized CES, a row per target layer, a column per checkpoint."""
+def paper_numbers(name: str) -> list[dict]:
+    return [n for n in REFERENCE["numbers"] if n["name"] == name]
+
+
+def paper_checkpoint(tokens: int, budget: int, setting: dict) -> int | None:
+    """The paper's checkpoint that a sweep's checkpoint at `tokens` of a `budget`-token
+    fine-tuning is: its budget the paper's (500M) and tokens at or just after the checkpoint."""
+    for c in sorted({n["at"]["checkpoint"] for n in paper_numbers("normalized_ces")}):
+        if budget == setting.get("finetune_budget") and c <= tokens <= c * (1 + PAPER_CHECKPOINT_SLACK):
+            return c
+    return None
+
+
+def paper_ces(direction: str, layer: int, checkpoint: int) -> float | None:
+    for n in paper_numbers("normalized_ces"):
+        if n["at"] == {"direction": direction, "layer": layer, "checkpoint": checkpoint}:
+            return n["value"]
+    return None
+
+
+def sweep_setting(client: MlflowClient, experiment: str) -> dict:
+    """The sweep's side of the paper's settings (model, site, expansion factor, the paper's
+    fine-tuning budget if the sweep has it, number of layers), from its parent run's params."""
+    exp = client.get_experiment_by_name(experiment)
+    parents = client.search_runs([exp.experiment_id], "tags.`raysae.phase` = 'sweep'")
+    params = parents[0].data.params if parents else {}
+    paper = paper_numbers("normalized_ces")[0]["setting"]
+    budgets = json.loads(params.get("sweep.finetune_budgets", "[]"))
+    layers = json.loads(params.get("sweep.layers", "[]"))
+    expansion = params.get("sae.expansion_factor") if params.get("sae.d_sae") in (None, "None") else None
+    return {
+        "model": params.get("model.name"),
+        "site": params.get("sweep.site"),
+        "expansion_factor": int(expansion) if expansion is not None else None,
+        "finetune_budget": paper["finetune_budget"] if paper["finetune_budget"] in budgets else None,
+        "n_layers": len(layers),
+    }
+
+
+def same_setting(number: dict, setting: dict) -> bool:
+    return all(setting.get(k) == v for k, v in number.get("setting", {}).items())
+
+
+def normalized_tables(hist: pl.DataFrame, out: Path, setting: dict) -> dict[str, pl.DataFrame]:
+    """Tables 3 and 4: normalized CES, a row per target layer, a column per checkpoint, and the
+    paper's value beside each checkpoint that is the paper's (`paper_checkpoint`); where none
+    is, the paper's final value (500M) after the last column, for the same table shape."""
+    tables = {}
     for direction in ("fwd", "bwd"):
         h = hist.filter(
             (pl.col("metric") == "normalized_ces")
@@ -106,13 +165,33 @@ def normalized_tables(hist: pl.DataFrame, out: Path) -> None:
         )
         if h.height == 0:
             continue
+        h = h.with_columns(pl.format("{} @{}", pl.col("budget"), pl.col("tokens")).alias("ckpt"))
         table = (
-            h.with_columns(pl.format("{} @{}", pl.col("budget"), pl.col("tokens")).alias("ckpt"))
-            .sort("budget", "tokens")
+            h.sort("budget", "tokens")
             .pivot(on="ckpt", index="layer", values="value")
             .sort("layer")
         )
+        ckpts = h.select("ckpt", pl.col("budget").cast(pl.Int64), "tokens").unique("ckpt")
+        matched = {ckpt: paper_checkpoint(tokens, budget, setting)
+                   for ckpt, budget, tokens in ckpts.iter_rows()}
+        final = max(n["at"]["checkpoint"] for n in paper_numbers("normalized_ces"))
+        columns, extra = ["layer"], []
+        for ckpt in table.columns[1:]:
+            columns.append(ckpt)
+            if matched[ckpt] is not None:
+                columns.append(f"paper @{matched[ckpt] // 1_000_000}M")
+                extra.append((columns[-1], matched[ckpt]))
+        if not extra:
+            columns.append(f"paper @{final // 1_000_000}M")
+            extra.append((columns[-1], final))
+        table = table.with_columns(
+            pl.Series(name, [paper_ces(direction, layer, c) for layer in table["layer"]],
+                      dtype=pl.Float64)
+            for name, c in extra
+        ).select(columns)
         write_table(table, out, f"normalized_ces_{direction}")
+        tables[direction] = table
+    return tables
 
 
 def curves(hist: pl.DataFrame, out: Path) -> None:
@@ -152,51 +231,145 @@ def similarity(runs: pl.DataFrame, out: Path) -> None:
         "metrics.transfer_score/top_logits": "top-logit score",
         "metrics.transfer_score/bottom_logits": "bottom-logit score",
         "metrics.transfer_score/max_activating": "max-activating score",
+        "metrics.transfer_score/combined": "combined score",
     }
     present = {k: v for k, v in cols.items() if k in runs.columns}
     t = runs.filter(pl.col("phase").is_in(["transfer", "plan"])).select(
         pl.col("tags.mlflow.runName").alias("run"), "layer", "source_layer", "direction",
         pl.col("budget").cast(pl.Int64), *[pl.col(k).alias(v) for k, v in present.items()],
     ).sort("layer", "direction", "budget")
+    parts = ["top-logit score", "bottom-logit score", "max-activating score"]
+    if all(p in t.columns for p in parts):
+        # runs derived before the combined score was logged: the mean of the three parts (each
+        # part compares the same number of tokens per feature: Figure 6's combined share)
+        mean_parts = pl.mean_horizontal(*parts)
+        t = t.with_columns(
+            (pl.col("combined score").fill_null(mean_parts) if "combined score" in t.columns
+             else mean_parts).alias("combined score"))
     write_table(t, out, "similarity")
 
 
-def compute_summary(client: MlflowClient, experiment: str, runs: pl.DataFrame, out: Path) -> None:
-    """The Appendix B.1 plan against scratch everywhere, at the quality each reaches."""
+def sweep_summary(client: MlflowClient, experiment: str) -> dict | None:
+    """The parent run's `sweep_summary.json`, its plans in the per-direction form (a summary
+    written before the backward plan existed holds one forward plan in flat keys)."""
     exp = client.get_experiment_by_name(experiment)
     parents = client.search_runs([exp.experiment_id], "tags.`raysae.phase` = 'sweep'")
     if not parents:
-        return
+        return None
     path = client.download_artifacts(parents[0].info.run_id, "sweep_summary.json")
     s = json.loads(Path(path).read_text())
-    by_key = {k: row for k, row in zip(runs["run_key"], runs.iter_rows(named=True))}
-    plan = [by_key[k] for k in s["plan_trial_keys"] if k in by_key]
+    if "plans" not in s:
+        s["plans"] = [{"direction": "forward", "scratch_layers": s["plan_scratch_layers"],
+                       "transfers": s["plan_transfers"], "tokens": s["plan_tokens"],
+                       "saved_fraction": s["saved_fraction"],
+                       "members": [{"key": k, "tokens": None} for k in s["plan_trial_keys"]]}]
+    return s
+
+
+def value_at(client: MlflowClient, run_id: str, key: str, tokens: int | None) -> float | None:
+    """A run's metric at the first step at or after `tokens` (its last value for None): a plan
+    transfer read at the checkpoint of a longer fine-tuning."""
+    hist = sorted((m.step, m.timestamp, m.value) for m in client.get_metric_history(run_id, key))
+    if tokens is not None:
+        hist = [h for h in hist if h[0] >= tokens]
+        hist = [h for h in hist if h[0] == hist[0][0]] if hist else []
+    return hist[-1][2] if hist else None
+
+
+def compute_summary(client: MlflowClient, s: dict | None, runs: pl.DataFrame, out: Path) -> None:
+    """Each Appendix B.1 plan against scratch everywhere, at the quality each reaches: every
+    member read at its tokens (a scratch SAE at its budget, a plan transfer at the plan's
+    budget, of its own run or of a longer fine-tuning's checkpoint)."""
+    if s is None:
+        return
+    run_of = dict(zip(runs["run_key"], runs["run_id"]))
     scratch = runs.filter(pl.col("phase") == "scratch")
+    keys = ("eval/ces", "eval/explained_variance", "flops")
 
-    def mean(rows: list[dict], key: str) -> float:
-        vals = [r[key] for r in rows if r.get(key) is not None]
-        return sum(vals) / len(vals) if vals else float("nan")
+    def read(members: list[dict]) -> dict[str, list[float]]:
+        got: dict[str, list[float]] = {k: [] for k in keys}
+        for m in members:
+            if m["key"] not in run_of:
+                continue
+            for k in keys:
+                v = value_at(client, run_of[m["key"]], k, m["tokens"])
+                if v is not None:
+                    got[k].append(v)
+        return got
 
-    def total(rows: list[dict], key: str) -> float:
-        return sum(r[key] for r in rows if r.get(key) is not None)
+    def row(label: str, tokens: int, got: dict[str, list[float]]) -> str:
+        mean = {k: sum(v) / len(v) if v else float("nan") for k, v in got.items()}
+        return (f"| {label} | {tokens:,} | {sum(got['flops']):.3g} | {mean['eval/ces']:.3f} | "
+                f"{mean['eval/explained_variance']:.3f} |")
 
-    flops_all = total(scratch.to_dicts(), "metrics.flops")
-    flops_plan = total(plan, "metrics.flops")
-    lines = [
-        "| setting | training tokens | training FLOPs | mean CES | mean explained variance |",
-        "|---|---|---|---|---|",
-        f"| scratch on every layer | {s['scratch_everywhere_tokens']:,} | {flops_all:.3g} | "
-        f"{mean(scratch.to_dicts(), 'metrics.eval/ces'):.3f} | "
-        f"{mean(scratch.to_dicts(), 'metrics.eval/explained_variance'):.3f} |",
-        f"| plan: scratch on layers {s['plan_scratch_layers']}, transfer to the rest | "
-        f"{s['plan_tokens']:,} | {flops_plan:.3g} | {mean(plan, 'metrics.eval/ces'):.3f} | "
-        f"{mean(plan, 'metrics.eval/explained_variance'):.3f} |",
-        "",
-        f"tokens saved by the plan: {s['saved_fraction']:.1%}; FLOPs saved: "
-        f"{1 - flops_plan / flops_all if flops_all else float('nan'):.1%} (counted with "
-        "torch's FlopCounterMode per training step; evaluation not included)",
-    ]
+    everywhere = read([{"key": k, "tokens": None} for k in scratch["run_key"]])
+    flops_all = sum(everywhere["flops"])
+    lines = ["| setting | training tokens | training FLOPs | mean CES | mean explained variance |",
+             "|---|---|---|---|---|", row("scratch on every layer", s["scratch_everywhere_tokens"],
+                                         everywhere)]
+    savings = []
+    for plan in s["plans"]:
+        got = read(plan["members"])
+        sources = sorted({m.get("from", "run") for m in plan["members"] if m.get("from") != "scratch"})
+        lines.append(row(f"{plan['direction']} plan: scratch on layers {plan['scratch_layers']}, "
+                         f"transfer to the rest ({' and '.join(sources) or 'run'})",
+                         plan["tokens"], got))
+        flops = sum(got["flops"])
+        savings.append(f"tokens saved by the {plan['direction']} plan: {plan['saved_fraction']:.1%}; "
+                       f"FLOPs saved: {1 - flops / flops_all if flops_all else float('nan'):.1%}")
+    lines += ["", *savings, "",
+              "FLOPs counted with torch's FlopCounterMode per training step (evaluation not "
+              "included), each member's up to the tokens it is read at; 'checkpoint': the plan "
+              "transfer is the checkpoint at the plan's budget of a longer fine-tuning (the "
+              "paper's 10% point), 'run': a run of the plan's budget."]
     (out / "compute.md").write_text("\n".join(lines) + "\n")
+
+
+def paper_table(hist: pl.DataFrame, s: dict | None, setting: dict) -> pl.DataFrame:
+    """Every number of the paper beside this sweep's figure for it: normalized CES per
+    direction and layer at each of the paper's checkpoints that the sweep has (`paper_checkpoint`)
+    and, at the paper's final 500M, the sweep's final one otherwise (largest budget); the plans'
+    token savings; Section 4.4's step savings against each plan's."""
+    rows = []
+    nces = hist.filter(pl.col("metric") == "normalized_ces", pl.col("phase") == "transfer")
+    nces = nces.with_columns(pl.col("budget").cast(pl.Int64))
+    final = max(n["at"]["checkpoint"] for n in paper_numbers("normalized_ces"))
+    for n in paper_numbers("normalized_ces"):
+        at = n["at"]
+        mine = nces.filter(pl.col("direction") == at["direction"], pl.col("layer") == at["layer"])
+        exact = [r for r in mine.iter_rows(named=True)
+                 if paper_checkpoint(r["tokens"], r["budget"], setting) == at["checkpoint"]]
+        if exact:
+            r, same = exact[-1], same_setting(n, setting)
+        elif at["checkpoint"] == final and mine.height:
+            r = mine.sort("budget", "tokens").tail(1).row(0, named=True)
+            same = False
+        else:
+            continue
+        rows.append(("normalized CES", at["direction"], at["layer"], f"{at['checkpoint'] // 10**6}M",
+                     r["value"], f"{r['budget']} @{r['tokens']}", n["value"],
+                     "yes" if same else "no", n["source"]))
+    plans = (s or {}).get("plans", [])
+    short = {"forward": "fwd", "backward": "bwd"}
+    fraction = (s or {}).get("plan_budget_fraction")
+    for n in paper_numbers("plan_tokens_saved"):
+        for plan in plans:
+            here = fraction is not None and abs(fraction - n["at"]["fraction"]) < 1e-9
+            rows.append((f"plan tokens saved at {n['at']['fraction']:.0%}",
+                         short[plan["direction"]], None, None,
+                         plan["saved_fraction"] if here else None,
+                         f"plan at {fraction:.0%}" if here else None, n["value"],
+                         "yes" if here and same_setting(n, setting) else "no", n["source"]))
+    for n in paper_numbers("steps_saved"):
+        plan = next((p for p in plans if short[p["direction"]] == n["at"]["direction"]), None)
+        rows.append(("training steps saved", n["at"]["direction"], None, None,
+                     plan["saved_fraction"] if plan else None,
+                     f"plan at {fraction:.0%}" if plan else None, n["value"],
+                     "yes" if plan and same_setting(n, setting) else "no", n["source"]))
+    schema = {"quantity": pl.String, "direction": pl.String, "layer": pl.Int64,
+              "checkpoint": pl.String, "raysae": pl.Float64, "raysae at": pl.String,
+              "paper": pl.Float64, "same setting": pl.String, "source": pl.String}
+    return pl.DataFrame(rows, schema=schema, orient="row")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,17 +387,20 @@ def main(argv: list[str] | None = None) -> int:
     runs = load_runs(args.experiment)
     trained = runs.filter(pl.col("phase").is_in(["scratch", "transfer", "plan"]))
     hist = histories(client, trained, ["eval/ces", "eval/l2", "eval/l0", "normalized_ces"])
+    setting = sweep_setting(client, args.experiment)
+    summary = sweep_summary(client, args.experiment)
     matrix = zeroshot_matrix(runs, out)
-    normalized_tables(hist, out)
+    normalized_tables(hist, out, setting)
     curves(hist, out)
     similarity(runs, out)
-    compute_summary(client, args.experiment, runs, out)
+    compute_summary(client, summary, runs, out)
+    write_table(paper_table(hist, summary, setting), out, "paper")
     has_features = feature_tables(client, trained, out)
     print("zero-shot CES (rows: evaluated on layer i, columns: SAE of layer j)")
     print(to_markdown(matrix))
-    names = ["normalized_ces_fwd", "normalized_ces_bwd", "compute"]
+    names = ["normalized_ces_fwd", "normalized_ces_bwd", "compute", "paper"]
     if has_features:
-        names += ["circuits_by_checkpoint", "circuits_by_n", "dla_by_layer"]
+        names += ["circuits_by_checkpoint", "circuits_by_direction", "circuits_by_n", "dla_by_layer"]
     for name in names:
         f = out / f"{name}.md"
         if f.exists():

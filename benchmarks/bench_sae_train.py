@@ -9,15 +9,19 @@ products alone, timed with bare `torch.mm` on tensors of the same shapes:
     backward  g[B,D] @ W_dec^T[D,F]  (df)    f^T[F,B] @ g[B,D]  (dW_dec)
               x^T[D,B] @ g_pre[B,F]  (dW_enc)
 
-A ReLU step cannot beat this (every product is needed); a TopK step can, because it decodes
-and back-propagates through the k active latents only. `topk (dense decode)` times the same
-TopK loss through a dense [B, F] decode, for contrast.
+A ReLU or JumpReLU step cannot beat this (every product is needed); the k architectures (TopK,
+BatchTopK, Matryoshka BatchTopK) can, because they decode and back-propagate through the active
+latents only. `topk (dense decode)` times the same TopK loss through a dense [B, F] decode, for
+contrast. `+auxk` rows add the AuxK loss with a quarter of the latents held dead (every fourth,
+marked dead again before each step, in SAELens's trainer too); Matryoshka's prefixes are F/8,
+F/4, F/2 and F.
 
     python benchmarks/bench_sae_train.py [--d-in 512 --d-sae 4096 --batch 4096 --k 64]
-    python benchmarks/bench_sae_train.py --saelens-python /tmp/saelens-venv/bin/python
+    python benchmarks/bench_sae_train.py --saelens-python .venv/bin/python
 
 With `--saelens-python`, the same configurations also run through SAELens's own
-`SAETrainer._train_step` in that interpreter (a separate venv with sae-lens installed).
+`SAETrainer._train_step` in that interpreter (a venv with sae-lens installed: this project's own
+has it), for every architecture SAELens has.
 
 Figures: see the README's Benchmarks section (measured on the 2-core CPU machine).
 """
@@ -58,11 +62,20 @@ def bound_step(B: int, D: int, F: int) -> Callable[[], None]:
     return products
 
 
+def matryoshka_widths(F: int) -> tuple[int, ...]:
+    return (F // 8, F // 4, F // 2, F)
+
+
 def raysae_step(
-    arch: str, B: int, D: int, F: int, k: int, dense: bool = False
+    name: str, B: int, D: int, F: int, k: int, dense: bool = False
 ) -> Callable[[], None]:
-    """One raysae training step (dense=True: the TopK loss through a dense decode)."""
-    sae = SAE(SAEConfig(architecture=arch, d_sae=F, k=k, l1_coefficient=5.0), D, device=DEVICE)
+    """One raysae training step of `name` (an architecture, `+auxk` for the AuxK loss on a
+    quarter of the latents held dead; dense=True: the TopK loss through a dense decode)."""
+    arch, auxk = name.removesuffix("+auxk"), name.endswith("+auxk")
+    widths = matryoshka_widths(F) if arch == "matryoshka_batchtopk" else ()
+    sae_cfg = SAEConfig(architecture=arch, d_sae=F, k=k, l1_coefficient=5.0,  # type: ignore[arg-type]
+                        matryoshka_widths=widths, aux_coefficient=1 / 32 if auxk else 0.0)
+    sae = SAE(sae_cfg, D, device=DEVICE)
     bf16 = DTYPE == torch.bfloat16
     # No warm-ups: step 0 runs at the peak lr and the full sparsity coefficient.
     cfg = TrainConfig(num_tokens=B * 1000, batch_size=B, lr=3e-5, lr_warmup_frac=0.0,
@@ -71,7 +84,14 @@ def raysae_step(
     x_BD = torch.randn(B, D, device=DEVICE)
     if not dense:
         learner = SAELearner(sae, cfg)
-        return lambda: train_step(learner, opt, x_BD, 0, cfg.lr, cfg.grad_clip)
+        if not auxk:
+            return lambda: train_step(learner, opt, x_BD, 0, cfg.lr, cfg.grad_clip)
+
+        def auxk_step() -> None:
+            learner.since_F[::4] = cfg.dead_window_tokens
+            train_step(learner, opt, x_BD, 0, cfg.lr, cfg.grad_clip)
+
+        return auxk_step
 
     def dense_step() -> None:
         out = sae(x_BD, 5.0)
@@ -132,6 +152,10 @@ SAELENS_SCRIPT = r"""
 import json, sys, time, torch
 from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+from sae_lens.saes.matryoshka_batchtopk_sae import (
+    MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig)
 from sae_lens.config import SAETrainerConfig
 from sae_lens.training.sae_trainer import SAETrainer
 import sae_lens
@@ -145,11 +169,17 @@ We, Wd = torch.randn(D, F), torch.randn(F, D)
 def bound():
     torch.mm(xb, We); torch.mm(fb, Wd); torch.mm(gb, Wd.t()); torch.mm(fb.t(), gb)
     torch.mm(xb.t(), gfb)
-def trainer_step(sae):
+def trainer_step(sae, dead=False):
     cfg = SAETrainerConfig(total_training_samples=B * 10**6, train_batch_size_samples=B,
                            lr=3e-5, lr_end=3e-6, adam_beta1=0.0, adam_beta2=0.999)
     trainer = SAETrainer(cfg, sae, data_provider=iter(()))
-    return lambda: trainer._train_step(sae, x)
+    def step():
+        if dead:  # a quarter of the latents dead, as in raysae's +auxk rows
+            trainer.n_forward_passes_since_fired[::4] = trainer.cfg.dead_feature_window + 1
+        trainer._train_step(sae, x)
+    return step
+widths = [F // 8, F // 4, F // 2, F]
+aux = dict(aux_loss_coefficient=1 / 32)
 fns = {
     "bound": bound,
     "relu (standard)": trainer_step(StandardTrainingSAE(StandardTrainingSAEConfig(
@@ -157,6 +187,14 @@ fns = {
     "topk": trainer_step(TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=F, k=k))),
     "topk (use_sparse_activations)": trainer_step(TopKTrainingSAE(TopKTrainingSAEConfig(
         d_in=D, d_sae=F, k=k, use_sparse_activations=True))),
+    "jumprelu": trainer_step(JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
+        d_in=D, d_sae=F, l0_coefficient=5.0))),
+    "batchtopk": trainer_step(BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(
+        d_in=D, d_sae=F, k=k))),
+    "matryoshka_batchtopk": trainer_step(MatryoshkaBatchTopKTrainingSAE(
+        MatryoshkaBatchTopKTrainingSAEConfig(d_in=D, d_sae=F, k=k, matryoshka_widths=widths))),
+    "topk+auxk": trainer_step(TopKTrainingSAE(TopKTrainingSAEConfig(
+        d_in=D, d_sae=F, k=k, **aux)), dead=True),
 }
 errors = {}
 for n, fn in list(fns.items()):
@@ -197,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--archs", default="relu,topk,jumprelu")
+    p.add_argument("--archs",
+                   default="relu,topk,jumprelu,batchtopk,matryoshka_batchtopk,topk+auxk")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--saelens-python", default=None, help="python of a venv with sae-lens")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -230,16 +269,16 @@ def main(argv: list[str] | None = None) -> None:
         version, ratio, errors = sl.pop("version"), sl.pop("ratio"), sl.pop("errors")
         rows += [(f"SAELens {version} {n}", t, ratio[n]) for n, t in sl.items()]
 
-    print(f"{'step':<34}{'ms/step':>10}{'tokens/s':>12}{'of bound':>10}")
+    print(f"{'step':<44}{'ms/step':>10}{'tokens/s':>12}{'of bound':>10}")
     for name, t, frac in rows:
-        print(f"{name:<34}{t * 1e3:>10.1f}{B / t:>12,.0f}{frac:>10.2f}")
+        print(f"{name:<44}{t * 1e3:>10.1f}{B / t:>12,.0f}{frac:>10.2f}")
     print("(of bound: median over rounds of bound time / step time, measured in the same round)")
     if DEVICE.type == "cuda":
         peak = matmul_peak_tflops(n=8192)
         step_flops = 10 * B * D * F  # the five products of the bound
         print(f"measured matmul peak: {peak:.1f} TFLOP/s ({DTYPE})")
         for name, t, _ in rows:
-            print(f"{name:<34}{step_flops / t / 1e12:>8.1f} TFLOP/s  {step_flops / t / 1e12 / peak:>5.2f} of peak")
+            print(f"{name:<44}{step_flops / t / 1e12:>8.1f} TFLOP/s  {step_flops / t / 1e12 / peak:>5.2f} of peak")
     if a.saelens_python:
         for name, err in errors.items():
             print(f"SAELens {name}: could not run ({err})")

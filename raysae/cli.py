@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from raysae.activations import check_source
 from raysae.config import ConfigError, JobConfig, load_config
@@ -73,7 +74,11 @@ def check_job(cfg: JobConfig) -> None:
     everything else as they load); raises ConfigError naming the field."""
     d_model = validate_sites(cfg.model, cfg.cache.sites, cfg.cache.layers)
     d_sae = cfg.sae.width(d_model)
-    if cfg.sae.architecture == "topk" and cfg.sae.k > d_sae:
+    saes = [j.sae for j in transfer_grid.architecture_jobs(cfg)] if cfg.sweep else [cfg.sae]
+    if cfg.stitch is None:  # (a stitch job sets the widths: `stitch_grid.validate`)
+        for sae in saes:
+            sae.prefix_widths(d_model)  # a last Matryoshka width that is not d_sae: ConfigError
+    if any(sae.uses_k for sae in saes) and cfg.sae.k > d_sae:
         raise ConfigError(
             f"sae.k: got {cfg.sae.k}, expected at most d_sae ({d_sae} = sae.expansion_factor "
             f"{cfg.sae.expansion_factor} x d_model {d_model} of {cfg.model.name!r})"
@@ -111,12 +116,24 @@ def cmd_check(cfg: JobConfig) -> None:
     print(f"{cfg.name}: config OK ({cfg.model.name}, layers {list(cfg.cache.layers)})")
 
 
-def cmd_plan(cfg: JobConfig, calibrate: bool = True, slots: int = 1) -> int:
+def cmd_plan(cfg: JobConfig, calibrate: bool = True, slots: int = 1,
+             target: float | None = None) -> int:
     """Tokens, FLOPs, shard bytes, memory per worker and (calibrated on this machine) wall time
-    of every phase, and the activation source; refuses a cache that does not fit on disk."""
+    of every phase, and the activation source; refuses a cache that does not fit on disk.
+    With a target: the cheapest scratch/transfer plan from the config's finished sweep."""
     import torch
 
     from raysae import plan
+
+    if target is not None:
+        from raysae.distributed.transfer_sweep import pilot_plan
+
+        try:
+            print(pilot_plan(cfg, target))
+        except ConfigError as e:
+            print(f"raysae: {e}", file=sys.stderr)
+            return 2
+        return 0
 
     cal = None
     if calibrate:
@@ -183,21 +200,40 @@ def cmd_train(cfg: JobConfig) -> int:
 
 
 def cmd_sweep(cfg: JobConfig) -> int:
-    """The layer-transfer sweep of the config's `sweep` section (resumes an interrupted one)."""
+    """The layer-transfer sweep of the config's `sweep` section (resumes an interrupted one);
+    with `sweep.architectures`, one sweep per architecture, one after the other."""
     from raysae.distributed.transfer_sweep import run_sweep
 
     _init_ray()
-    result = run_sweep(cfg)
-    print(f"sweep {cfg.name}: {len(result.finished)} trials finished, {len(result.failed)} not")
+    failed = False
+    for job in transfer_grid.architecture_jobs(cfg):
+        result = run_sweep(job)
+        failed |= bool(result.failed)
+        arch = f" ({job.sae.architecture})" if cfg.sweep and cfg.sweep.architectures else ""
+        print(f"sweep {cfg.name}{arch}: {len(result.finished)} trials finished, "
+              f"{len(result.failed)} not")
+        _print_sweep_result(result)
+    print(ui_hint(cfg.runs_dir))
+    return 1 if failed else 0
+
+
+def _print_sweep_result(result: Any) -> None:
     for key, why in result.failed.items():
         print(f"  {key}: {why}")
     s = result.summary
-    print(
-        f"compute plan: {s['plan_tokens']:,} tokens against {s['scratch_everywhere_tokens']:,} "
-        f"for scratch on every layer ({s['saved_fraction']:.0%} saved)"
-    )
-    print(ui_hint(cfg.runs_dir))
-    return 1 if result.failed else 0
+    for plan in s["plans"]:
+        print(
+            f"{plan['direction']} compute plan: {plan['tokens']:,} tokens against "
+            f"{s['scratch_everywhere_tokens']:,} for scratch on every layer "
+            f"({plan['saved_fraction']:.0%} saved)"
+        )
+    if "early_stopping" in s:
+        e = s["early_stopping"]
+        print(f"early stopping: {e['stopped_early']} of {e['transfers']} transfers stopped "
+              f"early; {e['tokens']:,} tokens of the {e['budget_tokens']:,} budgeted "
+              f"({e['saved_fraction']:.0%} saved)")
+    if "budget_plan" in s:
+        print(s["budget_plan"])
 
 
 def cmd_stitch(cfg: JobConfig) -> int:
@@ -269,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="plan: skip the measurement of this machine (no wall times)")
     parser.add_argument("--slots", type=int, default=1,
                         help="plan: worker groups the cluster runs at once (default 1)")
+    parser.add_argument("--target", type=float,
+                        help="plan: the cheapest scratch/transfer plan reaching this normalized "
+                             "CES on every layer, from the config's finished sweep")
     args = parser.parse_args(argv)
     if args.command == "dashboard" and not args.sae:
         parser.error("dashboard needs --sae SAE_DIR")
@@ -281,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "dashboard":
         return cmd_dashboard(cfg, args.sae, args.out)
     if args.command == "plan":
-        return cmd_plan(cfg, not args.no_calibrate, args.slots)
+        return cmd_plan(cfg, not args.no_calibrate, args.slots, args.target)
     return COMMANDS[args.command](cfg) or 0
 
 

@@ -259,7 +259,11 @@ class CacheConfig:
             _fail("cache.actor_cpus", self.actor_cpus, "a positive number")
 
 
-Architecture = Literal["relu", "topk", "jumprelu"]
+Architecture = Literal["relu", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk"]
+K_ARCHITECTURES: tuple[str, ...] = ("topk", "batchtopk", "matryoshka_batchtopk")
+"""The architectures whose sparsity is set by `k` (decoder rows kept at unit norm, AuxK loss)."""
+PlanDirection = Literal["forward", "backward"]
+PlanSource = Literal["checkpoint", "run"]
 BDecInit = Literal["mean", "geometric_median", "zeros"]
 
 
@@ -268,15 +272,28 @@ class SAEConfig:
     """The sparse autoencoder: architecture, width and sparsity."""
 
     architecture: Architecture = "relu"
-    """relu (ReLU + decoder-norm-weighted L1), topk (k largest pre-activations) or jumprelu."""
+    """relu (ReLU + decoder-norm-weighted L1), topk (k largest pre-activations per token),
+    jumprelu, batchtopk (the k·B largest over a batch of B; one threshold at inference) or
+    matryoshka_batchtopk (batchtopk whose nested prefixes each reconstruct the input)."""
     expansion_factor: int = 8
     """d_sae = expansion_factor * d_in (ignored when d_sae is set)."""
     d_sae: int | None = None
     """Explicit dictionary width."""
     k: int = 64
-    """Active latents per token (topk)."""
+    """Active latents per token: exactly (topk), on average over each batch (batchtopk,
+    matryoshka_batchtopk)."""
+    matryoshka_widths: tuple[int, ...] = ()
+    """The nested prefix widths of matryoshka_batchtopk, strictly increasing, the last = d_sae:
+    the first w latents alone reconstruct the input, for each w (ignored by the others)."""
+    aux_coefficient: float = 0.0
+    """Weight of the AuxK loss of topk, batchtopk and matryoshka_batchtopk (Gao et al. 2024 use
+    1/32; 0 turns it off): the d_in/2 largest dead latents (not fired in
+    train.dead_window_tokens) reconstruct the residual error. Ignored by relu and jumprelu."""
     l1_coefficient: float = 5.0
-    """Sparsity coefficient: L1 weight for relu, L0 weight for jumprelu."""
+    """Sparsity coefficient: L1 weight for relu, L0 weight for jumprelu. The relu loss is
+    SAELens's (`raysae.sae`): ||x - x̂||² summed over d_in plus λ Σ_i f_i ||W_dec_i||, both
+    averaged over tokens, no activation scaling, so the layer-transfer paper's λ = 1.0 (Table 2;
+    its SAELens code: unit-norm decoder rows, λ Σ_i f_i) carries over unchanged."""
     jumprelu_threshold: float = 0.001
     """Initial per-feature threshold (jumprelu)."""
     jumprelu_bandwidth: float = 0.001
@@ -291,8 +308,16 @@ class SAEConfig:
             _fail("sae.d_sae", self.d_sae, "a positive integer or null")
         if self.k < 1:
             _fail("sae.k", self.k, "a positive integer")
-        if self.architecture == "topk" and self.d_sae is not None and self.k > self.d_sae:
+        if self.uses_k and self.d_sae is not None and self.k > self.d_sae:
             _fail("sae.k", self.k, f"at most sae.d_sae ({self.d_sae})")
+        if self.architecture == "matryoshka_batchtopk":
+            w = self.matryoshka_widths
+            if not w or w[0] < 1 or any(b <= a for a, b in zip(w, w[1:])):
+                _fail("sae.matryoshka_widths", w, "strictly increasing positive prefix widths")
+            if self.d_sae is not None and w[-1] != self.d_sae:
+                _fail("sae.matryoshka_widths", w, f"the last width equal to sae.d_sae ({self.d_sae})")
+        if self.aux_coefficient < 0:
+            _fail("sae.aux_coefficient", self.aux_coefficient, "a non-negative number")
         if self.l1_coefficient < 0:
             _fail("sae.l1_coefficient", self.l1_coefficient, "a non-negative number")
         if self.jumprelu_threshold <= 0:
@@ -303,6 +328,22 @@ class SAEConfig:
     def width(self, d_in: int) -> int:
         """The dictionary width for inputs of width `d_in`."""
         return self.d_sae if self.d_sae is not None else self.expansion_factor * d_in
+
+    @property
+    def uses_k(self) -> bool:
+        """Whether `k` sets the sparsity (topk, batchtopk, matryoshka_batchtopk)."""
+        return self.architecture in K_ARCHITECTURES
+
+    def prefix_widths(self, d_in: int) -> tuple[int, ...]:
+        """The widths whose prefixes are trained to reconstruct: the Matryoshka widths, or the
+        whole dictionary. Raises ConfigError if the last Matryoshka width is not the width."""
+        d_sae = self.width(d_in)
+        if self.architecture != "matryoshka_batchtopk":
+            return (d_sae,)
+        if self.matryoshka_widths[-1] != d_sae:
+            _fail("sae.matryoshka_widths", self.matryoshka_widths,
+                  f"the last width equal to d_sae ({d_sae})")
+        return self.matryoshka_widths
 
 
 @dataclass(frozen=True)
@@ -318,7 +359,8 @@ class TrainConfig:
     adam_betas: tuple[float, ...] = (0.0, 0.999)
     """Adam (beta1, beta2)."""
     lr_warmup_frac: float = 0.05
-    """Fraction of steps of linear lr warm-up."""
+    """Fraction of steps of linear lr warm-up (the layer-transfer paper has none: Table 2's 5%
+    warm-up is the L1's, `l1_warmup_frac`)."""
     lr_decay_frac: float = 0.2
     """Fraction of final steps of linear lr decay to zero."""
     l1_warmup_frac: float = 0.05
@@ -422,6 +464,42 @@ class JobConfig:
 
 
 @dataclass(frozen=True)
+class StopConfig:
+    """When a transfer SAE stops before its budget (`raysae.stopping`): on a quality target, a
+    plateau, or either. A stopped SAE leaves its group (the others go on), its run records the
+    tokens it used and why; one that never gets there runs its budget and says so."""
+
+    normalized_ces: float | None = None
+    """Stop at this normalized CES (against the zero-shot SAE and the scratch SAE of the layer)."""
+    within_scratch: float | None = None
+    """Stop when `within_metric` is within this margin of the scratch SAE of the layer."""
+    within_metric: Literal["ces", "explained_variance"] = "ces"
+    """The metric `within_scratch` compares (higher is better for both)."""
+    plateau_gain: float | None = None
+    """Stop when CES gained less than this over the last `plateau_checkpoints` checkpoints."""
+    plateau_checkpoints: int = 3
+    """Checkpoints a plateau is measured over."""
+    check_every_tokens: int | None = None
+    """The checkpoint (and stop check) interval of the SAEs with a target; default
+    `train.checkpoint_every_tokens`."""
+
+    def __post_init__(self) -> None:
+        targets = (self.normalized_ces, self.within_scratch)
+        if all(t is None for t in targets) and self.plateau_gain is None:
+            _fail("sweep.stop_at", "no target", "normalized_ces, within_scratch or plateau_gain")
+        if None not in targets:
+            _fail("sweep.stop_at", targets, "one target: normalized_ces or within_scratch")
+        if self.normalized_ces is not None and not 0 < self.normalized_ces <= 1.5:
+            _fail("sweep.stop_at.normalized_ces", self.normalized_ces, "a target in (0, 1.5]")
+        if self.within_scratch is not None and self.within_scratch < 0:
+            _fail("sweep.stop_at.within_scratch", self.within_scratch, "a margin >= 0")
+        if self.plateau_checkpoints < 1:
+            _fail("sweep.stop_at.plateau_checkpoints", self.plateau_checkpoints, "at least 1")
+        if self.check_every_tokens is not None and self.check_every_tokens < 1:
+            _fail("sweep.stop_at.check_every_tokens", self.check_every_tokens, "a positive count")
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     """The layer-wise transfer grid; scratch budget and checkpoint interval come from `train`."""
 
@@ -438,11 +516,31 @@ class SweepConfig:
     compute_plan: bool = True
     """Add the Appendix B.1 plan: scratch on alternate layers, transfer to the rest."""
     compute_plan_budget_fraction: float = 0.5
-    """Fraction of the scratch budget the plan's transfer trials train for."""
+    """Fraction of the scratch budget the plan's transfers train for (paper: 10% and 50%)."""
+    compute_plan_directions: tuple[PlanDirection, ...] = ("forward", "backward")
+    """The plans of Appendix B.1, each counted on its own: `forward` (scratch on the 1st, 3rd,
+    ... layer of `layers`, SAE_{i<-i-1} on each other one) and `backward`, its mirror (scratch
+    counted from the last layer, SAE_{i<-i+1} on the rest): on 12 layers, scratch on the even
+    layers and on the odd ones."""
+    compute_plan_from: PlanSource = "checkpoint"
+    """Where a plan transfer's SAE comes from: `checkpoint` reads it at the plan's budget from
+    the transfer trial of the same pair (the smallest fine-tuning budget with a checkpoint
+    there), as the paper's 10% point is the 100M checkpoint of its 500M runs, and trains a run
+    only where the grid has no such checkpoint; `run` always trains a run of the plan's budget,
+    with its own L1 warm-up and lr decay (`raysae.transfer.grid` says why they differ)."""
     max_failures: int = 2
     """Ray retries per trial before it counts as failed."""
+    stop_at: StopConfig | None = None
+    """Early stopping of the transfer trials (their budgets become caps); None: every budget
+    runs to the end."""
+    architectures: tuple[Architecture, ...] = ()
+    """SAE architectures one sweep compares: each runs the whole grid with `sae` set to it (its
+    own trials, keys and parent run, tagged `raysae.architecture`; the activations are cached
+    once for all). Empty: `sae.architecture` alone."""
 
     def __post_init__(self) -> None:
+        if len(set(self.architectures)) != len(self.architectures):
+            _fail("sweep.architectures", self.architectures, "no repeated architectures")
         if not self.layers or any(i < 0 for i in self.layers):
             _fail("sweep.layers", self.layers, "a non-empty list of non-negative block indices")
         if any(b <= a for a, b in zip(self.layers, self.layers[1:])):
@@ -461,6 +559,10 @@ class SweepConfig:
         if not 0 < self.compute_plan_budget_fraction <= 1:
             fraction = self.compute_plan_budget_fraction
             _fail("sweep.compute_plan_budget_fraction", fraction, "a fraction in (0, 1]")
+        directions = self.compute_plan_directions
+        if not directions or len(set(directions)) != len(directions):
+            _fail("sweep.compute_plan_directions", directions,
+                  "a non-empty list of 'forward' and/or 'backward', no repeats")
         if self.max_failures < 0:
             _fail("sweep.max_failures", self.max_failures, "a non-negative integer")
 
@@ -549,6 +651,13 @@ class StitchConfig:
     """Token budgets of B's SAEs, from scratch and from the stitch (default: train.num_tokens)."""
     ev_thresholds: tuple[float, ...] = (0.7, 0.8, 0.9)
     """Explained variances whose FLOPs-to-reach the analysis compares."""
+    stop_at_thresholds: bool = False
+    """B's SAEs (scratch and stitched) stop at the first checkpoint whose held-out explained
+    variance reaches the largest of `ev_thresholds` (the FLOPs to each threshold are then
+    measured by stopping, at the `check_every_tokens` grid)."""
+    check_every_tokens: int | None = None
+    """With `stop_at_thresholds`: the checkpoint interval of B's SAEs (default
+    `train.checkpoint_every_tokens`)."""
     probes: ProbeConfig | None = None
     """Probes, sparse probes and steering through the stitch; None skips them."""
     variants: str | None = None
@@ -604,9 +713,13 @@ class FeaturesConfig:
     a shipped template (`ioi`, `greater_than`, `sva`) or a template YAML file."""
     examples_per_task: int = 64
     """Examples drawn per task (paper: 64 handcrafted prompts for DLA)."""
-    top_n: tuple[float, ...] = (0.02, 0.04, 0.06, 0.08)
-    """Circuit sizes N for faithfulness and completeness: a fraction of d_sae in (0, 1) (paper:
-    2%, 4%, 6%, 8%) or a feature count >= 1 (paper's completeness: 4, 36, 68, 100)."""
+    faithfulness_n: tuple[float, ...] = (0.02, 0.04, 0.06, 0.08)
+    """Circuit sizes N of faithfulness: a fraction of d_sae in (0, 1), rounded to the nearest
+    count (half up, at least 1), or a feature count >= 1. Paper (§2.3): 2%, 4%, 6%, 8% of d_sae,
+    which it gives as 123, 246, 368, 492 at d_sae 6144 (rounding gives 369 for 6%: the paper
+    config lists the paper's counts)."""
+    completeness_n: tuple[float, ...] = (4, 36, 68, 100)
+    """Circuit sizes N of completeness, in the same form (paper, §2.3: 4, 36, 68, 100)."""
     min_feature_effect: float = 0.25
     """Faithfulness and completeness of a task are NaN (not averaged in) where mean-ablating
     every feature moves m by at most this share of the model's m: eq. 8 divides by that move."""
@@ -625,9 +738,11 @@ class FeaturesConfig:
     def __post_init__(self) -> None:
         if self.examples_per_task < 2:
             _fail("features.examples_per_task", self.examples_per_task, "at least 2")
-        if not self.top_n or any(v <= 0 or (v > 1 and v != int(v)) for v in self.top_n):
-            _fail("features.top_n", self.top_n,
-                  "a non-empty list of fractions of d_sae in (0, 1) or whole feature counts >= 1")
+        for name in ("faithfulness_n", "completeness_n"):
+            sizes = getattr(self, name)
+            if not sizes or any(v <= 0 or (v > 1 and v != int(v)) for v in sizes):
+                _fail(f"features.{name}", sizes, "a non-empty list of fractions of d_sae in "
+                      "(0, 1) or whole feature counts >= 1")
         if not 0 <= self.min_feature_effect < 1:
             _fail("features.min_feature_effect", self.min_feature_effect, "a fraction in [0, 1)")
         for name in ("exact_check_features", "dashboard_features"):

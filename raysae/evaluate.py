@@ -46,11 +46,17 @@ class EvalResult:
     l0: float
     l1: float
     dead_fraction: float
+    """latents that never fired on these tokens"""
     dense_fraction: float
     num_tokens: int
+    prefixes: dict[str, float] = field(default_factory=dict)
+    """matryoshka_batchtopk: `mse_prefix_{w}` and `explained_variance_prefix_{w}` of each
+    prefix width w (the reconstruction from the first w latents alone); empty otherwise"""
 
     def as_dict(self) -> dict[str, float]:
-        return asdict(self)
+        """The metrics as one flat mapping (the prefixes' entries beside the others)."""
+        out = asdict(self)
+        return out | out.pop("prefixes")
 
 
 def _next_token_stats(
@@ -82,10 +88,17 @@ class _Recon:
     n: int = 0
     ce: float = 0.0
     kl: float = 0.0
+    prefixes: list[tuple[metrics.ExplainedVariance, list[float]]] = field(default_factory=list)
+    """Per Matryoshka prefix: its explained variance and summed squared error."""
 
     def update(self, x_ND: torch.Tensor, out) -> None:
         self.ev.update(x_ND, out.recon_BD.float())
         self.sq_err += float(((out.recon_BD.float() - x_ND) ** 2).sum())
+        if out.prefix_recons and not self.prefixes:
+            self.prefixes = [(metrics.ExplainedVariance(), [0.0]) for _ in out.prefix_recons]
+        for (ev, sq_err), recon in zip(self.prefixes, out.prefix_recons):
+            ev.update(x_ND, recon.float())
+            sq_err[0] += float(((recon.float() - x_ND) ** 2).sum())
         active_NF = out.feats_BF != 0
         self.l0 += float(active_NF.sum())
         self.l1 += float(out.feats_BF.abs().sum())
@@ -184,7 +197,17 @@ def evaluate_saes(
             dead_fraction=metrics.dead_fraction_from_counts(r.fire_counts_F),
             dense_fraction=metrics.dense_fraction(r.fire_counts_F, r.n, dense_threshold),
             num_tokens=r.n,
+            prefixes=_prefix_metrics(sae, r),
         )
+    return out
+
+
+def _prefix_metrics(sae: SAE, r: _Recon) -> dict[str, float]:
+    """The per-prefix entries of a Matryoshka SAE's `EvalResult` (none for the others)."""
+    out = {}
+    for w, (ev, (sq_err,)) in zip(sae.widths, r.prefixes):
+        out[f"mse_prefix_{w}"] = sq_err / max(r.n * sae.d_in, 1)
+        out[f"explained_variance_prefix_{w}"] = ev.compute()
     return out
 
 

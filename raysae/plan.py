@@ -10,7 +10,8 @@ The estimates, per token (d = d_model, F = d_sae, L = the blocks run up to the d
 - LM forward: 2 x the parameters of the blocks run (12 d^2 per block: attention 4 d^2, MLP
   8 d^2) plus the embedding lookup, i.e. 24 d^2 L FLOPs (the unembedding is never run);
 - one SAE training step: 6 d F FLOPs for relu/jumprelu (encoder, decoder and their three
-  gradients), 2 d F + 4 d k for topk (the dense encoder, a sparse decode and backward);
+  gradients), 2 d F + 4 d k for topk, batchtopk and matryoshka_batchtopk (the dense encoder, a
+  sparse decode and backward; AuxK adds 4 d (d/2));
 - shards: d x bytes per value (float32 4, float16/bfloat16 2) per cached site;
 - training memory per SAE: weights, gradients and Adam's two moments (16 bytes per parameter)
   plus the batch's latents (3 B F x 4 bytes).
@@ -45,8 +46,9 @@ def lm_flops_per_token(d_model: int, blocks: int) -> float:
 def sae_step_flops_per_token(sae: SAEConfig, d_in: int) -> float:
     """Training FLOPs per token of one SAE step (forward and backward)."""
     F = sae.width(d_in)
-    if sae.architecture == "topk":
-        return 2.0 * d_in * F + 4.0 * d_in * sae.k
+    if sae.uses_k:
+        aux = 4.0 * d_in * (d_in // 2) if sae.aux_coefficient > 0 else 0.0
+        return 2.0 * d_in * F + 4.0 * d_in * sae.k + aux
     return 6.0 * d_in * F
 
 

@@ -336,7 +336,10 @@ def make_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.Adam:
 
 class SAELearner:
     """An SAE as a `Learner`: warm-up/constant/decay lr with an L1 warm-up, bf16 autocast,
-    decoder renormalisation for TopK, a dead-latent counter, l0 and dense fraction at log steps."""
+    decoder renormalisation for the k architectures, a dead-latent counter (which also picks
+    AuxK's dead latents: not fired in `dead_window_tokens`), the BatchTopK threshold's running
+    estimate, l0 and dense fraction at log steps (and the threshold, AuxK loss and each
+    Matryoshka prefix's mse and explained variance where they exist)."""
 
     def __init__(self, sae: SAE, cfg: TrainConfig, world_size: int = 1) -> None:
         self.model, self.cfg, self.world_size = sae, cfg, world_size
@@ -357,37 +360,59 @@ class SAELearner:
 
     def loss(self, x_BD: Tensor, step: int) -> StepOutput:
         sae, coeff = self.model, self.sparsity_coeff(step)
+        dead_F = None
+        if sae.cfg.uses_k and sae.cfg.aux_coefficient > 0:
+            dead_F = self.since_F >= self.cfg.dead_window_tokens
         with torch.autocast(sae.W_enc.device.type, torch.bfloat16, enabled=self.cfg.autocast_bf16):
-            out = sae.train_forward(x_BD, coeff)
+            out = sae.train_forward(x_BD, coeff, dead_F)
         # The batch's total variance E||x||² - ||E x||², for the explained variance, from two
         # allocation-free passes; the difference is taken in float64.
         B, x = x_BD.shape[0], x_BD.detach()
         sq = torch.linalg.vector_norm(x).square().to(torch.float64) / B
         mean_sq = (x.new_ones(B) @ x / B).square().sum().to(torch.float64)
-        parts = torch.stack([out.loss.detach(), out.mse.detach(), out.sparsity.detach()])
-        return StepOutput(out.loss, torch.cat([parts.to(torch.float64), (sq - mean_sq)[None]]), out)
+        parts = [out.loss, out.mse, out.sparsity]
+        if out.auxk_loss is not None:
+            parts.append(out.auxk_loss)
+        parts = torch.stack([p.detach().to(torch.float64) for p in parts])
+        extra = [] if out.prefix_mse is None else [out.prefix_mse.detach().to(torch.float64)]
+        return StepOutput(out.loss, torch.cat([parts, (sq - mean_sq)[None], *extra]), out)
 
     def after_step(self, x_BD: Tensor, out: StepOutput) -> None:
-        if self.model.cfg.architecture == "topk":
+        if self.model.cfg.uses_k:
             self.model.normalize_decoder_()
+        if out.detail.min_active is not None:
+            self.model.update_threshold_(out.detail.min_active)
         self.since_F.add_(x_BD.shape[0] * self.world_size).masked_fill_(out.detail.fired_F, 0)
 
     @torch.no_grad()
     def probe(self, x_BD: Tensor) -> dict[str, float]:
         feats_BF = self.model.encode(x_BD)
         counts_F = (feats_BF > 0).sum(0)
-        return {
+        out = {
             "l0": metrics.l0(feats_BF),
             "dense_fraction": metrics.dense_fraction(counts_F, x_BD.shape[0]),
         }
+        if hasattr(self.model, "topk_threshold"):  # the one threshold `l0` was gated at
+            out["threshold"] = float(self.model.threshold[0])
+        return out
 
     def report(self, means: list[float], at: LogPoint) -> dict[str, float]:
-        loss, mse, sparsity, total_var = means
-        return {
+        loss, mse, sparsity, *rest = means
+        out = {}
+        if self.model.cfg.uses_k and self.model.cfg.aux_coefficient > 0:
+            out["auxk_loss"], *rest = rest
+        total_var, *prefix_mse = rest
+
+        def ev(err: float) -> float:
+            return 1.0 - err / total_var if total_var > 0 else float("nan")
+
+        for w, err in zip(self.model.widths, prefix_mse):
+            out[f"mse_prefix_{w}"], out[f"explained_variance_prefix_{w}"] = err, ev(err)
+        return out | {
             "loss": loss,
             "mse": mse,
             "sparsity": sparsity,
-            "explained_variance": 1.0 - mse / total_var if total_var > 0 else float("nan"),
+            "explained_variance": ev(mse),
             "dead_fraction": metrics.dead_fraction(self.since_F, self.cfg.dead_window_tokens),
             "lr": at.lr,
             "sparsity_coeff": self.sparsity_coeff(at.step - 1),
@@ -469,3 +494,17 @@ def sae_flops_per_token(sae: SAE, x_BD: Tensor, cfg: TrainConfig) -> float:
             out = probe.train_forward(x_BD, 1.0)
         out.loss.backward()
     return counter.get_total_flops() / x_BD.shape[0]
+
+
+def dense_sae_flops_per_token(d_in: int, d_sae: int) -> float:
+    """FLOPs per token of one SAE training step as a dense implementation runs it (the
+    stitching paper's accounting: its TopK latents are a dense [B, d_sae] matrix), whatever the
+    architecture: five [d_in, d_sae]-sized products, 2·d_in·d_sae each (the encoder and the
+    decoder forward; the decoder's weight and latent gradients and the encoder's weight
+    gradient; the activations need no gradient), i.e. 10·d_in·d_sae. Biases, the top-k
+    selection and b_dec's encoder-side matvec (O(d_in·d_sae) per batch) are not counted.
+
+    `sae_flops_per_token` counts what raysae runs: the same for relu and jumprelu (within
+    O(1/d_in)), about 2·d_in·d_sae + 10·d_in·k for TopK, whose decode and backward are sparse.
+    """
+    return 10.0 * d_in * d_sae

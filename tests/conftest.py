@@ -176,3 +176,35 @@ def ray_alive(dashboard: str) -> bool:
     from local_head import answers
 
     return answers(f"{dashboard}/api/version")
+
+
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory) -> Path:
+    """An empty sqlite MLflow store, created once (its schema migrations take seconds): the
+    analysis tests copy it (`mlflow_store`) before fabricating their runs."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def mlflow_store(template: Path, root: Path):
+    """A client of a fresh copy of the empty store at `root / mlflow.db`."""
+    from mlflow.tracking import MlflowClient
+
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, root / "mlflow.db")
+    return MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+
+
+def perturb(sae):
+    """Move every tensor of an SAE off its initial value so tests see non-trivial biases and
+    norms."""
+    import torch
+
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(std=0.5)
+        sae.W_dec.mul_(torch.rand(sae.d_sae, 1, dtype=sae.W_dec.dtype) + 0.5)
+    return sae

@@ -56,9 +56,14 @@ def sae_for(model: nn.Module, layer: int, arch: str = "relu", seed: int = 0) -> 
 
 
 def test_resolve_n() -> None:
+    # 2%-8% of 6144 = 122.88, 245.76, 368.64, 491.52: to the nearest count
     assert circuits.resolve_n([0.02, 0.04, 0.06, 0.08], 6144) == [123, 246, 369, 492]
+    # the paper's own counts (its §2.3 says 368 for 6%) pass through as counts
+    assert circuits.resolve_n([123, 246, 368, 492], 6144) == [123, 246, 368, 492]
     assert circuits.resolve_n([4, 36, 0.5, 10_000], 100) == [4, 36, 50, 100]
     assert circuits.resolve_n([0.001], 100) == [1]
+    # half up, not Python's half-to-even: 6.5 -> 7, 2.5 -> 3
+    assert circuits.resolve_n([0.05, 0.025], 130) == [3, 7]
     with pytest.raises(ValueError, match="circuit size -1"):
         circuits.resolve_n([-1], 10)
 
@@ -124,8 +129,10 @@ def test_faithfulness_matches_its_closed_form_for_a_linear_readout() -> None:
     model, task = tiny_model(linear_readout=True), random_task(n=8)
     sae = sae_for(model, LAST)
     pat = circuits.attribution_patching(model, sae, "resid_post", LAST, task, [0], batch_size=3)
-    sizes = [1, 5, 20]
-    m = circuits.ablation_means(model, sae, "resid_post", LAST, task, pat, sizes, [0], batch_size=3)
+    sizes, complement = [1, 5, 20], [2, 20]  # faithfulness and completeness: lists of their own
+    m = circuits.ablation_means(model, sae, "resid_post", LAST, task, pat, sizes, [0], batch_size=3,
+                                complement_sizes=complement)
+    assert sorted(m.circuit) == sizes and sorted(m.complement) == complement
     W_U = model.get_output_embeddings().weight.detach()
     mask = circuits.prompt_mask(task, [0])
     with torch.no_grad():
@@ -137,13 +144,15 @@ def test_faithfulness_matches_its_closed_form_for_a_linear_readout() -> None:
         delta_NF = (mean_F - f_NTF[torch.arange(len(task)), task.lengths_N - 1]) * w_NF
     m_model = m.model
     assert m.empty == pytest.approx(m_model + float(delta_NF.sum(1).mean()), abs=1e-3)
-    for n in sizes:
+    for n in sorted({*sizes, *complement}):
         top_Nn = pat.ie_NF.abs().topk(n, dim=1).indices
         in_c = torch.zeros_like(delta_NF, dtype=torch.bool).scatter(1, top_Nn, True)
         m_c = m_model + float((delta_NF * ~in_c).sum(1).mean())
         m_mc = m_model + float((delta_NF * in_c).sum(1).mean())
-        assert m.circuit[n] == pytest.approx(m_c, abs=1e-3)
-        assert m.complement[n] == pytest.approx(m_mc, abs=1e-3)
+        if n in sizes:
+            assert m.circuit[n] == pytest.approx(m_c, abs=1e-3)
+        if n in complement:
+            assert m.complement[n] == pytest.approx(m_mc, abs=1e-3)
 
 
 def test_task_dla_sums_to_the_logit_difference() -> None:
@@ -174,13 +183,22 @@ def test_evaluate_circuits_metrics_and_mean_over_tasks() -> None:
     sae = sae_for(model, 1, "topk")
     results = [
         circuits.evaluate_circuits(model, sae, "resid_post", 1, random_task(seed=s), [2, 8],
-                                   [0], exact_check=4, batch_size=4)
+                                   [0], exact_check=4, batch_size=4, completeness_sizes=[4, 8])
         for s in (0, 1)
     ]
     names = set(results[0].metrics())
-    assert {"circuit/rand/faithfulness/n2", "circuit/rand/completeness/n8",
-            "circuit/rand/m_model", "circuit/rand/m_empty", "circuit/rand/atp_exact_corr",
-            "dla/rand/total", "dla/rand/mean_active"} <= names
+    assert names == {"circuit/rand/faithfulness/n2", "circuit/rand/faithfulness/n8",
+                     "circuit/rand/completeness/n4", "circuit/rand/completeness/n8",
+                     "circuit/rand/m_model", "circuit/rand/m_empty", "circuit/rand/atp_exact_corr",
+                     "dla/rand/total", "dla/rand/mean_active"}
+    # DLA: the sum over features, and the paper's feature average over the active ones
+    for r in results:
+        dla_NF = r.dla_NF.double()
+        active_N = (dla_NF != 0).sum(1)
+        assert (active_N > 0).all() and (active_N < sae.d_sae).all()
+        assert r.dla_total == pytest.approx(float(dla_NF.sum(1).mean()), rel=1e-5)
+        assert r.dla_mean_active == pytest.approx(float((dla_NF.sum(1) / active_N).mean()),
+                                                  rel=1e-5)
     assert -1 <= results[0].atp_exact_corr <= 1
     mean = circuits.mean_over_tasks(results)
     f = [r.faithfulness[8] for r in results]

@@ -115,8 +115,10 @@ def test_shipped_configs_load_and_fit_their_models():
 @pytest.mark.parametrize(
     ("features", "message"),
     [
-        ({"top_n": [0.02, 2.5]}, "features.top_n: got (0.02, 2.5), expected a non-empty list"),
-        ({"top_n": []}, "features.top_n"),
+        ({"faithfulness_n": [0.02, 2.5]},
+         "features.faithfulness_n: got (0.02, 2.5), expected a non-empty list"),
+        ({"completeness_n": []}, "features.completeness_n"),
+        ({"top_n": [4]}, "unknown field features.'top_n'"),
         ({"examples_per_task": 1}, "features.examples_per_task: got 1, expected at least 2"),
         ({"exact_check_features": -1}, "features.exact_check_features: got -1"),
         ({"checkpoints": "some"}, "features.checkpoints: got 'some', expected one of 'all', 'final'"),

@@ -109,3 +109,20 @@ def test_kept_zero_ablations_are_read_back(model, tmp_path):
                               ids, [0, 1, 2])
     assert both["a"].ce_zero == 1e9 / (6 * 15) and both["b"].ces == pytest.approx(1.0, abs=1e-5)
     assert set(read_zero_ablations(path)) == {("resid_post", 0), ("resid_post", 1)}
+
+
+def test_matryoshka_prefixes_are_evaluated_each(model):
+    """A Matryoshka SAE reports every prefix's MSE and explained variance; the whole
+    dictionary's prefix is the SAE itself, and no other architecture gains entries."""
+    exact = identity_sae(64)
+    sae = SAE(SAEConfig(architecture="matryoshka_batchtopk", d_sae=128, k=8,
+                        matryoshka_widths=(64, 128)), 64)
+    with torch.no_grad():  # the first half alone passes the positive part, both halves all of x
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            getattr(sae, name).copy_(getattr(exact, name))
+    r = evaluate_sae(model, sae, "resid_post", 1, tokens(), special_ids=[0, 1, 2]).as_dict()
+    assert r["mse_prefix_128"] == pytest.approx(r["mse"]) and r["mse"] < 1e-10
+    assert r["explained_variance_prefix_128"] == pytest.approx(r["explained_variance"])
+    assert 0.0 < r["explained_variance_prefix_64"] < 0.9 and r["mse_prefix_64"] > 100 * r["mse"]
+    plain = evaluate_sae(model, exact, "resid_post", 1, tokens(), special_ids=[0, 1, 2])
+    assert not any("prefix" in k for k in plain.as_dict())

@@ -22,6 +22,7 @@ from raysae.transfer.grid import (
     base_digest,
     expand,
     phases,
+    plan_pairs,
     plan_token_summary,
     train_config_for,
 )
@@ -55,14 +56,21 @@ def grid(job: JobConfig | None = None, sweep: SweepConfig | None = None):
 def test_counts_by_phase():
     by_phase = phases(grid())
     counts = {p: len(ts) for p, ts in by_phase.items()}
-    # plan: scratch on layers 0 and 2 (reused), transfer L1<-L0 and L3<-L2 at 50% of 1M tokens
-    assert counts == {"scratch": 4, "zeroshot": 16, "transfer": 12, "plan": 2}
+    # plans at 50% of 1M tokens, which no fine-tuning budget (200k, 400k) reaches: runs of their
+    # own. Forward: scratch on 0 and 2 (reused), L1<-L0 and L3<-L2; backward: scratch on 1 and
+    # 3, L0<-L1 and L2<-L3
+    assert counts == {"scratch": 4, "zeroshot": 16, "transfer": 12, "plan": 4}
     assert list(by_phase) == ["scratch", "zeroshot", "transfer", "plan"]
-    assert [(t.layer, t.source_layer, t.budget) for t in by_phase["plan"]] == [
-        (1, 0, 500_000),
-        (3, 2, 500_000),
+    assert [(t.layer, t.source_layer, t.budget, t.direction) for t in by_phase["plan"]] == [
+        (1, 0, 500_000, "fwd"),
+        (3, 2, 500_000, "fwd"),
+        (0, 1, 500_000, "bwd"),
+        (2, 3, 500_000, "bwd"),
     ]
+    assert by_phase["plan"][2].name == "L0←L1 bwd 50%"
     assert len(phases(grid(sweep=build_sweep(compute_plan=False)))["plan"]) == 0
+    forward = phases(grid(sweep=build_sweep(compute_plan_directions=("forward",))))["plan"]
+    assert [(t.layer, t.source_layer) for t in forward] == [(1, 0), (3, 2)]
 
 
 def test_dependencies_point_at_scratch_of_source():
@@ -144,39 +152,75 @@ def test_offsets_are_a_grid_axis():
 
 
 def test_plan_dedupes_against_transfer_and_summary():
-    trials = grid(sweep=build_sweep(finetune_budgets=(500_000,)))
-    assert phases(trials)["plan"] == []
-    summary = plan_token_summary(build_job(), build_sweep(finetune_budgets=(500_000,)), trials)
-    assert summary["scratch_everywhere_tokens"] == 4_000_000
-    assert summary["plan_tokens"] == 3_000_000
-    assert summary["saved_fraction"] == pytest.approx(0.25)
-    assert summary["plan_scratch_layers"] == [0, 2]
-    assert summary["plan_transfers"] == [[1, 0], [3, 2]]
-    index = {t.key: t for t in trials}
-    plan = [index[k] for k in summary["plan_trial_keys"]]
-    assert [(t.phase, t.layer) for t in plan] == [
-        ("scratch", 0),
-        ("scratch", 2),
-        ("transfer", 1),
-        ("transfer", 3),
-    ]
-    # 10% of the budget: 45% fewer tokens (Appendix B.1)
+    for source in ("checkpoint", "run"):  # a budget equal to the plan's: that transfer trial
+        sweep = build_sweep(finetune_budgets=(500_000,), compute_plan_from=source)
+        trials = grid(sweep=sweep)
+        assert phases(trials)["plan"] == []
+        summary = plan_token_summary(build_job(), sweep, trials)
+        assert summary["scratch_everywhere_tokens"] == 4_000_000
+        assert summary["plan_budget"] == 500_000
+        fwd, bwd = summary["plans"]
+        assert (fwd["direction"], bwd["direction"]) == ("forward", "backward")
+        for plan in (fwd, bwd):
+            assert plan["tokens"] == 3_000_000
+            assert plan["saved_fraction"] == pytest.approx(0.25)
+        assert (fwd["scratch_layers"], fwd["transfers"]) == ([0, 2], [[1, 0], [3, 2]])
+        assert (bwd["scratch_layers"], bwd["transfers"]) == ([1, 3], [[0, 1], [2, 3]])
+        index = {t.key: t for t in trials}
+        members = [(index[m["key"]].phase, index[m["key"]].layer, index[m["key"]].source_layer,
+                    m["tokens"], m["from"]) for m in bwd["members"]]
+        assert members == [
+            ("scratch", 1, None, 1_000_000, "scratch"),
+            ("scratch", 3, None, 1_000_000, "scratch"),
+            ("transfer", 0, 1, 500_000, "run"),
+            ("transfer", 2, 3, 500_000, "run"),
+        ]
+    # 10% of the budget: 45% fewer tokens (Appendix B.1), both directions
     s = build_sweep(compute_plan_budget_fraction=0.1)
-    assert plan_token_summary(build_job(), s, grid(sweep=s))["saved_fraction"] == pytest.approx(
-        0.45
-    )
+    plans = plan_token_summary(build_job(), s, grid(sweep=s))["plans"]
+    assert [p["saved_fraction"] for p in plans] == pytest.approx([0.45, 0.45])
 
 
-def test_plan_prefers_nearest_then_forward():
-    s = build_sweep(layers=(0, 1, 5), offsets=(-1,), finetune_budgets=(200_000,))
-    trials = grid(job=build_job(cache=CacheConfig(layers=(0, 1, 5))), sweep=s)
-    # layer 1 is the only non-scratch layer; scratch on 0 and 5; 0 is nearer
-    assert [(t.layer, t.source_layer) for t in phases(trials)["plan"]] == [(1, 0)]
+def test_plan_reads_the_checkpoint_of_a_longer_fine_tuning():
+    """The paper's 10% point: the 100M checkpoint of the 500M run (here 500k of 1M), no run of
+    its own; `run` trains one; a plan budget between checkpoints falls back to a run."""
+    job = build_job(train=TrainConfig(num_tokens=1_000_000, batch_size=4096,
+                                      checkpoint_every_tokens=250_000))
+    sweep = build_sweep(finetune_budgets=(200_000, 1_000_000))  # plan: 500k, a checkpoint of 1M
+    trials = grid(job, sweep)
+    assert phases(trials)["plan"] == []
+    index = {t.key: t for t in trials}
+    for plan in plan_token_summary(job, sweep, trials)["plans"]:
+        read = [(index[m["key"]].name, m["tokens"], m["from"]) for m in plan["members"]
+                if m["from"] != "scratch"]
+        names = {"forward": ["L1←L0 fwd 1M", "L3←L2 fwd 1M"],
+                 "backward": ["L0←L1 bwd 1M", "L2←L3 bwd 1M"]}[plan["direction"]]
+        assert read == [(n, 500_000, "checkpoint") for n in names]
+    runs = grid(job, build_sweep(finetune_budgets=(200_000, 1_000_000), compute_plan_from="run"))
+    assert [(t.layer, t.budget) for t in phases(runs)["plan"]] == [
+        (1, 500_000), (3, 500_000), (0, 500_000), (2, 500_000)]
+    # 40% = 400k: not a multiple of the 250k checkpoint interval, so no checkpoint holds it
+    between = build_sweep(finetune_budgets=(1_000_000,), compute_plan_budget_fraction=0.4)
+    assert len(phases(grid(job, between))["plan"]) == 4
+
+
+def test_plan_pairs_forward_and_backward():
+    """Appendix B.1 on the paper's 12 layers: scratch on the even layers with SAE_{i<-i-1} on
+    the odd ones, and scratch on the odd layers with SAE_{i<-i+1} on the even ones."""
+    twelve = build_sweep(layers=tuple(range(12)))
+    scratch, pairs = plan_pairs(twelve, "forward")
+    assert scratch == (0, 2, 4, 6, 8, 10) and pairs == tuple((i, i - 1) for i in range(1, 12, 2))
+    scratch, pairs = plan_pairs(twelve, "backward")
+    assert scratch == (1, 3, 5, 7, 9, 11) and pairs == tuple((i, i + 1) for i in range(0, 11, 2))
+    # an odd count: backward is forward's mirror, so every transfer stays SAE_{i<-i+1}
+    five = build_sweep(layers=(0, 1, 2, 3, 4))
+    assert plan_pairs(five, "forward") == ((0, 2, 4), ((1, 0), (3, 2)))
+    assert plan_pairs(five, "backward") == ((0, 2, 4), ((1, 2), (3, 4)))
+    # the layers of the sweep, not block indices: the neighbour is the adjacent sweep layer
     s = build_sweep(layers=(0, 2, 4), offsets=(2,), finetune_budgets=(200_000,))
     trials = grid(job=build_job(cache=CacheConfig(layers=(0, 2, 4))), sweep=s)
     assert [(t.layer, t.source_layer, t.direction) for t in phases(trials)["plan"]] == [
-        (2, 0, "offset-2")
-    ]
+        (2, 0, "offset-2"), (2, 4, "offset+2")]
 
 
 @pytest.mark.parametrize(
@@ -190,6 +234,8 @@ def test_plan_prefers_nearest_then_forward():
         (dict(layers=(2, 1)), "sweep.layers"),
         (dict(finetune_lr=0.0), "sweep.finetune_lr"),
         (dict(compute_plan_budget_fraction=1.5), "sweep.compute_plan_budget_fraction"),
+        (dict(compute_plan_directions=()), "sweep.compute_plan_directions"),
+        (dict(compute_plan_directions=("forward", "forward")), "sweep.compute_plan_directions"),
         (dict(max_failures=-1), "sweep.max_failures"),
     ],
 )
@@ -220,3 +266,8 @@ def test_sweep_round_trips_in_job():
     assert from_dict(JobConfig, data) == job
     with pytest.raises(ConfigError, match="sweep.offsets"):
         from_dict(JobConfig, {**data, "sweep": {**data["sweep"], "offsets": [0]}})
+    assert data["sweep"]["compute_plan_directions"] == ["forward", "backward"]
+    assert data["sweep"]["compute_plan_from"] == "checkpoint"
+    for field, bad in (("compute_plan_from", "later"), ("compute_plan_directions", ["sideways"])):
+        with pytest.raises(ConfigError, match=f"sweep.{field}"):
+            from_dict(JobConfig, {**data, "sweep": {**data["sweep"], field: bad}})

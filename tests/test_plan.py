@@ -39,7 +39,8 @@ def test_paper_plan_matches_the_closed_forms(tmp_path):
     job, why, phases = plan.job_plan(job)
     assert job.train.source == "streamed" and "as the config says" in why
     by = {p.name: p for p in phases}
-    assert list(by) == ["scratch", "transfer", "plan"]  # streamed: no cache phase
+    # streamed: no cache phase; both compute plans read the 500M runs' 100M checkpoints
+    assert list(by) == ["scratch", "transfer"]
     d, F, B = 768, 6144, 10**9
     scratch = by["scratch"]
     assert (scratch.groups, scratch.saes, scratch.stream_tokens) == (1, 12, B)

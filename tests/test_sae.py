@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import perturb
 from safetensors.torch import load_file, save_file
 
 from raysae import metrics
@@ -37,15 +38,6 @@ def build_sae(
     """A small SAE; keyword overrides go to SAEConfig."""
     fields: dict[str, object] = dict(architecture=arch, d_sae=d_sae, k=4) | overrides
     return SAE(SAEConfig(**fields), d_in, dtype=dtype)  # type: ignore[arg-type]
-
-
-def perturb(sae: SAE) -> SAE:
-    """Move every tensor off its initial value so tests see non-trivial biases and norms."""
-    with torch.no_grad():
-        sae.b_dec.normal_()
-        sae.b_enc.normal_(std=0.5)
-        sae.W_dec.mul_(torch.rand(sae.d_sae, 1, dtype=sae.W_dec.dtype) + 0.5)
-    return sae
 
 
 def reference_loss(sae: SAE, x_BD: torch.Tensor, coeff: float) -> torch.Tensor:

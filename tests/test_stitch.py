@@ -16,6 +16,7 @@ from raysae.stitching.stitch import (
     Lstsq,
     Stitch,
     cosine_lr,
+    lstsq_flops,
     lstsq_stitch,
     map_probe,
     map_steering,
@@ -203,6 +204,23 @@ def test_cosine_schedule_and_flops():
     assert cosine_lr(99, 100, s) < 1e-3
     st = Stitch(8, 12)
     assert stitch_flops_per_token(st, torch.randn(32, 8), torch.randn(32, 12)) == 20 * 8 * 12
+
+
+def test_lstsq_flops_are_the_hand_count_and_recorded_rows():
+    # 10 rows, d_a = 2, d_b = 3: per row xᵀx and xᵀy of both maps, 2(2² + 2·3) + 2(3² + 3·2) =
+    # 50 = 2(2 + 3)²; solves: (2/3)·2³ + 2·2²·3 = 16/3 + 24 for the up map, (2/3)·3³ + 2·3²·2 =
+    # 18 + 36 for the down map
+    assert lstsq_flops(10, 2, 3) == pytest.approx(10 * 50 + 16 / 3 + 24 + 18 + 36)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    up, down = Lstsq(2, 3), Lstsq(3, 2)
+    a, b = torch.randn(10, 2), torch.randn(10, 3)
+    with FlopCounterMode(display=False) as counter:  # the per-row part is what torch counts
+        up.update(a, b)
+        down.update(b, a)
+    assert counter.get_total_flops() == pytest.approx(lstsq_flops(10, 2, 3) - lstsq_flops(0, 2, 3))
+    a, b, _, _ = affine_pair(n=300)
+    assert lstsq_stitch([(a[:200], b[:200]), (a[200:], b[200:])], 12, 12).meta["lstsq_rows"] == 300
 
 
 def test_lstsq_needs_rows():

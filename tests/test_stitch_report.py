@@ -1,6 +1,8 @@
 """analysis/stitch_report.py on a fabricated sqlite MLflow store whose answers are known in closed
-form: power-law training curves (FVU = A * FLOPs^-beta), stitch FLOPs added to the stitched init,
-known final metrics, probes and a feature-class parquet. No training code, no Ray."""
+form: power-law checkpoint evaluations (held-out FVU = A * FLOPs^-beta; the training-batch EV is
+a decoy the report must not read), stitch FLOPs added to the stitched init, known final metrics,
+probes and a feature-class parquet; and its pieces (crossings between checkpoints, the per-model
+L(C) fit, the paper columns) on fabricated tables. No training code, no Ray."""
 
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ from mlflow.tracking._tracking_service import utils as tracking_utils
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PER_TOKEN = 1000.0  # SAE training FLOPs per token
-TOKENS = [10 * 2**i for i in range(11)]  # 10 .. 10240: logged points of every training curve
+PER_TOKEN = 1000.0  # SAE training FLOPs per token, as run
+DENSE_PER_TOKEN = 4000.0  # ... and as a dense TopK counts them
+TOKENS = [10 * 2**i for i in range(11)]  # 10 .. 10240: the checkpoints of every training curve
+TRAIN_EV = 0.99  # the training-batch EV logged beside them: reached at once, were it read
 SCRATCH = (2.0, 0.2)  # FVU = A * C^-beta from scratch
 STITCHED = (1.2, 0.18)  # ... and from the stitched init, C including the stitch's FLOPs
 STITCH_FLOPS = {"A1-B2": 8000.0, "A2-B3": 5000.0}
@@ -47,21 +51,25 @@ def new_run(client: MlflowClient, exp_id: str, name: str, role: str, **tags: obj
 
 
 def sae_run(client, exp_id, name, role, law, offset, budget, ev_final=None, **tags) -> str:
-    """An SAE training: the power-law curve up to its budget, checkpoint metrics at the end."""
+    """An SAE training: held-out EV on the power law at every checkpoint up to its budget (the
+    final one `ev_final` if given), a decoy training-batch EV, FLOPs at the end."""
     run_id = new_run(client, exp_id, name, role, width=WIDTH, budget=budget, **tags)
-    for t in (t for t in TOKENS if t <= budget):
-        log(client, run_id, {"train/explained_variance": ev_of(PER_TOKEN * t + offset, law)}, t)
-    log(client, run_id, {"eval/explained_variance": 0.5, "eval/ces": 0.5}, budget // 2)  # earlier
+    for t in (t for t in TOKENS if t < budget):
+        log(client, run_id, {"train/explained_variance": TRAIN_EV, "eval/ces": 0.5,
+                             "eval/explained_variance": ev_of(PER_TOKEN * t + offset, law)}, t)
     final = ev_final if ev_final is not None else ev_of(PER_TOKEN * budget + offset, law)
     log(client, run_id, {"eval/explained_variance": final, "eval/ces": final - 0.05,
-                         "eval/l0": 64.0, "flops": PER_TOKEN * budget, "tokens_seen": budget}, budget)
+                         "eval/l0": 64.0, "flops": PER_TOKEN * budget,
+                         "flops_dense_equiv": DENSE_PER_TOKEN * budget, "tokens_seen": budget}, budget)
     client.set_terminated(run_id)
     return run_id
 
 
 def fabricate(client: MlflowClient, exp_id: str, tmp: Path) -> None:
     parent = new_run(client, exp_id, "stitch sweep", "stitch_sweep")
-    client.log_batch(parent, params=[Param("stitch.ev_thresholds", "(0.7, 0.8, 0.9)")])
+    client.log_batch(parent, params=[Param("stitch.ev_thresholds", "(0.7, 0.8, 0.9)"),
+                                     Param("model.name", "toy://default/small"),
+                                     Param("stitch.large.name", "toy://default/large")])
     client.log_dict(parent, {"method": "svcca", "layers_a": [1, 2], "layers_b": [2, 3, 4],
                              "matrix": [[0.9, 0.7, 0.5], [0.6, 0.95, 0.8]],
                              "best": {"1": 2, "2": 3}}, "layer_match.json")
@@ -140,15 +148,17 @@ def report(monkeypatch: pytest.MonkeyPatch):
     return stitch_report.main
 
 
-def crossing(law, offset: float, budget: int, threshold: float) -> tuple[int, float] | None:
-    """First logged (tokens, FLOPs) whose analytic curve is at or above the threshold."""
+def crossing(law, offset: float, budget: int, threshold: float
+             ) -> tuple[int, int, float, float] | None:
+    """First checkpoint whose analytic curve is at or above the threshold: (tokens, tokens of
+    the checkpoint before it, FLOPs as run, FLOPs dense)."""
     a, beta = law
     needed = (a / (1 - threshold)) ** (1 / beta)
-    for t in TOKENS:
+    for i, t in enumerate(TOKENS):
         flops = PER_TOKEN * t + offset
         if t <= budget and flops >= needed:
             assert abs(flops / needed - 1) > 1e-6  # no point on the edge of a threshold
-            return t, flops
+            return t, TOKENS[i - 1] if i else 0, flops, DENSE_PER_TOKEN * t + offset
     return None
 
 
@@ -160,6 +170,7 @@ def test_tables_match_the_closed_forms(store, report, capsys):
 
     ce = pl.read_csv(d / "stitch_ce.csv")
     assert ce["pair"].to_list() == ["A1-B2", "A2-B3"]
+    assert ce["paper A→B"].null_count() == 2  # the toy pair is not the paper's
     assert ce["layer A"].to_list() == [1, 2] and ce["layer B"].to_list() == [2, 3]
     for i, row in enumerate(ce.iter_rows(named=True)):
         assert [row[c] for c in ("CE A", "CE B", "A→B", "B→A", "A round trip", "B round trip")] \
@@ -182,32 +193,57 @@ def test_tables_match_the_closed_forms(store, report, capsys):
 
     table = pl.read_csv(d / "flops_to_threshold.csv")
     assert table.height == 3 * 3  # (A1-B2, 2560), (A2-B3, 2560), (A2-B3, 10240) x 3 thresholds
+    cols = ("tokens", "last below", "FLOPs", "FLOPs dense")
     for row in table.iter_rows(named=True):
         offset = STITCH_FLOPS[row["pair"]]
         scratch = crossing(SCRATCH, 0.0, row["budget"], row["threshold"])
         stitch = crossing(STITCHED, offset, row["budget"], row["threshold"])
         assert stitch is not None  # the stitched init reaches every threshold in these budgets
-        assert (row["stitch tokens"], row["stitch FLOPs"]) == stitch
+        assert tuple(row[f"stitch {c}"] for c in cols) == stitch
         assert row["of which stitch FLOPs"] == offset
+        assert row["paper saving %"] is None  # the toy pair is none of the paper's
         if scratch is None:
             assert row["scratch FLOPs"] is None and row["saving %"] is None
+            assert row["saving % dense"] is None
+            assert row["scratch last below"] == row["budget"]  # below it at the last checkpoint
         else:
-            assert (row["scratch tokens"], row["scratch FLOPs"]) == scratch
-            assert row["saving %"] == pytest.approx(100 * (1 - stitch[1] / scratch[1]))
+            assert tuple(row[f"scratch {c}"] for c in cols) == scratch
+            assert row["saving %"] == pytest.approx(100 * (1 - stitch[2] / scratch[2]))
+            assert row["saving % dense"] == pytest.approx(100 * (1 - stitch[3] / scratch[3]))
     top = table.filter((pl.col("pair") == "A2-B3") & (pl.col("budget") == 10240)
                        & (pl.col("threshold") == 0.9)).row(0, named=True)
     # scratch first reaches 0.9 at 5120 tokens (needs 3200), the stitch at 1280 (needs 985)
     assert (top["scratch FLOPs"], top["stitch FLOPs"]) == (5_120_000.0, 1_285_000.0)
+    assert (top["scratch last below"], top["stitch last below"]) == (2560, 640)
+    assert (top["scratch FLOPs dense"], top["stitch FLOPs dense"]) == (20_480_000.0, 5_125_000.0)
     assert top["saving %"] == pytest.approx(100 * (1 - 1_285_000 / 5_120_000))
     assert table.filter(pl.col("budget") == 2560, pl.col("threshold") == 0.9)["scratch FLOPs"].null_count() == 2
+    md = (d / "flops_to_threshold.md").read_text()
+    assert md.startswith("EV: held-out") and "FLOPs dense: as a dense TopK" in md
 
     fit = pl.read_csv(d / "scaling_fit.csv")
-    assert fit.height == 3 * 2
+    assert fit.height == 3 * 2 * 2  # curves x inits x FLOPs accountings
     for row in fit.iter_rows(named=True):
         a, beta = SCRATCH if row["init"] == "scratch" else STITCHED
-        assert row["A"] == pytest.approx(a, abs=1e-3) and row["beta"] == pytest.approx(beta, abs=1e-3)
-        assert row["r2"] == pytest.approx(1.0, abs=1e-9)
         assert row["points"] == sum(t > 0.1 * row["budget"] for t in TOKENS if t <= row["budget"])
+        if row["FLOPs"] == "as run":  # the laws are exact in FLOPs as run
+            assert row["A"] == pytest.approx(a, abs=1e-3) and row["beta"] == pytest.approx(beta, abs=1e-3)
+            assert row["r2"] == pytest.approx(1.0, abs=1e-9)
+        elif row["init"] == "scratch":  # 4x the FLOPs: the same slope, A * 4^beta
+            assert row["A"] == pytest.approx(a * 4**beta, rel=1e-6)
+            assert row["beta"] == pytest.approx(beta, abs=1e-6)
+    model = pl.read_csv(d / "scaling_fit_model.csv")
+    assert model.height == 2 * 2 * 2  # pairs x inits x FLOPs accountings, one width each here
+    assert model["paper A"].null_count() == model.height  # the toy pair is not the paper's
+
+    paper = pl.read_csv(d / "paper.csv")
+    assert set(paper["same setting"]) == {"no"}
+    a_to_b = paper.filter(pl.col("quantity") == "ce/a_to_b")
+    assert a_to_b["raysae"].to_list() == [CE["ce/a_to_b"], CE["ce/a_to_b"] + 1]
+    assert a_to_b["paper"].to_list() == ["3.99"] * 2
+    saving = paper.filter(pl.col("quantity").str.starts_with("saving"))
+    assert saving["budget"].to_list() == [2560, 10240] and saving["paper"].to_list() == ["30-50"] * 2
+    assert saving["raysae"][1] == pytest.approx(100 * (1 - 5_125_000 / 20_480_000))
 
     probes = pl.read_csv(d / "probes.csv")
     assert probes.columns == ["pair", "label", "a_on_a", "a_on_b", "b_on_b", "random", "majority"]
@@ -246,8 +282,9 @@ def test_outputs_are_logged_to_one_summary_run(store, report, monkeypatch, tmp_p
     found = client.search_runs([exp.experiment_id], "tags.`raysae.role` = 'stitch_summary'")
     assert len(found) == 1 and found[0].info.run_name == "stitch-logged stitch summary"
     names = {a.path for a in client.list_artifacts(found[0].info.run_id, "analysis")}
-    expected = {"stitch_ce", "sae_transfer", "flops_to_threshold", "scaling_fit", "probes",
-                "sparse_probes", "steering", "feature_classes", "layer_match"}
+    expected = {"stitch_ce", "sae_transfer", "flops_to_threshold", "scaling_fit",
+                "scaling_fit_model", "paper", "probes", "sparse_probes", "steering",
+                "feature_classes", "layer_match"}
     assert {f"analysis/{n}.{ext}" for n in expected for ext in ("csv", "md")} <= names
     assert {"analysis/curves.png", "analysis/feature_classes.png", "analysis/layer_match.png"} <= names
     assert {p.name for p in (tmp_path / "out" / "stitch-logged").iterdir()} == {
@@ -261,6 +298,114 @@ def test_missing_pieces_are_skipped_with_a_note(store, report, capsys, tmp_path)
     for piece in ("sae_transfer", "flops_to_threshold", "probes", "feature_classes", "layer_match"):
         assert f"skipping {piece}" in printed
     assert "thresholds (0.7, 0.8, 0.9)" in printed  # no parent run: the default thresholds
-    assert sorted(p.name for p in (tmp_path / "stitch-bare").iterdir()) == ["stitch_ce.csv", "stitch_ce.md"]
+    assert sorted(p.name for p in (tmp_path / "stitch-bare").iterdir()) == [
+        "paper.csv", "paper.md", "stitch_ce.csv", "stitch_ce.md"]  # the CEs beside the paper's
     ce = pl.read_csv(tmp_path / "stitch-bare" / "stitch_ce.csv")
     assert ce["A→B"].to_list() == [CE["ce/a_to_b"]] and ce["lstsq A→B"].to_list() == [None]
+
+
+@pytest.fixture
+def sr(monkeypatch: pytest.MonkeyPatch):
+    """The stitch_report module, for its pieces."""
+    monkeypatch.syspath_prepend(str(ROOT / "analysis"))
+    import stitch_report
+
+    return stitch_report
+
+
+PYTHIA = {"model_a": "EleutherAI/pythia-70m-deduped", "layer_a": 3,
+          "model_b": "EleutherAI/pythia-160m-deduped", "layer_b": 4}
+
+
+def curve(pair: str, width: int, budget: int, init: str, points: list[tuple[int, float]],
+          rate: float = 1.0, dense: float = 4.0, offset: float = 0.0) -> pl.DataFrame:
+    """A fabricated checkpoint history in `ev_curves`' form."""
+    return pl.DataFrame(
+        [(pair, width, budget, init, t, t * rate + offset, t * dense + offset, offset, ev)
+         for t, ev in points],
+        schema={"pair": pl.String, "width": pl.Int64, "budget": pl.Int64, "init": pl.String,
+                "tokens": pl.Int64, "flops": pl.Float64, "flops_dense": pl.Float64,
+                "stitch_flops": pl.Float64, "ev": pl.Float64}, orient="row")
+
+
+def test_a_threshold_is_crossed_between_checkpoints_and_reported_at_the_next(sr):
+    scratch = curve("A3-B4", 64, 400, "scratch", [(100, 0.5), (200, 0.75), (300, 0.85), (400, 0.95)])
+    stitch = curve("A3-B4", 64, 400, "stitch", [(0, 0.72), (100, 0.8), (200, 0.91), (300, 0.92),
+                                                (400, 0.97)], offset=50.0)
+    t = sr.flops_to_threshold(pl.concat([scratch, stitch]), (0.7, 0.9, 0.96), {"A3-B4": PYTHIA})
+    rows = {r["threshold"]: r for r in t.iter_rows(named=True)}
+    # scratch: 0.7 between 100 and 200 -> the checkpoint at 200; 0.9 between 300 and 400
+    assert [(rows[x]["scratch last below"], rows[x]["scratch tokens"]) for x in (0.7, 0.9)] == [
+        (100, 200), (300, 400)]
+    assert (rows[0.9]["scratch FLOPs"], rows[0.9]["scratch FLOPs dense"]) == (400.0, 1600.0)
+    # never reached: no FLOPs, and the last checkpoint it was below at
+    assert rows[0.96]["scratch tokens"] is None and rows[0.96]["scratch last below"] == 400
+    # the stitched init's zero-shot point already reaches 0.7: its FLOPs are the stitch's alone
+    assert (rows[0.7]["stitch tokens"], rows[0.7]["stitch last below"], rows[0.7]["stitch FLOPs"]) \
+        == (0, None, 50.0)
+    assert (rows[0.9]["stitch last below"], rows[0.9]["stitch tokens"]) == (100, 200)
+    assert rows[0.9]["saving %"] == pytest.approx(100 * (1 - 250 / 400))
+    assert rows[0.9]["saving % dense"] == pytest.approx(100 * (1 - 850 / 1600))
+    assert rows[0.96]["stitch tokens"] == 400 and rows[0.96]["saving %"] is None
+    assert [rows[x]["paper saving %"] for x in (0.7, 0.9, 0.96)] == [None, "30-50", None]
+
+
+def test_one_fit_per_model_and_init_recovers_the_law_over_all_widths(sr):
+    """Points of A * C^-beta spread over three widths (each its own stretch of C) give back A
+    and beta; a shorter budget of a width (another law here) is left out, its first 10% too."""
+    def law(a: float, beta: float, width: int, scale: float, budget: int = 1000,
+            init: str = "scratch") -> pl.DataFrame:
+        points = [(t, 1 - a * (t * scale) ** -beta) for t in range(50, budget + 1, 50)]
+        return curve("A3-B4", width, budget, init, points, rate=scale, dense=scale)
+
+    curves = pl.concat([
+        *(law(41.2, 0.16, w, 1e9 * w / 64) for w in (64, 128, 256)),
+        law(41.2, 0.16, 64, 1e9, budget=1000).head(1).with_columns(pl.lit(-0.5).alias("ev")),
+        law(3.0, 0.5, 128, 1e9 * 2, budget=500),  # shorter budget, another law: ignored
+        *(law(18.5, 0.14, w, 1e9 * w / 64, init="stitch") for w in (64, 128)),
+    ])
+    fit = sr.scaling_fit_model(curves, {"A3-B4": PYTHIA})
+    assert fit.height == 2 * 2  # inits x FLOPs accountings
+    for row in fit.iter_rows(named=True):
+        a, beta = (41.2, 0.16) if row["init"] == "scratch" else (18.5, 0.14)
+        assert row["A"] == pytest.approx(a, rel=1e-6) and row["beta"] == pytest.approx(beta, rel=1e-6)
+        assert row["r2"] == pytest.approx(1.0)
+        assert row["widths"] == ("64,128,256" if row["init"] == "scratch" else "64,128")
+        assert row["points"] == (3 if row["init"] == "scratch" else 2) * 18  # tokens > 100 of 1000
+        assert row["model B"] == PYTHIA["model_b"]
+        paper = (row["paper A"], row["paper beta"])
+        assert paper == ((a, beta) if row["FLOPs"] == "dense" else (None, None))
+    # the per-curve fits of the same points: one law each
+    per_curve = sr.scaling_fit(curves.filter(pl.col("budget") == 1000, pl.col("init") == "scratch"))
+    assert per_curve["beta"].to_list() == pytest.approx([0.16] * 6, rel=1e-6)
+
+
+def test_paper_columns_fill_where_the_setting_is_the_papers(sr):
+    runs = pl.DataFrame({"role": ["stitch", "stitch"], "pair": ["A3-B4", "A2-B4"],
+                         "layer_a": [3, 2], "layer_b": [4, 4], "metrics.ce/a": [3.7, 3.7]})
+    settings = {"A3-B4": PYTHIA, "A2-B4": {**PYTHIA, "layer_a": 2}}
+    ce = sr.stitch_ce(runs, settings)
+    assert ce["paper CE A"].to_list() == [None, 3.60] and ce["paper B→A"].to_list() == [None, 4.21]
+    assert ce["CE A"].to_list() == [3.7, 3.7] and ce["lstsq A→B"].null_count() == 2
+    table = sr.paper_table(settings, {"stitch_ce": ce})
+    mine = table.filter(pl.col("quantity") == "ce/a")
+    assert mine["same setting"].to_list() == ["no", "yes"] and mine["paper"].to_list() == ["3.6"] * 2
+    assert mine["paper setting"][0] == "pythia-70m-deduped L3 → pythia-160m-deduped L4"
+
+
+def test_every_reference_number_names_its_source_and_setting():
+    from raysae.reference import load, lookup, settings_of
+
+    ref = load("stitching")
+    assert "2506.06609" in ref["paper"]
+    for number in ref["numbers"]:
+        assert number["source"] and number["what"]
+        assert all(s and isinstance(s, dict) for s in settings_of(number)), number["name"]
+    assert lookup(ref, "scaling_fit/scratch", PYTHIA)["A"] == 41.2
+    assert lookup(ref, "scaling_fit/stitch", {**PYTHIA, "layer_b": 5}) is None
+    gpt2 = {"model_a": "openai-community/gpt2", "layer_a": 6,
+            "model_b": "openai-community/gpt2-medium", "layer_b": 10}
+    assert lookup(ref, "flops_saving_pct", gpt2)["low"] == 30  # any of the paper's three pairs
+    assert lookup(ref, "flops_saving_pct", {**gpt2, "layer_b": 9}) is None
+    with pytest.raises(FileNotFoundError, match="stitching"):
+        load("no-such-paper")

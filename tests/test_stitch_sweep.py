@@ -21,7 +21,7 @@ from raysae.config import load_config
 from raysae.distributed.stitching import stitch_dir_for
 from raysae.distributed.training import sae_dir_for
 from raysae.sae import SAE
-from raysae.stitching.stitch import Stitch, transfer_sae
+from raysae.stitching.stitch import Stitch, lstsq_flops, transfer_sae
 
 pytestmark = pytest.mark.ray
 
@@ -47,7 +47,8 @@ def config(toy) -> dict:
                        "sparse_k": [1, 4], "steering_tokens": 4},
             "variants": str(toy.variants),
         },
-        "features": {"tasks": [str(toy.tasks)], "examples_per_task": 8, "top_n": [4, 16],
+        "features": {"tasks": [str(toy.tasks)], "examples_per_task": 8,
+                     "faithfulness_n": [4, 16], "completeness_n": [4, 16],
                      "exact_check_features": 4, "checkpoints": "final", "dashboard_features": 4,
                      "dashboard_contexts": 3},
     }
@@ -115,11 +116,20 @@ def test_stitched_init_is_the_closed_form_transfer(swept):
     x = torch.randn(16, stitch.d_b)
     assert torch.allclose(init.encode(x), expected.encode(x), atol=1e-5)
     assert init.metadata.model_name == cfg.stitch.large.name
-    # the stitch's FLOPs are charged to every stitched-init run
-    stitch_flops = df.filter(pl.col("tags.raysae.role") == "stitch")["metrics.flops"][0]
+    # the stitch's FLOPs, its least-squares start included, are charged to every stitched-init
+    # run; a stitch is dense, so both accountings agree
+    row = df.filter(pl.col("tags.raysae.role") == "stitch").row(0, named=True)
+    stitch_flops, lstsq = row["metrics.flops"], row["metrics.lstsq/flops"]
+    assert lstsq == pytest.approx(lstsq_flops(cfg.stitch.lstsq_tokens, stitch.d_a, stitch.d_b))
+    assert stitch_flops == pytest.approx(20 * stitch.d_a * stitch.d_b * cfg.stitch.num_tokens + lstsq)
+    assert row["metrics.flops_dense_equiv"] == stitch_flops
     transfer = df.filter(pl.col("tags.raysae.role") == "transfer")
     assert transfer["metrics.stitch_flops"].to_list() == [stitch_flops] * 2
-    assert stitch_flops == pytest.approx(20 * stitch.d_a * stitch.d_b * cfg.stitch.num_tokens)
+    assert transfer["metrics.stitch_flops_dense_equiv"].to_list() == [stitch_flops] * 2
+    # B's SAEs: as run (sparse TopK) well under the dense count, 10 d_B d_sae per token
+    dense = 10.0 * stitch.d_b * 64 * transfer["metrics.tokens_seen"]
+    assert transfer["metrics.flops_dense_equiv"].to_list() == pytest.approx(dense.to_list())
+    assert (transfer["metrics.flops"] < transfer["metrics.flops_dense_equiv"]).all()
 
 
 def test_probes_and_feature_classes_logged(swept):
@@ -174,7 +184,7 @@ def test_analysis_reads_the_sweep(swept, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     d = tmp_path / "stitch-test"
     for name in ("stitch_ce.csv", "sae_transfer.csv", "flops_to_threshold.csv", "scaling_fit.csv",
-                 "probes.csv", "feature_classes.csv", "layer_match.png", "curves.png",
+                 "scaling_fit_model.csv", "paper.csv", "probes.csv", "feature_classes.csv", "layer_match.png", "curves.png",
                  "circuits.csv"):
         assert (d / name).is_file(), name
     circ = pl.read_csv(d / "circuits.csv")

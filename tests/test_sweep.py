@@ -68,7 +68,8 @@ def swept(tmp_path_factory, token_file, foreign_ray):
     cfg_path = tmp / "sweep.yaml"
     tasks = write_task_file(tmp / "tasks.parquet")
     # min_feature_effect 0: every ratio defined, whatever the random model does with the tasks
-    features = {"tasks": [str(tasks)], "examples_per_task": 6, "top_n": [0.05, 16],
+    features = {"tasks": [str(tasks)], "examples_per_task": 6, "faithfulness_n": [0.05, 16],
+                "completeness_n": [0.05, 16],
                 "min_feature_effect": 0.0,
                 "exact_check_features": 4, "dashboard_features": 6, "dashboard_contexts": 3}
     cfg_path.write_text(yaml.safe_dump({**CONFIG, "data": {**CONFIG["data"], "source": str(token_file)},
@@ -126,7 +127,8 @@ def test_grid_counts_and_mlflow_layout(swept):
     # derived metrics on every transfer run
     transfer = children.filter(pl.col("tags.raysae.phase") == "transfer")
     for col in ("metrics.normalized_ces", "metrics.mmcs_vs_scratch", "metrics.flops",
-                "metrics.transfer_score/top_logits", "metrics.transfer_score/max_activating"):
+                "metrics.transfer_score/top_logits", "metrics.transfer_score/max_activating",
+                "metrics.transfer_score/combined"):
         assert transfer[col].is_not_null().all(), col
     assert transfer["metrics.mmcs_vs_scratch"].is_between(-1, 1).all()
 
@@ -138,7 +140,7 @@ def test_feature_phase_on_every_trained_sae(swept):
     client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
     trained = runs_table(runs).filter(pl.col("tags.raysae.phase").is_in(["scratch", "transfer"]))
     assert trained.height == 4
-    d_sae = 2 * TINY_NEOX["hidden_size"]  # top_n [0.05, 16] -> 6 and 16 features
+    d_sae = 2 * TINY_NEOX["hidden_size"]  # [0.05, 16] -> 6 and 16 features
     for run_id, phase in trained.select("run_id", "tags.raysae.phase").iter_rows():
         run = client.get_run(run_id)
         assert run.data.tags["raysae.features"] == "done"
@@ -205,7 +207,7 @@ def test_changed_feature_settings_rerun_only_the_feature_phase(swept):
     _, runs, _, _ = swept
     cfg_path = next(runs.parent.glob("sweep.yaml"))
     data = yaml.safe_load(cfg_path.read_text())
-    data["features"]["top_n"] = [0.05, 16, 32]
+    data["features"]["faithfulness_n"] = data["features"]["completeness_n"] = [0.05, 16, 32]
     changed = cfg_path.with_name("sweep-more-n.yaml")
     changed.write_text(yaml.safe_dump(data))
     client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
@@ -233,22 +235,33 @@ def test_analysis_regenerates_tables_and_figures(swept):
     assert matrix.null_count().sum_horizontal()[0] == 0
     for name in ("normalized_ces_fwd", "normalized_ces_bwd"):
         table = pl.read_csv(d / f"{name}.csv")
-        assert table.columns == ["layer", "2048 @1024", "2048 @2048"]
+        # the paper's Tables 3-4 value at its final checkpoint beside (another setting)
+        assert table.columns == ["layer", "2048 @1024", "2048 @2048", "paper @500M"]
     assert pl.read_csv(d / "normalized_ces_fwd.csv")["layer"].to_list() == [1]
     for png in ("zeroshot_ces.png", "curves.png"):
         assert (d / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     compute = (d / "compute.md").read_text()
-    assert "tokens saved by the plan: 25.0%" in compute and "FLOPs saved" in compute
+    # both plans at 50% of 2048 tokens: the 1024-token checkpoints of the transfers
+    assert "tokens saved by the forward plan: 25.0%" in compute and "FLOPs saved" in compute
+    assert "tokens saved by the backward plan: 25.0%" in compute and "(checkpoint)" in compute
+    paper = pl.read_csv(d / "paper.csv")
+    assert set(paper["same setting"]) == {"no"} and paper["paper"].is_not_null().all()
     # feature-quality figures: per direction and checkpoint, per N, per task, DLA per layer
     by_ckpt = pl.read_csv(d / "circuits_by_checkpoint.csv")
     assert set(by_ckpt.columns) == {"direction", "budget", "tokens", "faithfulness",
-                                    "completeness", "dla_total"}
+                                    "completeness", "cells", "undefined", "common cells",
+                                    "faithfulness common", "completeness common", "dla_mean",
+                                    "dla_total"}
+    assert (by_ckpt["undefined"] == 0).all()  # min_feature_effect 0: every ratio defined
     assert set(by_ckpt["direction"]) == {"scratch", "fwd", "bwd"}
     assert sorted(set(by_ckpt["tokens"])) == [1024, 2048]
     by_n = pl.read_csv(d / "circuits_by_n.csv")
     sizes = [6, 16, 32]  # the last submission added N=32
-    assert by_n.columns == ["direction", *[f"{k} N={n}" for k in ("faithfulness", "completeness")
-                                           for n in sizes]]
+    assert by_n.columns == ["direction", *[c for k in ("faithfulness", "completeness")
+                                           for c in (*[f"{k} N={n}" for n in sizes], k)],
+                            "cells", "undefined"]
+    assert pl.read_csv(d / "circuits_by_direction.csv")["direction"].to_list() == [
+        "bwd", "fwd", "scratch"]
     by_task = pl.read_csv(d / "circuits_by_task.csv")
     assert set(by_task["task"]) == {"copy", "swap"} and "atp_exact_corr" in by_task.columns
     assert pl.read_csv(d / "dla_by_layer.csv")["layer"].to_list() == [0, 1]
@@ -297,3 +310,47 @@ def runs_table_named(runs: Path, name: str) -> pl.DataFrame:
     mlflow.set_tracking_uri(f"sqlite:///{runs / 'mlflow.db'}")
     df = mlflow.search_runs(experiment_names=[name])
     return pl.from_pandas(df.astype({c: str for c in df.columns if c.startswith("tags.")}))
+
+
+def test_adaptive_sweep_stops_each_transfer_at_its_target(tmp_path, token_file):
+    """`sweep.stop_at`: each transfer stops at the first check (every 256 tokens) whose
+    normalized CES reaches the target, or runs its budget below it, and says which; the sweep
+    prints the tokens saved and the cheapest plan for the target against the B.1 plans, which
+    `raysae plan --target` prints again from MLflow."""
+    from raysae.distributed.engine import STOP_TAG
+
+    target = 0.3
+    cfg = {**CONFIG, "name": "sweep-adaptive",
+           "data": {**CONFIG["data"], "source": str(token_file)},
+           "sweep": {**CONFIG["sweep"], "compute_plan": True,
+                     "stop_at": {"normalized_ces": target, "check_every_tokens": 256}}}
+    cfg_path = tmp_path / "sweep.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    runs = tmp_path / "runs"
+    out = subprocess.run(sweep_cmd(cfg_path, runs), env=driver_env(), capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    df = runs_table_named(runs, "sweep-adaptive")
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    stopped = 0
+    for row in df.filter(pl.col("tags.raysae.phase") == "transfer").iter_rows(named=True):
+        tokens, why = int(row["tags.raysae.tokens_seen"]), row[f"tags.{STOP_TAG}"]
+        norm = {m.step: m.value for m in client.get_metric_history(row["run_id"], "normalized_ces")}
+        if why.startswith("no target: normalized CES is undefined here"):  # zero-shot >= scratch
+            assert tokens == 2048 and sorted(norm) == [1024, 2048]  # no checks: checkpoints only
+            continue
+        assert sorted(norm) == list(range(256, tokens + 1, 256))  # a check every 256 tokens
+        assert all(v < target for s, v in norm.items() if s < tokens)
+        if why.startswith("target: eval/ces"):
+            assert norm[tokens] >= target - 1e-9
+            stopped += tokens < 2048
+        else:
+            assert why.startswith("budget:") and tokens == 2048 and norm[tokens] < target
+    assert stopped >= 1, "no transfer reached the target early: the test says nothing"
+    assert "early stopping: " in out.stdout and "transfers stopped early" in out.stdout
+    assert "| cheapest for the target |" in out.stdout and "| B.1 forward, 1024 fine-tuning |" in out.stdout
+    plan = subprocess.run([sys.executable, "-m", "raysae.cli", "plan", str(cfg_path), "--runs-dir",
+                           str(runs), "--target", str(target)], env=driver_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert plan.stdout.strip() in out.stdout  # the same plan, read back from MLflow

@@ -18,6 +18,7 @@ from raysae.sae import SAE
 from raysae.stitching.stitch import Stitch, train_stitch
 from raysae.train import (
     Diverged,
+    dense_sae_flops_per_token,
     l1_coeff_at,
     lr_at,
     sae_flops_per_token,
@@ -294,6 +295,32 @@ def test_flops_are_counted_per_token() -> None:
     sparse = sae_flops_per_token(SAE(SAEConfig(architecture="topk", d_sae=F, k=k), D), x, cfg)
     # the dense encoder plus O(k D) for the sparse decode and backward: far below relu
     assert 2 * D * F + 2 * k * D <= sparse <= 2 * D * F + 10 * 2 * k * D
+
+
+def test_dense_equivalent_flops_are_five_dense_products() -> None:
+    """The stitching paper's accounting: a TopK step with dense [B, d_sae] latents."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    D, F, k, B = 4, 8, 2, 16
+    # encoder x W_enc, decoder f W_dec; grads of W_dec (fᵀg), of f (g W_decᵀ), of W_enc (xᵀg_pre):
+    # five [D, F]-sized multiply-adds per token, 2·4·8 = 64 FLOPs each
+    assert dense_sae_flops_per_token(D, F) == 5 * 64 == 320
+    W_enc, W_dec = torch.randn(D, F, requires_grad=True), torch.randn(F, D, requires_grad=True)
+    x = torch.randn(B, D)
+    with FlopCounterMode(display=False) as counter:  # a plain dense TopK step, as torch runs it
+        pre = x @ W_enc
+        vals, idx = pre.topk(k, dim=-1)
+        f = torch.zeros_like(pre).scatter(1, idx, vals.relu())
+        ((f @ W_dec - x) ** 2).sum().backward()
+    assert counter.get_total_flops() / B == dense_sae_flops_per_token(D, F)
+    # relu runs dense in raysae too: its counted step is the dense count (to O(1/D))
+    D, F = 64, 256
+    x = torch.randn(B, D)
+    cfg = TrainConfig(num_tokens=4096, batch_size=B)
+    relu = sae_flops_per_token(SAE(SAEConfig(architecture="relu", d_sae=F), D), x, cfg)
+    assert relu == pytest.approx(dense_sae_flops_per_token(D, F), rel=0.05)
+    topk = sae_flops_per_token(SAE(SAEConfig(architecture="topk", d_sae=F, k=8), D), x, cfg)
+    assert topk < dense_sae_flops_per_token(D, F) / 3  # what the sparse kernels save
 
 
 @pytest.mark.parametrize("kind", ["sae", "stitch"])

@@ -234,3 +234,42 @@ def test_a_diverged_member_fails_alone_and_its_group_goes_on(job):
     for _, folder in checkpoint_saes(cfg, "wild"):
         sae = SAE.load(folder)
         assert all(torch.isfinite(p).all() for p in sae.parameters())
+
+
+def test_a_member_that_reaches_its_target_leaves_the_group(job, uninterrupted):
+    """Three SAEs on one stream, two workers: one whose target holds at its first check stops
+    there (between checkpoints), one whose target never holds runs its budget checked every
+    1,024 tokens and says so, one without a rule equals the solo run: the stop decision (taken
+    on rank 0, which evaluates) reached both workers at the same step."""
+    from raysae.distributed.engine import STOP_TAG
+    from raysae.distributed.training import SAERun, checkpoint_saes, train_on_ray
+    from raysae.stopping import StopRule
+
+    cfg, directory = job
+    hook = "blocks.1.hook_resid_post"
+    keeps = SAERun(key="keeps", name="keeps", hook=hook)
+    stops = SAERun(key="stops", name="stops", hook=hook,
+                   stop=StopRule("eval/ces", -1e9, "any CES", every_tokens=1024))
+    never = SAERun(key="never", name="never", hook=hook,
+                   stop=StopRule("eval/ces", 1e9, "an unreachable CES", every_tokens=1024))
+    results = train_on_ray(cfg, group(directory, keeps, stops, never))
+    assert results["stops"].metrics["tokens_seen"] == 1024
+    client, run = mlflow_run(cfg, "stops")
+    assert run.info.status == "FINISHED" and run.data.tags["raysae.tokens_seen"] == "1024"
+    assert run.data.tags[STOP_TAG].startswith("target: eval/ces ") and "at 1,024 tokens" in run.data.tags[STOP_TAG]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/ces")] == [1024]
+    [(tokens, folder)] = checkpoint_saes(cfg, "stops")
+    final, at_stop = SAE.load(results["stops"].out_dir), SAE.load(folder)
+    assert tokens == 1024 and torch.equal(final.W_dec, at_stop.W_dec)
+
+    client, run = mlflow_run(cfg, "never")
+    assert run.data.tags[STOP_TAG] == ("budget: eval/ces >= 1e+09 (an unreachable CES) not reached "
+                                       "in 8,192 tokens")
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "eval/ces")]
+    assert steps == list(range(1024, BUDGET + 1, 1024))
+    assert [t for t, _ in checkpoint_saes(cfg, "never")] == steps
+    assert STOP_TAG not in mlflow_run(cfg, "keeps")[1].data.tags
+    plain, _ = uninterrupted
+    a, b = SAE.load(plain.out_dir), SAE.load(results["keeps"].out_dir)
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        assert (getattr(a, name) - getattr(b, name)).abs().max() < 1e-6, name

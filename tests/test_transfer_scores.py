@@ -1,14 +1,19 @@
-"""Transfer scores against hand-computed values: transfer score, token tables, MMCS, nCES."""
+"""Transfer scores against hand-computed values: transfer score (each part and the three
+combined), token tables (the logit tokens read through the final norm), MMCS, nCES."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_NEOX
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from raysae.config import SAEConfig
+from raysae.features.attribution import NormFrame, final_norm_frame
 from raysae.sae import SAE
 from raysae.transfer import scores
 from raysae.transfer.scores import (
+    combined_transfer_score,
     max_activating_tokens,
     mmcs,
     normalized_ces,
@@ -48,6 +53,51 @@ def test_top_logit_tokens():
     assert top[0].tolist() == [0, 3] and top[1, 0] == 1  # feature 1's runner-up is a 0-tie
     bottom = top_logit_tokens(W_dec_FD, W_U_DV, 1, largest=False)
     assert bottom[1].tolist() == [4]
+
+
+def test_combined_score_pools_the_three_parts():
+    top_a, top_b = torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([[1, 2, 9], [9, 9, 9]])
+    bot_a, bot_b = torch.tensor([[7, 8, 9], [1, 2, 3]]), torch.tensor([[7, 8, 9], [3, 0, 0]])
+    max_a, max_b = torch.tensor([[5, 6, -1], [1, 2, 3]]), torch.tensor([[5, 0, -1], [1, 2, 3]])
+    parts = [(top_a, top_b), (bot_a, bot_b), (max_a, max_b)]
+    # feature 0 shares 2 + 3 + 1 of 9 tokens, feature 1 shares 0 + 1 + 3: (6/9 + 4/9) / 2
+    assert combined_transfer_score(parts) == pytest.approx(10 / 18)
+    # with K tokens in every part, the mean of the parts' scores (the paper's code: the three
+    # shared counts of 10 tokens summed over 30)
+    assert combined_transfer_score(parts) == pytest.approx(
+        sum(transfer_score(a, b) for a, b in parts) / 3)
+    # parts of different K weigh by their tokens: 2 of 3 and 1 of 1 shared -> 3/4
+    one = [(torch.tensor([[1, 2, 3]]), torch.tensor([[1, 2, 4]])),
+           (torch.tensor([[5]]), torch.tensor([[5]]))]
+    assert combined_transfer_score(one) == pytest.approx(3 / 4)
+    with pytest.raises(ValueError, match="no token tables"):
+        combined_transfer_score([])
+
+
+def test_top_logit_tokens_read_through_the_final_norm_gain():
+    W_U_DV = torch.eye(3)  # direction d writes token d
+    W_dec_FD = torch.tensor([[1.0, 0.6, 0.0], [0.0, 0.3, 0.5]])
+    assert top_logit_tokens(W_dec_FD, W_U_DV, 1).flatten().tolist() == [0, 2]
+    # a gain that shrinks direction 0 and grows direction 1: [0.2, 0.6, 0] and [0, 0.6, 0.5]
+    gain = NormFrame(torch.tensor([0.2, 2.0, 1.0], dtype=torch.float64), centred=False, eps=1e-5)
+    assert top_logit_tokens(W_dec_FD, W_U_DV, 2, frame=gain).tolist() == [[1, 0], [1, 2]]
+    assert top_logit_tokens(W_dec_FD, W_U_DV, 1, largest=False, frame=gain).flatten().tolist() == [
+        2, 0]
+    # through a real model's final LayerNorm: its weight, and the centring of each row
+    torch.manual_seed(0)
+    cfg = dict(TINY_NEOX)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    with torch.no_grad():
+        model.gpt_neox.final_layer_norm.weight.uniform_(0.1, 3.0)
+    frame = final_norm_frame(model)
+    assert frame.centred
+    torch.testing.assert_close(frame.gamma_D.float(), model.gpt_neox.final_layer_norm.weight)
+    W_U = model.get_output_embeddings().weight.detach().T
+    W_dec = torch.randn(32, TINY_NEOX["hidden_size"])
+    through = ((W_dec - W_dec.mean(1, keepdim=True)) * frame.gamma_D.float()) @ W_U
+    got = top_logit_tokens(W_dec, W_U, 5, frame=frame, chunk_rows=7)
+    assert torch.equal(got, through.topk(5, dim=1).indices)
+    assert not torch.equal(got, top_logit_tokens(W_dec, W_U, 5))  # the gain does reorder
 
 
 def test_max_activating_tokens():

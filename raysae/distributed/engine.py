@@ -62,6 +62,7 @@ from raysae.checkpoint import (
 from raysae.config import JobConfig, digest, from_dict, to_dict
 from raysae.distributed import root_cause
 from raysae.plan import PhasePlan, plan_report
+from raysae.stopping import StopRule
 from raysae.tracking import Tracker, tracking_uri
 from raysae.train import Diverged, Trainer
 
@@ -133,6 +134,9 @@ class RunSpec:
     """Extra MLflow tags (grid axes)."""
     parent_run: str | None = None
     """MLflow parent run id (a sweep)."""
+    stop: StopRule | None = None
+    """When the member may stop before its budget (checked at each of its checkpoints): it then
+    leaves the group, its last checkpoint its final artefact."""
     readouts: tuple[RunSpec, ...] = ()
     """Evaluations of the member's final artefact read elsewhere (the zero-shot matrix: a
     scratch SAE read at every layer), each a member-like spec with its own key, run and site;
@@ -303,6 +307,9 @@ MEMBER_FAILED = "diverged"
 """How a phase reports a member that failed on its own while its group went on."""
 ERROR_TAG = "raysae.error"
 """On a member's run that failed while its group went on: why."""
+STOP_TAG = "raysae.stop"
+"""On the run of a member with a stop rule: why it stopped (`target: ...`, `plateau: ...`), or
+that it ran its budget without (`budget: ...`)."""
 
 
 @dataclass
@@ -364,9 +371,19 @@ class _MemberRun:
             self.tracker.set_tags(self.run_id, {ERROR_TAG: error[:5000]})
             self.tracker.finish(self.run_id, "FAILED")
 
-    def finish(self, tokens_seen: int, seconds: dict[str, float] | None = None) -> None:
+    def stop_reason(self) -> str | None:
+        """Why the member may stop at its last logged checkpoint (its stop rule), or None."""
+        rule = self.member.stop
+        if rule is None:
+            return None
+        history = dict(self.tracker.history(self.run_id, rule.metric))  # a replayed step once
+        return rule.reached(sorted(history.items()))
+
+    def finish(self, tokens_seen: int, seconds: dict[str, float] | None = None,
+               stopped: str | None = None) -> None:
         """Idempotent: a resumed group finishes the runs of members done before the failure.
-        `seconds`: where the group's rank 0 spent its time so far (`time/...`)."""
+        `seconds`: where the group's rank 0 spent its time so far (`time/...`); `stopped`: why
+        a member with a stop rule stopped (by default: it ran its budget without reaching it)."""
         if self.tracker.status(self.run_id) == "FINISHED":
             return
         if seconds:
@@ -374,8 +391,19 @@ class _MemberRun:
                                      step=tokens_seen)
         out = output_dir(self.fit.job, self.fit.output_kind, self.member.key)
         self.tracker.log_artifacts(self.run_id, out, self.fit.artifact)
-        self.tracker.set_tags(self.run_id, {"raysae.tokens_seen": str(tokens_seen)})
+        tags = {"raysae.tokens_seen": str(tokens_seen)}
+        if self.member.stop is not None:  # (a member resumed after its group's commit: again)
+            tags[STOP_TAG] = (stopped or self.stop_reason()
+                              or self.member.stop.not_reached(tokens_seen))
+        self.tracker.set_tags(self.run_id, tags)
         self.tracker.finish(self.run_id)
+
+
+def _from_rank0(obj: Any) -> Any:
+    """Rank 0's `obj` on every worker (a decision only rank 0, which evaluates, can take)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _log_readout(fit: Fit, tracker: Tracker, readout: RunSpec, evaluation: dict[str, float]
@@ -467,13 +495,20 @@ def _worker(config: dict[str, Any]) -> None:
         if batch is None:
             raise next(iter(trainers.values())).out_of_data()
         diverged: dict[str, str] = {}
+        checks: dict[str, TrainState] = {}  # members whose stop rule is checked between checkpoints
         with clock("train"):
             for key, trainer in trainers.items():
+                before = trainer.tokens
                 try:
                     trainer.step(fit.member_batch(by_key[key], batch))
                 except Diverged as e:  # the same on every worker (the gradient is all-reduced)
                     diverged[key] = f"{by_key[key].name}: {e}"
                     due.pop(key, None)
+                    continue
+                rule = by_key[key].stop
+                if (rule is not None and rule.every_tokens and key not in due
+                        and trainer.tokens // rule.every_tokens > before // rule.every_tokens):
+                    checks[key] = TrainState(trainer.step_no, trainer.tokens, {}, {}, {})
         group.step += 1
         for key, error in diverged.items():  # it leaves the group, the others go on
             log.error("%s", error)
@@ -481,29 +516,40 @@ def _worker(config: dict[str, Any]) -> None:
             del trainers[key]
             if rank == 0:
                 runs[key].fail(error)
-        if not due and not diverged:
+        if not due and not diverged and not checks:
             continue
         done = {k: t.tokens for k, t in trainers.items() if t.done}
+        why: dict[str, str] = {}  # members whose stop rule holds here: why
         with clock("eval"):
-            if rank == 0 and due:
+            if rank == 0 and (due or checks):
+                at = {**checks, **due}
                 reads = {r.key: (r, models[k], st) for k, st in due.items() if k in done
                          for r in by_key[k].readouts if tracker.finished_metrics(r.key) is None}
-                evals = fit.evaluate({**{k: (by_key[k], models[k], st) for k, st in due.items()},
+                evals = fit.evaluate({**{k: (by_key[k], models[k], st) for k, st in at.items()},
                                       **reads})
-                for key, state in due.items():
+                for key, state in at.items():
                     values = runs[key].checkpoint(models[key], state, evals[key], final=key in done)
-                    if key in done:
+                    reason = runs[key].stop_reason()
+                    if reason is not None:
+                        why[key] = reason
+                        if key not in done:  # stops here: this checkpoint is its final artefact
+                            fit.save(models[key], output_dir(job, fit.output_kind, key))
+                    if key in done or reason is not None:
                         group.finished[key] = values
                 for key, (readout, _, _) in reads.items():
                     _log_readout(fit, tracker, readout, evals[key])
+            if world > 1 and any(by_key[k].stop is not None for k in {**due, **checks}):
+                why = _from_rank0(why)  # every worker drops the stopped members at this step
+        done |= {k: trainers[k].tokens for k in why}
         for key in done:
             del trainers[key]
+        if due or diverged or why:  # a check alone commits nothing (it is replayed on resume)
+            with clock("commit"):
+                _commit(group, trainers, rank)
         due.clear()
-        with clock("commit"):
-            _commit(group, trainers, rank)
         if rank == 0:
             for key, tokens in done.items():
-                runs[key].finish(tokens, clock.seconds())
+                runs[key].finish(tokens, clock.seconds(), why.get(key))
     hooks.finished(fit, models, start)
 
 

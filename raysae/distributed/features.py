@@ -1,11 +1,12 @@
 """Ray: the feature-quality phase of a sweep, one Ray task per trained SAE.
 
 Each task evaluates the SAE's task circuits (`raysae.features.circuits`: attribution patching,
-faithfulness and completeness per circuit size, direct logit attribution, the attribution
-patching check against exact patching) at every training checkpoint, logged to the SAE's own
-MLflow run with step = tokens seen, so the figures line up with the reconstruction metrics of
-the same run; the final checkpoint's per-feature view (mean IE, mean DLA, how often each feature
-is in a circuit of the smallest size) is the `circuits/features.parquet` artifact. It then
+faithfulness and completeness per circuit size, each over its own list of sizes, direct logit
+attribution, the attribution patching check against exact patching) at every training
+checkpoint, logged to the SAE's own MLflow run with step = tokens seen, so the figures line up
+with the reconstruction metrics of the same run; the final checkpoint's per-feature view (mean
+IE, mean DLA, how often each feature is in a circuit of the smallest faithfulness size) is the
+`circuits/features.parquet` artifact. It then
 writes the feature dashboard of the final SAE (`raysae.features.dashboard`) and,
 for an SAE that others were transferred from, the comparison view beside them (the same feature
 indices, the paper's Figure 23); both are kept under `<runs_dir>/dashboards/` and logged as the
@@ -193,13 +194,14 @@ class FeatureEvaluation:
                 continue
             final = tokens == ckpts[-1][0]
             sae = SAE.load(folder, device=self.device)
-            sizes = circuits.resolve_n(self.fc.top_n, sae.d_sae)
+            sizes = circuits.resolve_n(self.fc.faithfulness_n, sae.d_sae)
+            complement = circuits.resolve_n(self.fc.completeness_n, sae.d_sae)
             results = [
                 circuits.evaluate_circuits(
                     self.model(target.large), sae, self.site, target.layer, task, sizes,
                     self.special,
                     exact_check=self.fc.exact_check_features, batch_size=self.fc.batch_size,
-                    min_effect=self.fc.min_feature_effect,
+                    min_effect=self.fc.min_feature_effect, completeness_sizes=complement,
                 )
                 for task in self.tasks
             ]

@@ -61,6 +61,7 @@ from raysae.sae import SAE
 from raysae.stitching import grid as stitch_grid
 from raysae.stitching.grid import StitchTrial
 from raysae.stitching.stitch import Stitch, transfer_sae
+from raysae.stopping import threshold_rule
 from raysae.tracking import Tracker, tracking_uri
 
 log = logging.getLogger("raysae.stitch_sweep")
@@ -153,17 +154,21 @@ def stitch_feature_targets(trials: list[StitchTrial]) -> list[FeatureTarget]:
 
 
 def _log_stitch_flops(job: JobConfig, trials: list[StitchTrial], finished: dict, tracker: Tracker) -> None:
-    """Each stitched-init SAE run gets `stitch_flops`: the stitch's training FLOPs, which count
-    against it in the FLOPs-to-quality comparison (the small SAE's do not)."""
+    """Each stitched-init SAE run gets `stitch_flops` and `stitch_flops_dense_equiv`: the
+    stitch's FLOPs (its training and its least-squares start), which count against it in the
+    FLOPs-to-quality comparison (the small SAE's do not), as run and as a dense implementation
+    counts them (the same for a stitch; both kept so every FLOPs metric has its dense twin)."""
     by_key = {t.key: t for t in trials}
     for t in trials:
         if t.role != "transfer" or t.key not in finished:
             continue
         stitch_key = by_key[t.depends_on[0]].depends_on[0]
-        flops = finished.get(stitch_key, {}).get("flops")
+        stitch_run = tracker.find(stitch_key)
+        logged = tracker.metrics(stitch_run) if stitch_run is not None else {}
+        values = {f"stitch_{k}": logged[k] for k in ("flops", "flops_dense_equiv") if k in logged}
         run_id = tracker.find(t.key)
-        if flops is not None and run_id is not None:
-            tracker.log_metrics(run_id, {"stitch_flops": flops}, step=0)
+        if values and run_id is not None:
+            tracker.log_metrics(run_id, values, step=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,9 +195,11 @@ def _groups(job: JobConfig, todo: list[StitchTrial], dirs: dict, parent: str
         # B's SAE from the stitched initialisation starts from the zero-shot trial's saved SAE
         init = str(sae_dir_for(job, t.depends_on[0])) if t.role == "transfer" else None
         layer = t.layer_b if large else t.layer_a
+        stop = (threshold_rule(s.ev_thresholds, s.check_every_tokens)
+                if large and s.stop_at_thresholds else None)
         saes[large].append((t, SAERun(key=t.key, name=t.name, tags=t.tags, parent_run=parent,
                                        hook=hook_name(s.site, layer), init_from=init,
-                                       num_tokens=t.budget, d_sae=t.width)))
+                                       num_tokens=t.budget, d_sae=t.width, stop=stop)))
     for large, pairs in saes.items():
         if pairs:
             model_job = stitch_grid.sae_job(job, pairs[0][0], large)  # the stitch caches both

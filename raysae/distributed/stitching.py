@@ -4,9 +4,11 @@ Each worker streams its own slice of the shard pairs (A's and B's shards of the 
 checked row by row), runs the pure-torch loop of `raysae.stitching.stitch.train_stitch` and
 averages gradients with one all-reduce per step. Every worker starts from the same maps: the
 closed-form least-squares fit on the first `stitch.lstsq_tokens` cached rows (or seeded random
-maps). Rank 0 logs to MLflow (step = tokens) and, at the last checkpoint, evaluates the stitch
-and its least-squares baseline in both models on held-out tokens. Resumption, the MLflow run
-and checkpoint commits are the engine's (`raysae.distributed.engine`).
+maps). Rank 0 logs to MLflow (step = tokens) its FLOPs at every checkpoint (`flops`, with the
+least-squares start's `lstsq/flops`; all dense, so `flops_dense_equiv` is the same) and, at
+the last checkpoint, evaluates the stitch and its least-squares baseline in both models on
+held-out tokens. Resumption, the MLflow run and checkpoint commits are the engine's
+(`raysae.distributed.engine`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,13 @@ from raysae.distributed.engine import (
 from raysae.evaluate import evaluate_stitch
 from raysae.models import load_lm, load_tokenizer
 from raysae.shards import ActivationReader, aligned_shards, paired_stream
-from raysae.stitching.stitch import Stitch, lstsq_stitch, stitch_flops_per_token, stitch_trainer
+from raysae.stitching.stitch import (
+    Stitch,
+    lstsq_flops,
+    lstsq_stitch,
+    stitch_flops_per_token,
+    stitch_trainer,
+)
 from raysae.train import Trainer
 
 STITCHES = "stitches"
@@ -166,7 +174,14 @@ class StitchFit(Fit):
                 a, b = next(paired_stream(self.reader_a, self.reader_b, 256, pairs=self.mine))
                 self._per_token = stitch_flops_per_token(stitch, a.to(self.device),
                                                          b.to(self.device), self.s.alpha)
-            out[key] = {"flops": self._per_token * state.tokens_seen}
+            # the least-squares start is part of the stitch's cost (counted once: every worker
+            # computes the same fit only to avoid a broadcast); the stitch's products are all
+            # dense, so the dense-equivalent count is the same
+            fitted = self.s.init == "lstsq"
+            lstsq = lstsq_flops(stitch.meta["lstsq_rows"], stitch.d_a, stitch.d_b) if fitted else 0.0
+            total = self._per_token * state.tokens_seen + lstsq
+            out[key] = {"flops": total, "flops_dense_equiv": total} | (
+                {"lstsq/flops": lstsq} if fitted else {})
             if state.tokens_seen >= self.s.num_tokens:
                 out[key] |= self._final_metrics(member, stitch)
         return out

@@ -29,6 +29,7 @@ from raysae.activations import fingerprint, heldout_tokens, special_token_ids
 from raysae.config import ConfigError, JobConfig, flatten, from_dict, sweep_digest, to_dict
 from raysae.distributed.caching import cache_activations
 from raysae.distributed.engine import (
+    STOP_TAG,
     WORKER_CPUS,
     Done,
     Errors,
@@ -55,8 +56,10 @@ from raysae.distributed.training import (
     zero_ablations_path,
 )
 from raysae.evaluate import evaluate_saes_kept
-from raysae.models import hook_name, load_lm, load_tokenizer, run_with_cache
+from raysae.features.attribution import NormFrame, final_norm_frame
+from raysae.models import hook_name, load_lm, load_tokenizer, model_dims, run_with_cache
 from raysae.sae import SAE
+from raysae.stopping import NoTarget, StopRule, transfer_rule
 from raysae.tracking import Tracker, tracking_uri
 from raysae.transfer import grid, scores
 
@@ -75,7 +78,8 @@ def run_sweep(job: JobConfig) -> SweepResult:
     if sweep is None:
         raise ConfigError("sweep: the config has no sweep section")
     digest = sweep_digest(job)
-    # validates the declaration before any work
+    # validates the declaration before any work (with the model's depth, as `raysae check` does)
+    grid.validate(job, sweep, model_dims(job.model)[0])
     trials = grid.expand(job, sweep, grid.base_digest(job, fingerprint(job)))
     by_phase = grid.phases(trials)
     task_sets = load_task_sets(job)  # task files checked and tokenised before any work
@@ -95,7 +99,9 @@ def run_sweep(job: JobConfig) -> SweepResult:
         readouts.setdefault(t.depends_on[0], []).append(t)
 
     def train(phase: str, todo: list[grid.Trial]) -> tuple[Done, Errors]:
-        members = [_member(job, t, parent, readouts.get(t.key, ())) for t in todo]
+        stop = _stop_rules(job, todo, trials, tracker) if phase == "transfer" else {}
+        members = [_member(job, t, parent, readouts.get(t.key, ()), *stop.get(t.key, (None, {})))
+                   for t in todo]
         groups = {g.key: g for g in sae_groups(job, members, job.train.source, dirs)}
         log.info("phase %s: %d SAEs in %d group(s)", phase, len(members), len(groups))
         return run_groups(job, f"{job.name}-{digest}-{phase}", groups, run_sae_group,
@@ -130,23 +136,70 @@ def run_sweep(job: JobConfig) -> SweepResult:
         "failed": failed,
         **grid.plan_token_summary(job, sweep, trials),
     }
+    if sweep.stop_at is not None:
+        summary["early_stopping"] = _stop_summary(tracker, [t for t in derived if t.phase == "transfer"])
+        if sweep.stop_at.normalized_ces is not None and not any(
+                t.key in failed for t in trials if t.phase == "scratch"):
+            summary["budget_plan"] = pilot_plan(job, sweep.stop_at.normalized_ces, trials)
+            log.info("%s", summary["budget_plan"])
     tracker.log_dict(parent, summary, "sweep_summary.json")
     tracker.finish(parent, "FINISHED" if not failed else "FAILED")
     return SweepResult(parent, finished, failed, summary)
 
 
+def _stop_summary(tracker: Tracker, trials: list[grid.Trial]) -> dict[str, Any]:
+    """Tokens the transfers used against their fixed budgets, and how many stopped early."""
+    used = {t.key: int(tracker.tags(tracker.find(t.key))["raysae.tokens_seen"]) for t in trials}
+    budget = sum(t.budget for t in trials)
+    return {"transfers": len(trials),
+            "stopped_early": sum(used[t.key] < t.budget for t in trials),
+            "tokens": sum(used.values()), "budget_tokens": budget,
+            "saved_fraction": 1 - sum(used.values()) / budget if budget else 0.0}
+
+
+def _stop_rules(job: JobConfig, todo: list[grid.Trial], trials: list[grid.Trial],
+                tracker: Tracker) -> dict[str, tuple[StopRule | None, dict[str, str]]]:
+    """`sweep.stop_at` as each transfer trial's rule (with extra tags): its target read from the
+    final metrics of the scratch SAE of its layer and of its source read zero-shot there. A trial
+    whose references did not finish runs its budget, and its run says why."""
+    cfg = job.sweep.stop_at
+    if cfg is None:
+        return {}
+    scratch = {t.layer: t.key for t in trials if t.phase == "scratch"}
+    zero_shot = {(t.layer, t.source_layer): t.key for t in trials if t.phase == "zeroshot"}
+    needs_refs = cfg.normalized_ces is not None or cfg.within_scratch is not None
+    out = {}
+    for t in todo:
+        refs = [tracker.finished_metrics(k) if k else None
+                for k in (scratch.get(t.layer), zero_shot.get((t.layer, t.source_layer)))]
+        if needs_refs and None in refs:
+            why = (f"no target: the scratch SAE of layer {t.layer} or SAE_{t.source_layer} read "
+                   f"zero-shot there did not finish; the budget runs")
+            log.warning("%s: %s", t.name, why)
+            out[t.key] = (None, {STOP_TAG: why})
+            continue
+        try:
+            out[t.key] = (transfer_rule(cfg, refs[0] or {}, refs[1] or {}), {})
+        except NoTarget as e:
+            log.warning("%s: %s", t.name, e)
+            out[t.key] = (None, {STOP_TAG: f"{e}; the budget runs"})
+    return out
+
+
 def _member(job: JobConfig, trial: grid.Trial, parent: str,
-            zeroshot: Sequence[grid.Trial] = ()) -> SAERun:
+            zeroshot: Sequence[grid.Trial] = (), stop: StopRule | None = None,
+            tags: dict[str, str] | None = None) -> SAERun:
     """A training trial (scratch, transfer, plan) as a member of an SAE group; a scratch SAE
     reads out its zero-shot evaluations at its final checkpoint, in the group's evaluation
-    pass (the clean forward is shared)."""
+    pass (the clean forward is shared); a transfer may stop early by `stop`."""
     init = str(sae_dir_for(job, trial.depends_on[0])) if trial.depends_on else None
     readouts = tuple(SAERun(key=z.key, name=z.name, tags=z.tags, parent_run=parent,
                             hook=hook_name(job.sweep.site, z.layer), init_from=init,
                             num_tokens=trial.budget, lr=trial.lr) for z in zeroshot)
-    return SAERun(key=trial.key, name=trial.name, tags=trial.tags, parent_run=parent,
-                  hook=hook_name(job.sweep.site, trial.layer), init_from=init,
-                  num_tokens=trial.budget, lr=trial.lr, readouts=readouts)
+    return SAERun(key=trial.key, name=trial.name, tags={**trial.tags, **(tags or {})},
+                  parent_run=parent, hook=hook_name(job.sweep.site, trial.layer),
+                  init_from=init, num_tokens=trial.budget, lr=trial.lr, readouts=readouts,
+                  stop=stop)
 
 
 @ray.remote(num_cpus=WORKER_CPUS)
@@ -220,6 +273,7 @@ def _derive(
     }
     model = load_lm(job.model)
     W_U_DV = model.get_output_embeddings().weight.detach().T
+    frame = final_norm_frame(model)  # top/bottom logits read through the final norm, as the DLA
     heldout = _heldout_sites(job, model, sorted({t.layer for t in trials} |
                                                 {t.source_layer for t in trials}))
     for t in trials:
@@ -240,7 +294,7 @@ def _derive(
         if scratch_key in finished:
             scratch = SAE.load(sae_dir_for(job, scratch_key))
             values["mmcs_vs_scratch"] = scores.mmcs(transferred.W_dec, scratch.W_dec)
-        values.update(_transfer_scores(source, transferred, t, W_U_DV, heldout))
+        values.update(_transfer_scores(source, transferred, t, W_U_DV, heldout, frame))
         tracker.log_metrics(run_id, values, step=t.budget)
 
 
@@ -271,23 +325,92 @@ def _transfer_scores(
     trial: grid.Trial,
     W_U_DV: torch.Tensor,
     heldout: tuple[dict[int, torch.Tensor], torch.Tensor],
+    frame: NormFrame | None = None,
 ) -> dict[str, float]:
     """Figure 6: shared top-logit, bottom-logit and max-activating tokens (on held-out tokens)
     per feature index between the source SAE (on its layer) and the transferred one (on the
-    target layer)."""
+    target layer), each part and the three combined (the paper's score). Logit tokens read
+    the decoder rows through the final norm's `frame` (γ and centring, as the DLA)."""
     k = TOP_K_TOKENS
-    out = {
-        "transfer_score/top_logits": scores.transfer_score(
-            scores.top_logit_tokens(source.W_dec, W_U_DV, k),
-            scores.top_logit_tokens(transferred.W_dec, W_U_DV, k),
-        ),
-        "transfer_score/bottom_logits": scores.transfer_score(
-            scores.top_logit_tokens(source.W_dec, W_U_DV, k, largest=False),
-            scores.top_logit_tokens(transferred.W_dec, W_U_DV, k, largest=False),
+
+    def logits(sae: SAE, largest: bool) -> torch.Tensor:
+        return scores.top_logit_tokens(sae.W_dec, W_U_DV, k, largest=largest, frame=frame)
+
+    acts, ids = heldout
+    parts = {
+        "top_logits": (logits(source, True), logits(transferred, True)),
+        "bottom_logits": (logits(source, False), logits(transferred, False)),
+        "max_activating": tuple(
+            scores.max_activating_tokens(sae.encode(acts[layer]), ids, k)
+            for sae, layer in ((source, trial.source_layer), (transferred, trial.layer))
         ),
     }
-    acts, ids = heldout
-    tables = [scores.max_activating_tokens(sae.encode(acts[layer]), ids, k)
-              for sae, layer in ((source, trial.source_layer), (transferred, trial.layer))]
-    out["transfer_score/max_activating"] = scores.transfer_score(*tables)
+    out = {f"transfer_score/{name}": scores.transfer_score(*pair) for name, pair in parts.items()}
+    out["transfer_score/combined"] = scores.combined_transfer_score(list(parts.values()))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The cheapest plan for a target, from a finished (pilot) sweep
+
+
+def pilot_plan(job: JobConfig, target: float, trials: list[grid.Trial] | None = None) -> str:
+    """`raysae plan CONFIG --target T`: the cheapest scratch/transfer plan reaching normalized
+    CES >= T on every layer (`raysae.transfer.budget_plan`), from the job's finished sweep in
+    MLflow (`trials`: its trials, by default those of the config as written), against scratch
+    everywhere and the fixed Appendix B.1 plans on the same curves."""
+    from raysae.transfer import budget_plan as bp
+
+    sweep = job.sweep
+    if sweep is None:
+        raise ConfigError("plan --target: the config has no sweep section")
+    if trials is None:
+        trials = grid.expand(job, sweep, grid.base_digest(job, fingerprint(job)))
+    tracker = Tracker(tracking_uri(job.runs_dir), job.name)
+    scratch: dict[int, int] = {}
+    curves: dict[tuple[int, int], list[bp.Curve]] = {}
+    ces = {(t.layer, t.source_layer): (tracker.finished_metrics(t.key) or {}).get("eval/ces")
+           for t in trials if t.phase in ("scratch", "zeroshot")}
+    undefined = sorted({(t.layer, t.source_layer) for t in trials if t.phase == "transfer"
+                        and not (ces.get((t.layer, None)) or 0) > (ces.get((t.layer, t.source_layer))
+                                                                  or 0)})
+    for t in trials:
+        if t.phase not in ("scratch", "transfer"):
+            continue
+        run_id = tracker.find(t.key)
+        if run_id is None or tracker.status(run_id) != "FINISHED":
+            if t.phase == "scratch":
+                raise ConfigError(f"plan --target: {t.name} has no finished run in experiment "
+                                  f"'{job.name}' under {job.runs_dir}; run the sweep first")
+            continue
+        if t.phase == "scratch":
+            scratch[t.layer] = t.budget
+        elif (t.layer, t.source_layer) not in undefined:
+            curve = sorted(dict(tracker.history(run_id, "normalized_ces")).items())
+            curves.setdefault((t.layer, t.source_layer), []).append(curve)
+    best = bp.cheapest_plan(scratch, bp.transfer_costs(curves, target))
+    everywhere = best.scratch_everywhere
+    lines = [f"plan for normalized CES >= {target:g} on layers {list(sweep.layers)} (from the "
+             f"checkpoints of experiment '{job.name}'):",
+             f"  scratch on {list(best.scratch)}; "
+             + ", ".join(f"L{i}<-L{j} {grid.format_tokens(n)}" for i, (j, n) in
+                         sorted(best.transfers.items())),
+             *(["  not used (normalized CES undefined: the zero-shot CES is at least the "
+                "scratch SAE's): " + ", ".join(f"L{i}<-L{j}" for i, j in undefined)]
+               if undefined else []),
+             "", "| plan | tokens | saved vs scratch everywhere | worst normalized CES |",
+             "|---|---|---|---|",
+             f"| cheapest for the target | {best.tokens:,} | {best.saving:.0%} | >= {target:g} |",
+             f"| scratch everywhere | {everywhere:,} | 0% | 1 |"]
+    for direction in ("forward", "backward"):
+        layers, pairs = grid.plan_pairs(sweep, direction)
+        for budget in sorted({*sweep.finetune_budgets, grid.plan_budget(job, sweep)}):
+            tokens, worst = bp.fixed_plan(list(sweep.layers), scratch, curves, list(layers),
+                                          dict(pairs), budget)
+            bad = [f"L{i}<-L{j}" for i, j in pairs if (i, j) in undefined]
+            meets = (f"undefined at {', '.join(bad)}" if bad else "no checkpoint there"
+                     if worst != worst else
+                     f"{worst:.3f} ({'meets' if worst >= target else 'misses'} the target)")
+            lines.append(f"| B.1 {direction}, {grid.format_tokens(budget)} fine-tuning | "
+                         f"{tokens:,} | {1 - tokens / everywhere:.0%} | {meets} |")
+    return "\n".join(lines)

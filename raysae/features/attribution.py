@@ -10,7 +10,9 @@ output r (`norm_frame`), and σ is frozen at its actual value so that the effect
 
 Both studies use it: the layer-transfer study's task circuits (`features.circuits.task_dla`,
 u = W_U[correct] - W_U[wrong]) and the stitching study's feature classes
-(`stitching.feature_classes.logit_attribution`, u = W_U[next token]).
+(`stitching.feature_classes.logit_attribution`, u = W_U[next token]); the layer-transfer
+study's top and bottom logit tokens read the decoder rows through the same frame
+(`transfer.scores.top_logit_tokens`).
 
 Pure torch: no ray, no mlflow.
 """
@@ -22,6 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from raysae.models import final_norm
 from raysae.sae import SAE
 
 
@@ -78,6 +81,16 @@ def norm_frame(norm: nn.Module, x_final_ND: Tensor) -> NormFrame:
         f"the final norm {type(norm).__name__} is neither a LayerNorm nor an RMSNorm "
         "(γ ⊙ x / rms(x) with γ = weight or 1 + weight): direct logit attribution needs one"
     )
+
+
+def final_norm_frame(model: nn.Module, rows: int = 8) -> NormFrame:
+    """`norm_frame` of the model's final norm (`models.final_norm`), read on seeded random rows
+    of the residual width: the frame (γ, centring, ε) does not depend on the input, so no
+    forward pass is needed where no activations are at hand."""
+    W_U_VD = model.get_output_embeddings().weight
+    gen = torch.Generator().manual_seed(0)
+    x_ND = torch.randn(rows, W_U_VD.shape[1], generator=gen).to(W_U_VD.device, W_U_VD.dtype)
+    return norm_frame(final_norm(model), x_ND)
 
 
 def direct_attribution(

@@ -26,7 +26,9 @@ Conventions, fixed here once:
   through the error term or is not at this site); below a set share of |m(M)| it is NaN.
 - Direct logit attribution (Appendix B, eq. 11): attr_i = f_i (C(W_dec[i]) ⊙ γ) ·
   (W_U[correct] - W_U[wrong]) / σ at the last prompt position, the final norm's scale σ frozen
-  at its actual value (`features.attribution`): feature i's direct share of m.
+  at its actual value (`features.attribution`): feature i's direct share of m. Per example it
+  is summed over features (`dla/<task>/total`) and averaged over the features active at the
+  answer position (`dla/<task>/mean_active`, the paper's "feature averaged DLA" of Figure 8).
 """
 
 from __future__ import annotations
@@ -50,12 +52,15 @@ Edit = Callable[[Tensor, Tensor], Tensor]
 
 def resolve_n(top_n: Sequence[float], d_sae: int) -> list[int]:
     """Circuit sizes as feature counts: a value in (0, 1) is a fraction of d_sae (the paper's
-    2%-8%), rounded, at least 1; a value >= 1 is a count, at most d_sae. Sorted, no repeats."""
+    2%-8%) rounded to the nearest count, half up (not Python's half-to-even), at least 1; a
+    value >= 1 is a count, at most d_sae. Sorted, no repeats. At d_sae 6144, 2%-8% give 123,
+    246, 369, 492: the paper's §2.3 lists 368 for 6% (its code hard-codes the four counts), so
+    its config gives counts."""
     out = set()
     for v in top_n:
         if v <= 0:
             raise ValueError(f"circuit size {v}: expected a fraction in (0, 1) or a count >= 1")
-        n = max(1, round(v * d_sae)) if v < 1 else int(v)
+        n = max(1, math.floor(v * d_sae + 0.5)) if v < 1 else int(v)
         out.add(min(n, d_sae))
     return sorted(out)
 
@@ -238,15 +243,18 @@ def ablation_means(
     sizes: Sequence[int],
     special_ids: Sequence[int] = (),
     batch_size: int = 16,
+    complement_sizes: Sequence[int] | None = None,
 ) -> Ablations:
-    """Mean m over examples for the model, the empty circuit, and per size N the circuit (the
-    N largest |IE| kept, the rest mean-ablated) and its complement (those N mean-ablated)."""
+    """Mean m over examples for the model, the empty circuit, per size N of `sizes` the circuit
+    (the N largest |IE| kept, the rest mean-ablated), and per size N of `complement_sizes`
+    (default: `sizes`) its complement (those N mean-ablated)."""
+    comp = list(sizes if complement_sizes is None else complement_sizes)
     mask_NT = prompt_mask(task, special_ids)
     sae_dev = sae.W_dec.device
     mean_F = patching.mean_F.to(sae_dev, sae.W_enc.dtype)
     order_NF = patching.ie_NF.abs().argsort(dim=1, descending=True, stable=True)
     sums = {"model": 0.0, "empty": 0.0} | {("C", n): 0.0 for n in sizes} | {
-        ("M-C", n): 0.0 for n in sizes
+        ("M-C", n): 0.0 for n in comp
     }
     for b in _batches(task, mask_NT, batch_size):
 
@@ -256,17 +264,19 @@ def ablation_means(
         sums["model"] += m_sum(None)
         sums["empty"] += m_sum(lambda f, _r: mean_F.expand_as(f))
         order_BF = order_NF[b.start : b.start + len(b.clean_BT)].to(sae_dev)
-        for n in sizes:
+        for n in sorted({*sizes, *comp}):
             in_c_BF = torch.zeros(order_BF.shape, dtype=torch.bool, device=sae_dev)
             in_c_BF.scatter_(1, order_BF[:, :n], True)
-            sums[("C", n)] += m_sum(lambda f, r, c=in_c_BF: torch.where(c[r], f, mean_F))
-            sums[("M-C", n)] += m_sum(lambda f, r, c=in_c_BF: torch.where(c[r], mean_F, f))
+            if ("C", n) in sums:
+                sums[("C", n)] += m_sum(lambda f, r, c=in_c_BF: torch.where(c[r], f, mean_F))
+            if ("M-C", n) in sums:
+                sums[("M-C", n)] += m_sum(lambda f, r, c=in_c_BF: torch.where(c[r], mean_F, f))
     N = max(len(task), 1)
     return Ablations(
         model=sums["model"] / N,
         empty=sums["empty"] / N,
         circuit={n: sums[("C", n)] / N for n in sizes},
-        complement={n: sums[("M-C", n)] / N for n in sizes},
+        complement={n: sums[("M-C", n)] / N for n in comp},
     )
 
 
@@ -336,7 +346,8 @@ class CircuitResult:
     dla_total: float
     """Mean over examples of Σ_i attr_i: the features' summed direct effect on m."""
     dla_mean_active: float
-    """Mean over examples of the mean attr_i over the features active at the answer position."""
+    """Mean over examples of the mean attr_i over the features active at the answer position:
+    the paper's "feature averaged DLA" (Appendix B, Figure 8)."""
     atp_exact_corr: float
     """Pearson r of IE_AtP against exact patching, over examples x the checked features (NaN
     when none were checked)."""
@@ -369,13 +380,16 @@ def evaluate_circuits(
     exact_check: int = 0,
     batch_size: int = 16,
     min_effect: float = 0.0,
+    completeness_sizes: Sequence[int] | None = None,
 ) -> CircuitResult:
-    """Attribution patching, faithfulness and completeness per circuit size (NaN where the
-    features' whole effect is below `min_effect`, see `normalised`), direct logit attribution
+    """Attribution patching, faithfulness per circuit size of `sizes` and completeness per size
+    of `completeness_sizes` (default: `sizes`; the paper has a list for each), NaN where the
+    features' whole effect is below `min_effect` (see `normalised`), direct logit attribution
     and (for the `exact_check` features of largest mean |IE|) the correlation of attribution
     patching with exact activation patching, for one SAE on one task."""
     pat = attribution_patching(model, sae, site, layer, task, special_ids, batch_size)
-    m = ablation_means(model, sae, site, layer, task, pat, sizes, special_ids, batch_size)
+    m = ablation_means(model, sae, site, layer, task, pat, sizes, special_ids, batch_size,
+                       complement_sizes=completeness_sizes)
     m_model, m_empty = m.model, m.empty
     corr = float("nan")
     if exact_check > 0:

@@ -24,6 +24,7 @@ from raysae.plan import (
     cache_phase,
     plan_phases,
 )
+from raysae.stitching.stitch import lstsq_flops
 from raysae.transfer.grid import format_tokens
 
 Role = Literal["stitch", "scratch_a", "scratch_b", "zeroshot", "transfer", "probes"]
@@ -93,7 +94,12 @@ def validate(job: JobConfig) -> None:
     s = job.stitch
     if s is None:
         raise ConfigError("stitch: the config has no stitch section")
-    if job.sae.architecture == "topk":
+    if job.sae.architecture == "matryoshka_batchtopk":
+        other = [w for w in s.widths if w != job.sae.matryoshka_widths[-1]]
+        if other:
+            raise ConfigError(f"stitch.widths: got {other}, expected the last of "
+                              f"sae.matryoshka_widths ({job.sae.matryoshka_widths[-1]})")
+    if job.sae.uses_k:
         small = [w for w in s.widths if w < job.sae.k]
         if small:
             raise ConfigError(f"stitch.widths: got {small}, expected widths >= sae.k ({job.sae.k})")
@@ -211,8 +217,9 @@ def cache_jobs(job: JobConfig, pairs: tuple[tuple[int, int], ...]) -> tuple[JobC
 
 def planned(job: JobConfig, trials: list[StitchTrial]
             ) -> tuple[dict[str, list[PlannedSAE]], dict[str, float]]:
-    """The SAE trainings of each training phase and the stitches' training FLOPs
-    (20 d_A d_B per token, `stitch.stitch_flops_per_token`), for `raysae.plan`."""
+    """The SAE trainings of each training phase and the stitches' FLOPs (20 d_A d_B per
+    token, `stitch.stitch_flops_per_token`, plus the least-squares start, `stitch.lstsq_flops`),
+    for `raysae.plan`."""
     s = job.stitch
     assert s is not None
     d_a, d_b = model_dims(job.model)[1], model_dims(s.large)[1]
@@ -225,7 +232,8 @@ def planned(job: JobConfig, trials: list[StitchTrial]
                                             hook_name(s.site, layer),
                                             dataclasses.replace(job.sae, d_sae=t.width), t.budget))
     stitches = sum(t.role == "stitch" for t in trials)
-    return saes, {"fit": stitches * 20.0 * d_a * d_b * s.num_tokens}
+    lstsq = lstsq_flops(s.lstsq_tokens, d_a, d_b) if s.init == "lstsq" else 0.0
+    return saes, {"fit": stitches * (20.0 * d_a * d_b * s.num_tokens + lstsq)}
 
 
 def plan(job: JobConfig, cal: Calibration | None = None, slots: int = 1

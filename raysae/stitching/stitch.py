@@ -188,12 +188,27 @@ class Lstsq:
 
 
 def lstsq_stitch(pairs: Iterable[tuple[Tensor, Tensor]], d_a: int, d_b: int, **meta: Any) -> Stitch:
-    """Both maps fit independently by least squares on (a, b) batches of the same tokens."""
+    """Both maps fit independently by least squares on (a, b) batches of the same tokens; the
+    stitch's meta records the rows fitted on (`lstsq_rows`, what `lstsq_flops` counts)."""
     up, down = Lstsq(d_a, d_b), Lstsq(d_b, d_a)
     for a_NA, b_NB in pairs:
         up.update(a_NA, b_NB)
         down.update(b_NB, a_NA)
+    meta = {**meta, "lstsq_rows": up.n}
     return Stitch(d_a, d_b, meta=meta).set_maps(*up.solve(), *down.solve())
+
+
+def lstsq_flops(rows: int, d_a: int, d_b: int) -> float:
+    """FLOPs of `lstsq_stitch` on `rows` token pairs, counted like the training FLOPs (matmul
+    multiply-adds as 2): per row, each map's Gram and cross products xᵀx and xᵀy, 2(d_a² + d_a·d_b)
+    for the up map and 2(d_b² + d_a·d_b) for the down map, i.e. 2(d_a + d_b)²; then per map one
+    LU factorisation of its d_x × d_x system, (2/3)·d_x³, and the two triangular solves of its
+    d_y right-hand sides, 2·d_x²·d_y. Running sums, centring and the ridge (O(rows·d + d²)) are
+    not counted, as FlopCounterMode counts no elementwise work either."""
+    def solve(d_x: int, d_y: int) -> float:
+        return 2.0 * d_x**3 / 3 + 2.0 * d_x * d_x * d_y
+
+    return 2.0 * rows * (d_a + d_b) ** 2 + solve(d_a, d_b) + solve(d_b, d_a)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,6 +223,14 @@ def transfer_sae(sae: SAE, stitch: Stitch) -> SAE:
     b_d' = b_d P↑ + b↑, adjusted for this SAE's encoder, which subtracts b_dec from its input:
     the encoder bias also absorbs b_d W_e - b_d' W_e' so that exactly
     transferred.encode(b) == sae.encode(T↓ b) and transferred.decode(f) == T↑(sae.decode(f)).
+
+    The transferred encoder computes A's pre-activations of T↓(b) themselves, so every rule that
+    reads pre-activations carries over unchanged: a JumpReLU threshold per latent, the one
+    BatchTopK threshold θ (inference), TopK's k per token and BatchTopK's k·B per batch
+    (training: a batch of B's tokens keeps the latents A's SAE keeps on the mapped batch), and
+    the Matryoshka prefixes (W_d P↑ keeps the latents' order). The rows of W_d P↑ are not unit
+    norm; fine-tuning a k architecture renormalises them at its first step (as for TopK), which
+    moves the reconstructions but neither the pre-activations nor the threshold.
     """
     if sae.d_in != stitch.d_a:
         raise ValueError(f"SAE d_in {sae.d_in} does not match the stitch's d_a {stitch.d_a}")
@@ -222,7 +245,7 @@ def transfer_sae(sae: SAE, stitch: Stitch) -> SAE:
     cfg = dataclasses.replace(sae.cfg, d_sae=sae.d_sae)
     out = SAE(cfg, stitch.d_b, metadata=meta, dtype=torch.float32)
     tensors = {"W_enc": W_enc_new, "b_enc": b_enc_new, "W_dec": W_dec @ P_up, "b_dec": b_dec_new}
-    if sae.cfg.architecture == "jumprelu":
+    if sae.has_threshold:
         tensors["threshold"] = sae.threshold.float().cpu()
     out._load_tensors(tensors, Path("<transfer_sae>"))
     return out
@@ -320,7 +343,9 @@ def stitch_flops_per_token(stitch: Stitch, a_NA: Tensor, b_NB: Tensor, alpha: fl
     """Training FLOPs per token of the joint loss (forward and backward), counted with
     `torch.utils.flop_counter.FlopCounterMode` on one batch. Four maps run forward (T↑A, T↓B,
     T↓T↑A, T↑T↓B), each 2·d_a·d_b per token; backward takes the four weight gradients and
-    the two inner maps' input gradients (the activations need none): 20·d_a·d_b in all."""
+    the two inner maps' input gradients (the activations need none): 20·d_a·d_b in all. Every
+    product is dense: a dense implementation counts the same (`flops_dense_equiv` = `flops`).
+    The least-squares start is counted apart (`lstsq_flops`)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     probe = Stitch(stitch.d_a, stitch.d_b, device=stitch.P_up.device)

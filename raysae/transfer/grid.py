@@ -2,11 +2,23 @@
 
 `expand(job, sweep, base)` turns a `SweepConfig` into `Trial`s: a scratch SAE per layer,
 the zero-shot matrix (SAE_j evaluated on layer i, diagonal included), transfer trials
-SAE_{i<-i+o} for every offset o and fine-tuning budget, and the compute plan of Appendix B.1
-(scratch on alternate layers, transfer to the rest). Every trial's key hashes its own fields,
-the keys of the trials it starts from and a job-level digest, so the same declaration always
-yields the same keys and any change of setting yields new ones. Pure: no ray, no mlflow; the MLflow tags are derived here, and the
-sweep (`raysae.distributed.transfer_sweep`) turns the phases into Tune experiments.
+SAE_{i<-i+o} for every offset o and fine-tuning budget, and the compute plans of Appendix B.1
+(scratch on alternate layers, transfer to the rest: forward, and its mirror backward). Every
+trial's key hashes its own fields, the keys of the trials it starts from and a job-level digest,
+so the same declaration always yields the same keys and any change of setting yields new ones.
+Pure: no ray, no mlflow; the MLflow tags are derived here, and the sweep
+(`raysae.distributed.transfer_sweep`) turns the phases into Tune experiments.
+
+The plan's transfers (`sweep.compute_plan_from`). The paper's 10% point is not a run of its
+own: its Appendix B.1 reads "a performance increase after fine-tuning on 10% of the training
+data" off Figures 3 and 4, the 100M-token checkpoints of its 500M fine-tuning runs (its code
+fine-tunes for 500M tokens only, a checkpoint every 100M). So by default (`checkpoint`) a plan
+transfer is the checkpoint at the plan's budget of the transfer trial of the same pair, where
+the grid has one: no training of its own, the same SAE as the paper's, the same tokens for
+B.1's count. It is not what a P-token run gives: with Table 2's schedule the 500M run is at its
+constant lr at 100M (its decay starts at 400M) and its L1 warm-up took 25M tokens, while a
+100M run spends 5M warming up the L1 and decays its lr over its last 20M. `run` trains that run
+(today's behaviour, and the fallback where the grid has no checkpoint at the plan's budget).
 """
 
 from __future__ import annotations
@@ -17,7 +29,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from raysae.activations import fingerprint
-from raysae.config import ConfigError, JobConfig, SweepConfig, TrainConfig, digest, to_dict
+from raysae.config import (
+    ConfigError,
+    JobConfig,
+    PlanDirection,
+    SweepConfig,
+    TrainConfig,
+    digest,
+    to_dict,
+)
 from raysae.models import hook_name
 from raysae.plan import Calibration, PhasePlan, PlannedSAE, plan_phases, resolve_source
 
@@ -126,9 +146,28 @@ def _make(
     return Trial(phase, layer, src, direction, budget, lr, key, name, tags, depends_on)
 
 
+def architecture_jobs(job: JobConfig) -> list[JobConfig]:
+    """The architecture axis (`sweep.architectures`): one job per architecture, its `sae` set
+    to it and the axis removed, each a sweep of its own (trials, keys, parent run and the
+    `raysae.architecture` tag; the activations' fingerprint, so the cache, is shared). A job
+    without the axis is its own only job."""
+    assert job.sweep is not None
+    out = []
+    for arch in job.sweep.architectures or (job.sae.architecture,):
+        try:
+            sae = dataclasses.replace(job.sae, architecture=arch)
+        except ConfigError as e:
+            raise ConfigError(f"sweep.architectures: {arch!r} with this sae section: {e}") from None
+        sweep = dataclasses.replace(job.sweep, architectures=())
+        out.append(dataclasses.replace(job, sae=sae, sweep=sweep))
+    return out
+
+
 def validate(job: JobConfig, sweep: SweepConfig, n_layers: int | None = None) -> None:
     """Checks that need both the job and the sweep (and the model's depth `n_layers`, when
     known); raise ConfigError naming the field."""
+    if sweep.architectures:
+        architecture_jobs(dataclasses.replace(job, sweep=sweep))
     missing = [i for i in sweep.layers if i not in job.cache.layers]
     if missing:
         depth = "" if n_layers is None else f"; {job.model.name!r} has {n_layers} blocks (0..{n_layers - 1})"
@@ -165,15 +204,33 @@ def plan_budget(job: JobConfig, sweep: SweepConfig) -> int:
     return round(sweep.compute_plan_budget_fraction * job.train.num_tokens)
 
 
-def plan_pairs(sweep: SweepConfig) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
-    """The compute plan: (scratch layers, (target, source) pairs). Scratch on every other layer
-    of the sweep; each remaining layer transfers from its nearest scratch layer, the one below
-    (forward) on a tie."""
-    scratch = sweep.layers[::2]
-    pairs = tuple(
-        (i, min(scratch, key=lambda s, i=i: (abs(s - i), s > i))) for i in sweep.layers[1::2]
-    )
-    return scratch, pairs
+def plan_pairs(
+    sweep: SweepConfig, direction: PlanDirection = "forward"
+) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+    """One compute plan of Appendix B.1: (scratch layers, (target, source) pairs), sorted.
+    Forward: scratch on the 1st, 3rd, ... layer of the sweep, every other layer from the one
+    before it (SAE_{i<-i-1}); backward, the mirror: scratch on the last, 3rd-last, ... layer,
+    every other layer from the one after it (SAE_{i<-i+1}). On the paper's 12 layers: scratch on
+    0, 2, ..., 10 with 1<-0, ..., 11<-10, and scratch on 1, 3, ..., 11 with 0<-1, ..., 10<-11."""
+    layers = sweep.layers if direction == "forward" else sweep.layers[::-1]
+    pairs = ((layers[k], layers[k - 1]) for k in range(1, len(layers), 2))
+    return tuple(sorted(layers[::2])), tuple(sorted(pairs))
+
+
+def plan_checkpoint(
+    job: JobConfig, sweep: SweepConfig, trials: list[Trial], target: int, source: int
+) -> Trial | None:
+    """The transfer trial whose checkpoint at the plan's budget P is the plan's
+    SAE_{target<-source} (`compute_plan_from: checkpoint`): the same pair and lr, the smallest
+    budget that ends at P or checkpoints at P (P a multiple of `train.checkpoint_every_tokens`).
+    None where there is none, or with `compute_plan_from: run`: the plan trains a run."""
+    if sweep.compute_plan_from != "checkpoint":
+        return None
+    P, every = plan_budget(job, sweep), job.train.checkpoint_every_tokens
+    fits = [t for t in trials if t.phase == "transfer" and t.layer == target
+            and t.source_layer == source and t.lr == sweep.finetune_lr
+            and (t.budget == P or (t.budget > P and P % every == 0))]
+    return min(fits, key=lambda t: t.budget, default=None)
 
 
 def expand(job: JobConfig, sweep: SweepConfig, base: str) -> list[Trial]:
@@ -202,12 +259,16 @@ def expand(job: JobConfig, sweep: SweepConfig, base: str) -> list[Trial]:
         seen = {t.key for t in trials}
         budget = plan_budget(job, sweep)
         pct = f"{sweep.compute_plan_budget_fraction * 100:g}%"
-        for i, s in plan_pairs(sweep)[1]:
-            name = f"L{i}←L{s} {direction_of(s - i)} {pct}"
-            t = make("plan", i, scratch[s], budget, sweep.finetune_lr, name)
-            if t.key not in seen:
-                trials.append(t)
-                seen.add(t.key)
+        transfers = list(trials)
+        for direction in sweep.compute_plan_directions:
+            for i, s in plan_pairs(sweep, direction)[1]:
+                if plan_checkpoint(job, sweep, transfers, i, s) is not None:
+                    continue  # read at a transfer trial's checkpoint: nothing to train
+                name = f"L{i}←L{s} {direction_of(s - i)} {pct}"
+                t = make("plan", i, scratch[s], budget, sweep.finetune_lr, name)
+                if t.key not in seen:
+                    trials.append(t)
+                    seen.add(t.key)
     return trials
 
 
@@ -237,32 +298,49 @@ def train_config_for(job: JobConfig, trial: Trial) -> TrainConfig:
 
 
 def plan_token_summary(job: JobConfig, sweep: SweepConfig, trials: list[Trial]) -> dict[str, Any]:
-    """Total training tokens of the compute plan against scratch on every layer (Appendix B.1),
-    with the keys of the trials that make up the plan (a plan trial that duplicates a transfer
-    trial is that transfer trial)."""
+    """Total training tokens of each compute plan (`sweep.compute_plan_directions`) against
+    scratch on every layer (Appendix B.1), with its members: the trial (key) and the tokens at
+    which its SAE is read (a scratch SAE at its budget; a plan transfer at the plan's budget,
+    of the transfer trial whose checkpoint it is, or of its own run; a plan trial that
+    duplicates a transfer trial is that transfer trial). Members not in `trials` are left out."""
     S, budget = job.train.num_tokens, plan_budget(job, sweep)
-    scratch_layers, pairs = plan_pairs(sweep)
     index = {(t.layer, t.source_layer, t.budget, t.lr): t.key for t in trials if t.trains}
-    keys = [index.get((i, None, S, job.train.lr)) for i in scratch_layers]
-    keys += [index.get((i, s, budget, sweep.finetune_lr)) for i, s in pairs]
     everywhere = S * len(sweep.layers)
-    plan = S * len(scratch_layers) + budget * len(pairs)
+    plans = []
+    for direction in sweep.compute_plan_directions:
+        scratch_layers, pairs = plan_pairs(sweep, direction)
+        members = [{"key": index.get((i, None, S, job.train.lr)), "layer": i, "tokens": S,
+                    "from": "scratch"} for i in scratch_layers]
+        for i, s in pairs:
+            ckpt = plan_checkpoint(job, sweep, trials, i, s)
+            key = ckpt.key if ckpt else index.get((i, s, budget, sweep.finetune_lr))
+            members.append({"key": key, "layer": i, "tokens": budget,
+                            "from": "checkpoint" if ckpt and ckpt.budget > budget else "run"})
+        tokens = S * len(scratch_layers) + budget * len(pairs)
+        plans.append({
+            "direction": direction,
+            "scratch_layers": list(scratch_layers),
+            "transfers": [list(p) for p in pairs],
+            "tokens": tokens,
+            "saved_fraction": 1 - tokens / everywhere,
+            "members": [m for m in members if m["key"] is not None],
+        })
     return {
         "scratch_everywhere_tokens": everywhere,
-        "plan_tokens": plan,
-        "saved_fraction": 1 - plan / everywhere,
-        "plan_scratch_layers": list(scratch_layers),
-        "plan_transfers": [list(p) for p in pairs],
-        "plan_trial_keys": [k for k in keys if k is not None],
+        "plan_budget": budget,
+        "plan_budget_fraction": sweep.compute_plan_budget_fraction,
+        "plan_from": sweep.compute_plan_from,
+        "plans": plans,
     }
 
 
 def planned(job: JobConfig, trials: list[Trial]) -> dict[str, list[PlannedSAE]]:
     """The SAE trainings of each training phase, for `raysae.plan`."""
     assert job.sweep is not None
+    saes = [j.sae for j in architecture_jobs(job)]  # every architecture runs the same grid
     return {
-        phase: [PlannedSAE(job.model, hook_name(job.sweep.site, t.layer), job.sae, t.budget)
-                for t in trials if t.phase == phase]
+        phase: [PlannedSAE(job.model, hook_name(job.sweep.site, t.layer), sae, t.budget)
+                for t in trials if t.phase == phase for sae in saes]
         for phase in PHASES if phase != "zeroshot"
     }
 

@@ -2,13 +2,18 @@
 
 Normalized CES (how much of the gap between the zero-shot SAE_j and the scratch SAE_i a
 transferred SAE_{i<-j} closes), MMCS between two decoders, and the transfer score of the
-paper's Figure 6 (shared top-logit, bottom-logit and max-activating tokens per feature index).
+paper's Figure 6 (shared top-logit, bottom-logit and max-activating tokens per feature index,
+each part and the three combined).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
+
+from raysae.features.attribution import NormFrame
 
 
 def normalized_ces(ces_transfer: float, ces_zero_shot: float, ces_scratch: float) -> float:
@@ -46,20 +51,31 @@ def mmcs(W_dec_FD: Tensor, W_dec_other_GD: Tensor, chunk_rows: int = 1024) -> fl
 
 @torch.no_grad()
 def top_logit_tokens(
-    W_dec_FD: Tensor, W_U_DV: Tensor, k: int, largest: bool = True, chunk_rows: int = 1024
+    W_dec_FD: Tensor,
+    W_U_DV: Tensor,
+    k: int,
+    largest: bool = True,
+    chunk_rows: int = 1024,
+    frame: NormFrame | None = None,
 ) -> Tensor:
     """Token ids [F, k] of the k largest (or, with largest=False, smallest) logits each decoder
-    row writes directly through the unembedding W_U [D, V]. Rows go `chunk_rows` at a time so
-    the [chunk, V] logit block stays small at any vocabulary size."""
+    row writes directly through the unembedding W_U [D, V]. With the final norm's `frame`
+    (`features.attribution.final_norm_frame`) a row is read as C(W_dec[i]) ⊙ γ, what it writes
+    into the logits through the norm, as the direct logit attribution reads it (σ, a positive
+    scale per token, leaves the order alone; TransformerLens folds γ into W_U the same way);
+    None reads the raw rows. Rows go `chunk_rows` at a time so the [chunk, V] logit block stays
+    small at any vocabulary size."""
     if W_dec_FD.shape[1] != W_U_DV.shape[0]:
         raise ValueError(
             f"decoder rows of width {W_dec_FD.shape[1]} do not match W_U [D, V] = {tuple(W_U_DV.shape)}"
         )
     W_U = W_U_DV.float().to(W_dec_FD.device)
-    out = [
-        (W_dec_FD[s : s + chunk_rows].float() @ W_U).topk(k, dim=1, largest=largest).indices
-        for s in range(0, W_dec_FD.shape[0], chunk_rows)
-    ]
+    out = []
+    for s in range(0, W_dec_FD.shape[0], chunk_rows):
+        rows_CD = W_dec_FD[s : s + chunk_rows].float()
+        if frame is not None:
+            rows_CD = (frame.centre(rows_CD) * frame.gamma_D.to(rows_CD.device)).float()
+        out.append((rows_CD @ W_U).topk(k, dim=1, largest=largest).indices)
     return torch.cat(out).long()
 
 
@@ -96,6 +112,27 @@ def transfer_score(top_a_FK: Tensor, top_b_FK: Tensor) -> float:
     """Mean over feature indices f of the share of the K tokens of row f of `top_a_FK` that
     also appear in row f of `top_b_FK` (a multiset intersection, so a repeated id matches only
     as often as it occurs in both). Negative ids are padding and never match."""
+    return float(shared_tokens(top_a_FK, top_b_FK).div(top_a_FK.shape[1]).mean())
+
+
+@torch.no_grad()
+def combined_transfer_score(parts: Sequence[tuple[Tensor, Tensor]]) -> float:
+    """The paper's transfer score (Figure 6, §4.3: "the percentage of shared tokens across all
+    three heuristics"): per feature index, the tokens shared over all parts (pairs of token
+    tables, e.g. top logits, bottom logits, max-activating) divided by all their tokens, then
+    the mean over features. Its code sums the three shared counts of 10 tokens each and divides
+    by 30; with equal K per part this is the mean of the parts' `transfer_score`s."""
+    if not parts:
+        raise ValueError("no token tables to compare")
+    shared_F = sum(shared_tokens(a, b) for a, b in parts)
+    total = sum(a.shape[1] for a, _ in parts)
+    return float((shared_F / total).mean())
+
+
+@torch.no_grad()
+def shared_tokens(top_a_FK: Tensor, top_b_FK: Tensor) -> Tensor:
+    """Per row f [F] (float64): how many of the K tokens of row f of `top_a_FK` also appear in
+    row f of `top_b_FK`, as a multiset intersection; negative ids (padding) never match."""
     if top_a_FK.shape != top_b_FK.shape:
         shapes = f"{tuple(top_a_FK.shape)} and {tuple(top_b_FK.shape)}"
         raise ValueError(f"token tables differ in shape: {shapes}")
@@ -108,4 +145,4 @@ def transfer_score(top_a_FK: Tensor, top_b_FK: Tensor) -> float:
     rank_FK = ((a[:, :, None] == a[:, None, :]) & earlier_KK).sum(-1)
     in_b_FK = (a[:, :, None] == b[:, None, :]).sum(-1)
     matched_FK = (rank_FK < in_b_FK) & (a >= 0)
-    return float(matched_FK.to(torch.float64).sum(1).div(K).mean())
+    return matched_FK.to(torch.float64).sum(1)

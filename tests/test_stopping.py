@@ -1,0 +1,68 @@
+"""Stop rules: targets, plateaus, and the sweep targets turned into absolute thresholds."""
+
+from __future__ import annotations
+
+import pytest
+
+from raysae.config import ConfigError, StopConfig, from_dict
+from raysae.stopping import StopRule, threshold_rule, transfer_rule
+from raysae.transfer.scores import normalized_ces
+
+
+def test_target_stops_at_the_first_checkpoint_that_reaches_it():
+    rule = StopRule("eval/ces", 0.8, "normalized CES >= 0.9")
+    history = [(100, 0.5), (200, 0.79), (300, 0.8), (400, 0.95)]
+    assert rule.reached(history[:2]) is None
+    assert rule.reached(history[:3]) == ("target: eval/ces 0.8 >= 0.8 (normalized CES >= 0.9) "
+                                         "at 300 tokens")
+    assert rule.first_reached(history)[0] == 300
+    assert rule.first_reached(history[:2]) is None
+    assert rule.not_reached(200) == ("budget: eval/ces >= 0.8 (normalized CES >= 0.9) not "
+                                     "reached in 200 tokens")
+
+
+def test_plateau_needs_k_checkpoints_and_a_gain_below_the_margin():
+    rule = StopRule("eval/ces", None, plateau_checkpoints=2, plateau_gain=0.01)
+    # gains over two checkpoints: 0.4 (300), 0.205 (400), 0.009 (500)
+    history = [(100, 0.1), (200, 0.3), (300, 0.5), (400, 0.505), (500, 0.509)]
+    assert [rule.reached(history[:n]) is not None for n in range(1, 6)] == [False] * 4 + [True]
+    assert rule.first_reached(history)[1].startswith("plateau: eval/ces gained 0.009 < 0.01")
+    with pytest.raises(ValueError, match="neither a target nor a plateau"):
+        StopRule("eval/ces")
+
+
+def test_normalized_ces_target_is_the_closed_form_threshold():
+    scratch, zero_shot = {"eval/ces": 0.9}, {"eval/ces": 0.4}
+    rule = transfer_rule(StopConfig(normalized_ces=0.95, check_every_tokens=512), scratch, zero_shot)
+    assert rule.metric == "eval/ces" and rule.every_tokens == 512
+    assert rule.at_least == pytest.approx(0.875)  # 0.4 + 0.95 * (0.9 - 0.4)
+    assert normalized_ces(rule.at_least, 0.4, 0.9) == pytest.approx(0.95)
+    below, above = rule.at_least - 1e-9, rule.at_least + 1e-9
+    assert rule.reached([(1, below)]) is None and rule.reached([(1, above)]) is not None
+
+
+def test_within_scratch_and_plateau_together():
+    cfg = StopConfig(within_scratch=0.02, within_metric="explained_variance", plateau_gain=0.001,
+                     plateau_checkpoints=1)
+    rule = transfer_rule(cfg, {"eval/explained_variance": 0.8, "eval/ces": 0.9}, {})
+    assert rule.metric == "eval/explained_variance" and rule.at_least == pytest.approx(0.78)
+    assert rule.reached([(1, 0.5), (2, 0.5005)]).startswith("plateau")  # plateau before target
+    assert rule.reached([(1, 0.5), (2, 0.785)]).startswith("target")
+
+
+def test_thresholds_stop_at_the_largest():
+    rule = threshold_rule((0.7, 0.9, 0.8), 256)
+    assert rule.metric == "eval/explained_variance" and rule.at_least == 0.9
+    assert rule.every_tokens == 256
+
+
+@pytest.mark.parametrize("section, message", [
+    ({}, "sweep.stop_at: got 'no target', expected normalized_ces, within_scratch or plateau_gain"),
+    ({"normalized_ces": 0.9, "within_scratch": 0.1}, "one target"),
+    ({"normalized_ces": 0.0}, "sweep.stop_at.normalized_ces: got 0.0"),
+    ({"plateau_gain": 0.1, "plateau_checkpoints": 0}, "plateau_checkpoints: got 0"),
+    ({"normalized_ces": 0.9, "check_every_tokens": 0}, "check_every_tokens: got 0"),
+])
+def test_bad_stop_settings_are_named(section, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        from_dict(StopConfig, section)

@@ -1,0 +1,169 @@
+"""analysis/sweep_report.py on a fabricated sqlite MLflow store of a two-layer sweep: the paper's
+values beside the normalized CES where the sweep's checkpoint is the paper's (and only its final
+value otherwise), the paper table, the compute summary of both plans with each plan transfer
+read at a fine-tuning's checkpoint, and the combined transfer score."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import mlflow_store
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
+import sweep_report  # noqa: E402
+
+M = 1_000_000
+BATCH = 4096
+PAPER = {"model.name": "EleutherAI/pythia-160m-deduped", "sweep.site": "resid_post",
+         "sae.expansion_factor": "8", "sae.d_sae": "None"}
+
+
+def ckpt(c: int, batch: int = BATCH) -> int:
+    """Where the loop checkpoints c tokens: the first batch at or after it."""
+    return -(-c // batch) * batch
+
+
+def nces(direction: str, step: int) -> float:
+    return (0.5 if direction == "fwd" else 0.6) + step / (1000 * M)
+
+
+def fabricate(client: MlflowClient, root: Path, name: str, model: str, budget: int,
+              scratch: int, every: int, batch: int = BATCH) -> None:
+    exp = client.create_experiment(name, (root / "art" / name).as_uri())
+    params = {**PAPER, "model.name": model, "sweep.finetune_budgets": json.dumps([budget]),
+              "sweep.layers": "[0, 1]"}
+    parent = client.create_run(exp, run_name="rep sweep", tags={"raysae.phase": "sweep"}).info.run_id
+    client.log_batch(parent, params=[Param(k, v) for k, v in params.items()])
+
+    def run(name: str, phase: str, layer: int, source: int | None, direction: str, b: int,
+            key: str, metrics: dict[str, list[tuple[int, float]]]) -> None:
+        tags = {"raysae.phase": phase, "raysae.layer": str(layer), "raysae.direction": direction,
+                "raysae.source_layer": "" if source is None else str(source),
+                "raysae.budget": str(b), "raysae.run_key": key}
+        run_id = client.create_run(exp, run_name=name, tags=tags).info.run_id
+        client.log_batch(run_id, metrics=[Metric(k, v, 1, step) for k, hist in metrics.items()
+                                          for step, v in hist])
+        client.set_terminated(run_id)
+
+    scratch_steps = [ckpt(c, batch) for c in range(every, scratch + 1, every)]
+    for layer in (0, 1):
+        run(f"L{layer} scratch", "scratch", layer, None, "scratch", scratch, f"s{layer}", {
+            "eval/ces": [(t, 0.9 + layer / 100) for t in scratch_steps],
+            "eval/explained_variance": [(t, 0.8) for t in scratch_steps],
+            "flops": [(t, 10.0 * t / scratch) for t in scratch_steps],
+            "eval/l2": [(t, 1.0) for t in scratch_steps], "eval/l0": [(t, 5.0) for t in scratch_steps]})
+        for source in (0, 1):
+            run(f"L{layer}←L{source} zero-shot", "zeroshot", layer, source, "self", 0,
+                f"z{layer}{source}", {"eval/ces": [(0, 0.5 + layer + source)]})
+    steps = [ckpt(c, batch) for c in range(every, budget + 1, every)]
+    for layer, source, direction in ((1, 0, "fwd"), (0, 1, "bwd")):
+        run(f"L{layer}←L{source} {direction}", "transfer", layer, source, direction, budget,
+            f"t{layer}", {
+                "eval/ces": [(t, 0.7 + t / (10 * budget)) for t in steps],
+                "eval/explained_variance": [(t, 0.6) for t in steps],
+                "flops": [(t, 4.0 * t / budget) for t in steps],
+                "normalized_ces": [(t, nces(direction, t)) for t in steps],
+                "eval/l2": [(t, 1.0) for t in steps], "eval/l0": [(t, 5.0) for t in steps],
+                "transfer_score/top_logits": [(budget, 0.3)],
+                "transfer_score/bottom_logits": [(budget, 0.6)],
+                "transfer_score/max_activating": [(budget, 0.9)]})
+    P = scratch // 10
+    summary = {"scratch_everywhere_tokens": 2 * scratch, "plan_budget": P,
+               "plan_budget_fraction": 0.1, "plan_from": "checkpoint", "plans": [
+                   {"direction": d, "scratch_layers": [s], "transfers": [[t, s]],
+                    "tokens": scratch + P, "saved_fraction": 1 - (scratch + P) / (2 * scratch),
+                    "members": [{"key": f"s{s}", "layer": s, "tokens": scratch, "from": "scratch"},
+                                {"key": f"t{t}", "layer": t, "tokens": P, "from": "checkpoint"}]}
+                   for d, s, t in (("forward", 0, 1), ("backward", 1, 0))]}
+    (root / name).mkdir()
+    (root / name / "sweep_summary.json").write_text(json.dumps(summary))
+    client.log_artifact(parent, str(root / name / "sweep_summary.json"))
+    client.set_terminated(parent)
+
+
+def report(root: Path, name: str) -> Path:
+    """Run the report on experiment `name` of the store under `root`, the figures of curves
+    left out (slow, and tested with the sweep). MLflow's set_tracking_uri exports
+    MLFLOW_TRACKING_URI, which the report reads first: cleared before and restored after."""
+    saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    curves, sweep_report.curves = sweep_report.curves, lambda *a: None
+    try:
+        assert sweep_report.main([name, "--runs-dir", str(root), "--no-log"]) == 0
+    finally:
+        sweep_report.curves = curves
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        if saved is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+    return root / "analysis" / name
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, empty_mlflow_db) -> Path:
+    """One store, two sweeps: the paper's setting on two layers, and a toy one."""
+    root = tmp_path_factory.mktemp("report")
+    client = mlflow_store(empty_mlflow_db, root)
+    fabricate(client, root, "paper", PAPER["model.name"], 500 * M, 1000 * M, 100 * M)
+    fabricate(client, root, "toy", "toy://default/small", 2048, 4096, 1024, batch=256)
+    return root
+
+
+@pytest.fixture(scope="module")
+def paper_sweep(store: Path) -> Path:
+    return report(store, "paper")
+
+
+def test_paper_values_beside_the_papers_checkpoints(paper_sweep: Path) -> None:
+    fwd = pl.read_csv(paper_sweep / "normalized_ces_fwd.csv")
+    expect = ["layer"]
+    for c in range(100, 501, 100):
+        expect += [f"{500 * M} @{ckpt(c * M)}", f"paper @{c}M"]
+    assert fwd.columns == expect
+    row = fwd.row(0, named=True)
+    assert row["layer"] == 1 and row["paper @100M"] == 0.962 and row["paper @500M"] == 0.972
+    assert row[f"{500 * M} @{ckpt(100 * M)}"] == pytest.approx(nces("fwd", ckpt(100 * M)))
+    bwd = pl.read_csv(paper_sweep / "normalized_ces_bwd.csv").row(0, named=True)
+    assert bwd["layer"] == 0 and bwd["paper @300M"] == 0.991  # Table 4, layer 0
+    paper = pl.read_csv(paper_sweep / "paper.csv")
+    cell = paper.filter(pl.col("quantity") == "normalized CES", pl.col("direction") == "fwd",
+                        pl.col("checkpoint") == "200M").row(0, named=True)
+    assert cell["paper"] == 0.968 and cell["same setting"] == "yes" and cell["source"] == "Table 3"
+    assert cell["raysae"] == pytest.approx(nces("fwd", ckpt(200 * M)))
+    # two layers, not the paper's twelve: the plan figures are beside the paper's, not its own
+    plan = paper.filter(pl.col("quantity") == "plan tokens saved at 10%")
+    assert plan["raysae"].to_list() == pytest.approx([0.45, 0.45])
+    assert plan["paper"].to_list() == [0.45, 0.45] and set(plan["same setting"]) == {"no"}
+
+
+def test_compute_summary_reads_plan_transfers_at_their_checkpoint(paper_sweep: Path) -> None:
+    text = (paper_sweep / "compute.md").read_text()
+    # forward plan: scratch L0 (CES 0.90, all its FLOPs 10) and L1<-L0 at its 100M checkpoint
+    # (CES 0.7 + 0.1 * 100,003,840 / 500M, FLOPs 4 * 100,003,840 / 500M)
+    t = ckpt(100 * M) / (500 * M)
+    ces = (0.90 + 0.7 + t / 10) / 2
+    assert f"{10 + 4 * t:.3g} | {ces:.3f} | 0.700 |" in text
+    assert "forward plan: scratch on layers [0], transfer to the rest (checkpoint)" in text
+    assert "tokens saved by the forward plan: 45.0%; FLOPs saved: " \
+        f"{1 - (10 + 4 * t) / 20:.1%}" in text
+    assert "tokens saved by the backward plan: 45.0%" in text
+
+
+def test_combined_transfer_score(paper_sweep: Path) -> None:
+    sim = pl.read_csv(paper_sweep / "similarity.csv")
+    assert sim["combined score"].to_list() == pytest.approx([0.6, 0.6])  # (0.3 + 0.6 + 0.9) / 3
+
+
+def test_another_setting_gets_the_papers_final_column_only(store: Path) -> None:
+    out = report(store, "toy")
+    fwd = pl.read_csv(out / "normalized_ces_fwd.csv")
+    assert fwd.columns == ["layer", "2048 @1024", "2048 @2048", "paper @500M"]
+    assert fwd["paper @500M"].to_list() == [0.972]
+    paper = pl.read_csv(out / "paper.csv").filter(pl.col("quantity") == "normalized CES")
+    assert paper.height == 2 and set(paper["same setting"]) == {"no"}  # the final cells only
+    assert paper.filter(pl.col("direction") == "bwd")["raysae at"].to_list() == ["2048 @2048"]
