@@ -12,12 +12,17 @@ Writes to `<out>/<experiment>/` (default out: <runs-dir>/analysis):
   logits, bottom logits, max-activating and the three combined (Figs 5, 6)
 - compute.md  tokens of each Appendix B.1 plan (forward, backward) against scratch on every
   layer, and the quality each reaches (each plan transfer read at the plan's budget)
+- early_stopping.md  with `sweep.stop_at`: tokens the transfers used against their fixed budgets,
+  and the cheapest plan for the target against the B.1 plans
 - paper.csv/.md  every number of the paper (raysae/reference/layer_transfer.json) beside this
   sweep's figure for it, with whether the sweep's setting is the paper's
 - with a feature phase (`features:` in the config): circuits_by_checkpoint,
   circuits_by_direction, circuits_by_n, circuits_by_task, dla_by_layer (.csv/.md) and
   circuits.png (see feature_tables.py)
-and logs them as artifacts of a `<experiment> summary` run (unless --no-log). Reads nothing but
+With `sweep.architectures` each architecture gets these in `<out>/<experiment>/<architecture>/`,
+and architectures.csv/.md puts them side by side (scratch CES, EV, L0; per direction and budget
+the transferred SAEs' normalized CES, MMCS with scratch and combined transfer score). All are
+logged as artifacts of a `<experiment> summary` run (unless --no-log). Reads nothing but
 MLflow and the paper's numbers: the tracking URI is MLFLOW_TRACKING_URI, else sqlite under the
 runs directory.
 """
@@ -129,11 +134,20 @@ def paper_ces(direction: str, layer: int, checkpoint: int) -> float | None:
     return None
 
 
-def sweep_setting(client: MlflowClient, experiment: str) -> dict:
+def sweep_parents(client: MlflowClient, experiment: str, architecture: str | None = None) -> list:
+    """The experiment's sweep parent runs, newest first (of one architecture when given: a
+    sweep with `sweep.architectures` has one parent per architecture)."""
+    exp = client.get_experiment_by_name(experiment)
+    query = "tags.`raysae.phase` = 'sweep'"
+    if architecture is not None:
+        query += f" and params.`sae.architecture` = '{architecture}'"
+    return client.search_runs([exp.experiment_id], query)
+
+
+def sweep_setting(client: MlflowClient, experiment: str, architecture: str | None = None) -> dict:
     """The sweep's side of the paper's settings (model, site, expansion factor, the paper's
     fine-tuning budget if the sweep has it, number of layers), from its parent run's params."""
-    exp = client.get_experiment_by_name(experiment)
-    parents = client.search_runs([exp.experiment_id], "tags.`raysae.phase` = 'sweep'")
+    parents = sweep_parents(client, experiment, architecture)
     params = parents[0].data.params if parents else {}
     paper = paper_numbers("normalized_ces")[0]["setting"]
     budgets = json.loads(params.get("sweep.finetune_budgets", "[]"))
@@ -249,11 +263,11 @@ def similarity(runs: pl.DataFrame, out: Path) -> None:
     write_table(t, out, "similarity")
 
 
-def sweep_summary(client: MlflowClient, experiment: str) -> dict | None:
+def sweep_summary(client: MlflowClient, experiment: str, architecture: str | None = None
+                  ) -> dict | None:
     """The parent run's `sweep_summary.json`, its plans in the per-direction form (a summary
     written before the backward plan existed holds one forward plan in flat keys)."""
-    exp = client.get_experiment_by_name(experiment)
-    parents = client.search_runs([exp.experiment_id], "tags.`raysae.phase` = 'sweep'")
+    parents = sweep_parents(client, experiment, architecture)
     if not parents:
         return None
     path = client.download_artifacts(parents[0].info.run_id, "sweep_summary.json")
@@ -372,6 +386,68 @@ def paper_table(hist: pl.DataFrame, s: dict | None, setting: dict) -> pl.DataFra
     return pl.DataFrame(rows, schema=schema, orient="row")
 
 
+def report(client: MlflowClient, experiment: str, runs: pl.DataFrame, out: Path,
+           architecture: str | None = None) -> None:
+    """Every table and figure of one sweep (one architecture's, when given) into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    trained = runs.filter(pl.col("phase").is_in(["scratch", "transfer", "plan"]))
+    hist = histories(client, trained, ["eval/ces", "eval/l2", "eval/l0", "normalized_ces"])
+    setting = sweep_setting(client, experiment, architecture)
+    summary = sweep_summary(client, experiment, architecture)
+    matrix = zeroshot_matrix(runs, out)
+    normalized_tables(hist, out, setting)
+    curves(hist, out)
+    similarity(runs, out)
+    compute_summary(client, summary, runs, out)
+    early_stopping(summary, out)
+    write_table(paper_table(hist, summary, setting), out, "paper")
+    has_features = feature_tables(client, trained, out)
+    print("zero-shot CES (rows: evaluated on layer i, columns: SAE of layer j)")
+    print(to_markdown(matrix))
+    names = ["normalized_ces_fwd", "normalized_ces_bwd", "compute", "early_stopping", "paper"]
+    if has_features:
+        names += ["circuits_by_checkpoint", "circuits_by_direction", "circuits_by_n", "dla_by_layer"]
+    for name in names:
+        f = out / f"{name}.md"
+        if f.exists():
+            print(f"{name}:\n{f.read_text()}")
+
+
+def early_stopping(s: dict | None, out: Path) -> None:
+    """`sweep.stop_at`: the tokens the transfers used against their fixed budgets, and the
+    cheapest plan for the target against the B.1 plans (from the sweep's summary)."""
+    if s is None or "early_stopping" not in s:
+        return
+    e = s["early_stopping"]
+    lines = [f"{e['stopped_early']} of {e['transfers']} transfers stopped early: "
+             f"{e['tokens']:,} tokens of the {e['budget_tokens']:,} their fixed budgets would "
+             f"train ({e['saved_fraction']:.1%} saved).", ""]
+    if "budget_plan" in s:
+        lines.append(s["budget_plan"])
+    (out / "early_stopping.md").write_text("\n".join(lines) + "\n")
+
+
+def architectures_table(runs: pl.DataFrame) -> pl.DataFrame:
+    """The architectures side by side: their scratch SAEs (CES, explained variance, L0) and
+    their transfers per direction and budget (normalized CES at the last checkpoint, MMCS with
+    the scratch SAE of the layer, the combined transfer score), each a mean over layers."""
+    def mean(col: str) -> pl.Expr:
+        return (pl.col(col).mean() if col in runs.columns else pl.lit(None)).alias(col)
+
+    scratch = runs.filter(pl.col("phase") == "scratch").group_by("architecture").agg(
+        mean("metrics.eval/ces"), mean("metrics.eval/explained_variance"), mean("metrics.eval/l0"),
+    ).rename({"metrics.eval/ces": "scratch CES", "metrics.eval/explained_variance": "scratch EV",
+              "metrics.eval/l0": "scratch L0"})
+    transfer = runs.filter(pl.col("phase") == "transfer").group_by(
+        "architecture", "direction", pl.col("budget").cast(pl.Int64)).agg(
+        mean("metrics.normalized_ces"), mean("metrics.mmcs_vs_scratch"),
+        mean("metrics.transfer_score/combined"),
+    ).rename({"metrics.normalized_ces": "normalized CES", "metrics.mmcs_vs_scratch": "MMCS",
+              "metrics.transfer_score/combined": "combined score"})
+    return transfer.join(scratch, on="architecture", how="left").sort(
+        "direction", "budget", "architecture")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment")
@@ -385,26 +461,16 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     runs = load_runs(args.experiment)
-    trained = runs.filter(pl.col("phase").is_in(["scratch", "transfer", "plan"]))
-    hist = histories(client, trained, ["eval/ces", "eval/l2", "eval/l0", "normalized_ces"])
-    setting = sweep_setting(client, args.experiment)
-    summary = sweep_summary(client, args.experiment)
-    matrix = zeroshot_matrix(runs, out)
-    normalized_tables(hist, out, setting)
-    curves(hist, out)
-    similarity(runs, out)
-    compute_summary(client, summary, runs, out)
-    write_table(paper_table(hist, summary, setting), out, "paper")
-    has_features = feature_tables(client, trained, out)
-    print("zero-shot CES (rows: evaluated on layer i, columns: SAE of layer j)")
-    print(to_markdown(matrix))
-    names = ["normalized_ces_fwd", "normalized_ces_bwd", "compute", "paper"]
-    if has_features:
-        names += ["circuits_by_checkpoint", "circuits_by_direction", "circuits_by_n", "dla_by_layer"]
-    for name in names:
-        f = out / f"{name}.md"
-        if f.exists():
-            print(f"{name}:\n{f.read_text()}")
+    archs = sorted(runs["architecture"].unique()) if "architecture" in runs.columns else []
+    if len(archs) > 1:  # `sweep.architectures`: a report per architecture, and them side by side
+        for arch in archs:
+            print(f"== {arch} ==")
+            report(client, args.experiment, runs.filter(pl.col("architecture") == arch),
+                   out / arch, arch)
+        write_table(architectures_table(runs), out, "architectures")
+        print(f"architectures:\n{(out / 'architectures.md').read_text()}")
+    else:
+        report(client, args.experiment, runs, out)
     if not args.no_log:
         exp = client.get_experiment_by_name(args.experiment)
         found = client.search_runs([exp.experiment_id], "tags.`raysae.phase` = 'summary'")

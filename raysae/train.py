@@ -221,6 +221,9 @@ class Trainer:
         # the first step (and its tokens) whose gradient was not finite, -1 while none: kept on
         # the device, read by the host only where it syncs anyway (log steps, checkpoints)
         self.first_bad = torch.full((2,), -1, dtype=torch.long, device=device)
+        # (step, tokens) mirrored on the device, advanced by scalar adds: no host-to-device copy
+        # (a synchronising one from pageable memory on a GPU) in the step
+        self._at = torch.tensor([self.step_no, self.tokens], dtype=torch.long, device=device)
 
     @property
     def done(self) -> bool:
@@ -241,8 +244,9 @@ class Trainer:
                                  self.allreduce_grads)
         self.window.add(out.window)
         self.step_no, tokens_before, self.tokens = self.step_no + 1, self.tokens, self.tokens + n
-        here = torch.tensor([self.step_no, self.tokens], device=self.first_bad.device)
-        self.first_bad = torch.where(finite | (self.first_bad[0] >= 0), self.first_bad, here)
+        self._at[0] += 1
+        self._at[1] += n
+        self.first_bad = torch.where(finite | (self.first_bad[0] >= 0), self.first_bad, self._at)
 
         checkpoint_step = _checkpoint_due(tokens_before, self.tokens, loop)
         if log_step or checkpoint_step:  # the same steps on every worker, whatever it logs

@@ -45,7 +45,7 @@ def test_paper_plan_matches_the_closed_forms(tmp_path):
     scratch = by["scratch"]
     assert (scratch.groups, scratch.saes, scratch.stream_tokens) == (1, 12, B)
     assert scratch.lm_flops == pytest.approx(B * 24 * d * d * 12)  # one forward for 12 SAEs
-    assert scratch.sae_flops == pytest.approx(12 * B * 6 * d * F)
+    assert scratch.sae_flops == pytest.approx(12 * B * 10 * d * F)  # five dense products
     transfer = by["transfer"]
     assert (transfer.groups, transfer.saes, transfer.stream_tokens) == (1, 22, B // 2)
     assert transfer.sae_tokens == 22 * B // 2

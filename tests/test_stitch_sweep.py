@@ -43,6 +43,7 @@ def config(toy) -> dict:
             "num_tokens": 8192, "batch_size": 512, "lr": 1e-3, "checkpoint_every_tokens": 4096,
             "lstsq_tokens": 4096, "match_tokens": 2048,
             "widths": [64], "budgets": [4096, 8192],
+            "stop_at_thresholds": True, "check_every_tokens": 2048,
             "probes": {"source": str(toy.heldout), "labels": ["topic", "number"], "num_rows": 64,
                        "sparse_k": [1, 4], "steering_tokens": 4},
             "variants": str(toy.variants),
@@ -85,6 +86,29 @@ def test_every_trial_finished_exactly_once(swept):
                    "transfer": 2, "probes": 1}
     assert set(df["status"]) == {"FINISHED"}
     assert df["tags.raysae.run_key"].n_unique() == len(df)
+
+
+def test_b_saes_stop_at_the_largest_threshold(swept):
+    """`stitch.stop_at_thresholds`: each of B's SAEs (scratch and stitched) ends at the first
+    check (every 2,048 tokens) whose held-out EV reaches the largest threshold, or runs its
+    budget below it; its run says which. A's SAE has no rule."""
+    from raysae.distributed.engine import STOP_TAG
+
+    df = runs_table(swept["runs"])
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{swept['runs'] / 'mlflow.db'}")
+    top = max(load_config(swept["cfg"]).stitch.ev_thresholds)
+    for row in df.filter(pl.col("tags.raysae.role").is_in(["scratch_b", "transfer"])).iter_rows(named=True):
+        tokens, why = int(row["tags.raysae.tokens_seen"]), row[f"tags.{STOP_TAG}"]
+        ev = {m.step: m.value for m in client.get_metric_history(row["run_id"],
+                                                                 "eval/explained_variance")}
+        assert sorted(ev) == list(range(2048, tokens + 1, 2048))
+        assert all(v < top for s, v in ev.items() if s < tokens)
+        if why.startswith("target: eval/explained_variance"):
+            assert ev[tokens] >= top
+        else:
+            assert why.startswith("budget:") and tokens == int(row["tags.raysae.budget"])
+    a = df.filter(pl.col("tags.raysae.role") == "scratch_a")
+    assert a[f"tags.{STOP_TAG}"].to_list() in ([None], ["None"], ["nan"])
 
 
 def test_stitch_quality_and_layer_match(swept, toy_pair):

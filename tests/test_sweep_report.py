@@ -167,3 +167,37 @@ def test_another_setting_gets_the_papers_final_column_only(store: Path) -> None:
     paper = pl.read_csv(out / "paper.csv").filter(pl.col("quantity") == "normalized CES")
     assert paper.height == 2 and set(paper["same setting"]) == {"no"}  # the final cells only
     assert paper.filter(pl.col("direction") == "bwd")["raysae at"].to_list() == ["2048 @2048"]
+
+
+def test_architectures_side_by_side_and_early_stopping(tmp_path):
+    """With several architectures in one experiment: one row per architecture, direction and
+    budget, each a mean over its own runs only; the early-stopping summary is written as told."""
+    rows = []
+    for arch, base in (("topk", 0.5), ("batchtopk", 0.7)):
+        for layer in (0, 1):
+            rows.append({"architecture": arch, "phase": "scratch", "direction": "scratch",
+                         "budget": "100", "layer": layer, "metrics.eval/ces": base + layer / 10,
+                         "metrics.eval/explained_variance": base, "metrics.eval/l0": 8.0,
+                         "metrics.normalized_ces": None, "metrics.mmcs_vs_scratch": None,
+                         "metrics.transfer_score/combined": None})
+            rows.append({"architecture": arch, "phase": "transfer", "direction": "fwd",
+                         "budget": "50", "layer": layer, "metrics.eval/ces": 0.0,
+                         "metrics.eval/explained_variance": 0.0, "metrics.eval/l0": 0.0,
+                         "metrics.normalized_ces": base + layer, "metrics.mmcs_vs_scratch": base / 2,
+                         "metrics.transfer_score/combined": base / 4})
+    t = sweep_report.architectures_table(pl.DataFrame(rows)).sort("architecture")
+    assert t["architecture"].to_list() == ["batchtopk", "topk"]
+    assert t["normalized CES"].to_list() == pytest.approx([1.2, 1.0])  # means over layers 0, 1
+    assert t["MMCS"].to_list() == pytest.approx([0.35, 0.25])
+    assert t["scratch CES"].to_list() == pytest.approx([0.75, 0.55])
+    assert t["budget"].to_list() == [50, 50] and t["direction"].to_list() == ["fwd", "fwd"]
+
+    summary = {"early_stopping": {"transfers": 4, "stopped_early": 3, "tokens": 250,
+                                  "budget_tokens": 400, "saved_fraction": 0.375},
+               "budget_plan": "plan for normalized CES >= 0.9 ..."}
+    sweep_report.early_stopping(summary, tmp_path)
+    text = (tmp_path / "early_stopping.md").read_text()
+    assert text.startswith("3 of 4 transfers stopped early: 250 tokens of the 400 ")
+    assert "(37.5% saved)" in text and "plan for normalized CES >= 0.9" in text
+    sweep_report.early_stopping({"plans": []}, tmp_path / "none")
+    assert not (tmp_path / "none").exists()
