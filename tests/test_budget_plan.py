@@ -77,3 +77,21 @@ def test_fixed_plan_is_priced_at_its_budget():
     tokens, worst = fixed_plan([0, 1, 2, 3], scratch, curves, [0, 2], {1: 0, 3: 2}, 50)
     assert tokens == 300 and worst == pytest.approx(0.93)
     assert math.isnan(fixed_plan([0, 1, 2, 3], scratch, curves, [0, 2], {1: 0, 3: 2}, 30)[1])
+
+
+def test_plan_target_before_the_sweep_ran_names_what_is_missing(tmp_path, token_file, capsys):
+    """`raysae plan CONFIG --target T` reads a finished sweep; before one ran it says which
+    scratch SAE has no finished run, and exits 2 (the plan itself: tests/test_sweep.py)."""
+    import yaml
+    from test_sweep import CONFIG
+
+    from raysae.cli import main
+
+    cfg = {**CONFIG, "name": "plan-before", "data": {**CONFIG["data"], "source": str(token_file)}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code = main(["plan", str(path), "--runs-dir", str(tmp_path / "runs"), "--target", "0.9"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "plan --target: L0 scratch has no finished run in experiment 'plan-before'" in err
+    assert "run the sweep first" in err
