@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -20,3 +21,13 @@ def to_markdown(df: pl.DataFrame) -> str:
     lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.iter_rows()]
     return "\n".join(lines) + "\n"
+
+
+def report_args(doc: str | None, argv: list[str] | None) -> argparse.Namespace:
+    """The arguments every report takes: EXPERIMENT, --runs-dir, --out, --no-log."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--out", default=None)
+    p.add_argument("--no-log", action="store_true", help="do not log a summary MLflow run")
+    return p.parse_args(argv)

@@ -36,7 +36,6 @@ Each table's markdown starts with a note saying which EV and which FLOPs it read
 
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import os
@@ -52,7 +51,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
-from common import to_markdown, tracking_uri  # noqa: E402
+from common import report_args, to_markdown, tracking_uri  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from raysae.reference import load as load_reference  # noqa: E402  (data only, no training code)
@@ -702,12 +701,7 @@ def circuits(runs: pl.DataFrame) -> pl.DataFrame | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment")
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--out", default=None)
-    p.add_argument("--no-log", action="store_true", help="do not log a summary MLflow run")
-    args = p.parse_args(argv)
+    args = report_args(__doc__, argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keeps stdout tables
     mlflow.set_tracking_uri(tracking_uri(args.runs_dir))
     client = MlflowClient()

@@ -29,7 +29,6 @@ runs directory.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -40,7 +39,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import polars as pl  # noqa: E402
-from common import to_markdown, tracking_uri  # noqa: E402
+from common import report_args, to_markdown, tracking_uri  # noqa: E402
 from feature_tables import feature_tables  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
@@ -449,12 +448,7 @@ def architectures_table(runs: pl.DataFrame) -> pl.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment")
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--out", default=None)
-    p.add_argument("--no-log", action="store_true", help="do not log a summary MLflow run")
-    args = p.parse_args(argv)
+    args = report_args(__doc__, argv)
     mlflow.set_tracking_uri(tracking_uri(args.runs_dir))
     client = MlflowClient()
     out = Path(args.out or Path(args.runs_dir) / "analysis") / args.experiment

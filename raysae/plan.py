@@ -29,6 +29,7 @@ from typing import Literal, NamedTuple
 
 from raysae.config import JobConfig, ModelConfig, SAEConfig
 from raysae.models import model_dims, parse_hook_name
+from raysae.train import dense_sae_flops_per_token
 
 GiB = 1 << 30
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -52,7 +53,7 @@ def sae_step_flops_per_token(sae: SAEConfig, d_in: int) -> float:
     if sae.uses_k:
         aux = 4.0 * d_in * (d_in // 2) if sae.aux_coefficient > 0 else 0.0
         return 2.0 * d_in * F + 10.0 * d_in * sae.k + aux
-    return 10.0 * d_in * F
+    return dense_sae_flops_per_token(d_in, F)
 
 
 def sae_memory_bytes(sae: SAEConfig, d_in: int, batch_rows: int) -> int:

@@ -6,7 +6,7 @@ the sweeps turn relative targets into them before training starts (normalized CE
 layer i is CES >= CES_0 + 0.95 (CES_scratch - CES_0), with CES_0 the zero-shot CES of the
 source SAE there; "within m of the scratch SAE" is value >= scratch - m), so the rule needs
 nothing but the run's own history. A plateau is a gain below `plateau_gain` over the last
-`plateau_checkpoints` checkpoints. Pure: no torch, no ray, no mlflow.
+`plateau_checkpoints` checkpoints. No ray, no mlflow.
 
 `raysae.distributed.engine` applies a member's rule at each of its checkpoints and at each
 check between them (`every_tokens`: an evaluation and a decision, no resume point), so a
@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from raysae.config import StopConfig
+from raysae.transfer.scores import normalized_ces_defined
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def transfer_rule(cfg: StopConfig, scratch: Mapping[str, float],
     metric, at_least, target = "eval/ces", None, ""
     if cfg.normalized_ces is not None:
         s, z, t = scratch["eval/ces"], zero_shot["eval/ces"], cfg.normalized_ces
-        if s > z:
+        if normalized_ces_defined(z, s):
             at_least = z + t * (s - z)
             target = f"normalized CES >= {t:g}: zero-shot CES {z:.4g}, scratch {s:.4g}"
         elif not plateau:

@@ -346,12 +346,12 @@ class SAEGroupFit(Fit):
                                      tokens, special)
         out = {}
         for key, (member, sae, state) in due.items():
-            if key not in flops:  # FLOPs depend on shapes only
+            if id(sae) not in flops:  # FLOPs depend on shapes only (a readout shares its SAE)
                 sample = torch.randn(1024, self.d_in, device=self.device)
-                flops[key] = sae_flops_per_token(sae, sample, member_config(self.job, member)[1])
+                flops[id(sae)] = sae_flops_per_token(sae, sample, member_config(self.job, member)[1])
             result = results[first[(id(sae), member.hook)]]
             out[key] = {f"eval/{k}": v for k, v in result.as_dict().items()}
-            out[key]["flops"] = flops[key] * state.tokens_seen
+            out[key]["flops"] = flops[id(sae)] * state.tokens_seen
             dense = dense_sae_flops_per_token(sae.d_in, sae.d_sae)  # the stitching paper's count
             out[key]["flops_dense_equiv"] = dense * state.tokens_seen
         return out

@@ -295,7 +295,8 @@ def _derive(
             scratch = SAE.load(sae_dir_for(job, scratch_key))
             values["mmcs_vs_scratch"] = scores.mmcs(transferred.W_dec, scratch.W_dec)
         values.update(_transfer_scores(source, transferred, t, W_U_DV, heldout, frame))
-        tracker.log_metrics(run_id, values, step=t.budget)
+        tokens = int(tracker.tags(run_id).get("raysae.tokens_seen", t.budget))  # stopped: fewer
+        tracker.log_metrics(run_id, values, step=tokens)
 
 
 @torch.no_grad()
@@ -371,9 +372,10 @@ def pilot_plan(job: JobConfig, target: float, trials: list[grid.Trial] | None = 
     curves: dict[tuple[int, int], list[bp.Curve]] = {}
     ces = {(t.layer, t.source_layer): (tracker.finished_metrics(t.key) or {}).get("eval/ces")
            for t in trials if t.phase in ("scratch", "zeroshot")}
-    undefined = sorted({(t.layer, t.source_layer) for t in trials if t.phase == "transfer"
-                        and not (ces.get((t.layer, None)) or 0) > (ces.get((t.layer, t.source_layer))
-                                                                  or 0)})
+    refs = {(t.layer, t.source_layer): (ces.get((t.layer, t.source_layer)), ces.get((t.layer, None)))
+            for t in trials if t.phase == "transfer"}
+    undefined = sorted(pair for pair, (z, s) in refs.items()
+                       if None in (z, s) or not scores.normalized_ces_defined(z, s))
     for t in trials:
         if t.phase not in ("scratch", "transfer"):
             continue

@@ -16,6 +16,12 @@ from torch import Tensor
 from raysae.features.attribution import NormFrame
 
 
+def normalized_ces_defined(ces_zero_shot: float, ces_scratch: float) -> bool:
+    """Whether `normalized_ces` measures progress toward the scratch SAE: only while the scratch
+    SAE beats the source read zero-shot (otherwise the denominator is zero or negative)."""
+    return ces_scratch > ces_zero_shot
+
+
 def normalized_ces(ces_transfer: float, ces_zero_shot: float, ces_scratch: float) -> float:
     """The transfer paper's normalized CES on layer i of SAE_{i<-j}:
 
