@@ -698,6 +698,8 @@ class StitchConfig:
             _fail("stitch.budgets", self.budgets, "distinct positive token counts")
         if not self.ev_thresholds or any(not 0 < t < 1 for t in self.ev_thresholds):
             _fail("stitch.ev_thresholds", self.ev_thresholds, "fractions in (0, 1)")
+        if self.check_every_tokens is not None and self.check_every_tokens < 1:
+            _fail("stitch.check_every_tokens", self.check_every_tokens, "a positive count")
         if self.max_failures < 0:
             _fail("stitch.max_failures", self.max_failures, "a non-negative integer")
 

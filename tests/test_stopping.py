@@ -66,3 +66,15 @@ def test_thresholds_stop_at_the_largest():
 def test_bad_stop_settings_are_named(section, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         from_dict(StopConfig, section)
+
+
+def test_a_stitch_check_interval_must_be_positive():
+    from raysae.config import StitchConfig
+
+    large = {"name": "tiny"}
+    with pytest.raises(ConfigError, match=r"stitch.check_every_tokens: got -5, expected a positive count"):
+        from_dict(StitchConfig, {"large": large, "num_tokens": 4096, "pairs": [[0, 1]],
+                                 "stop_at_thresholds": True, "check_every_tokens": -5})
+    ok = from_dict(StitchConfig, {"large": large, "num_tokens": 4096, "pairs": [[0, 1]],
+                                  "stop_at_thresholds": True, "check_every_tokens": 512})
+    assert ok.check_every_tokens == 512
