@@ -12,8 +12,11 @@ Writes to `<out>/<experiment>/` (default out: <runs-dir>/analysis):
   logits, bottom logits, max-activating and the three combined (Figs 5, 6)
 - compute.md  tokens of each Appendix B.1 plan (forward, backward) against scratch on every
   layer, and the quality each reaches (each plan transfer read at the plan's budget)
-- early_stopping.md  with `sweep.stop_at`: tokens the transfers used against their fixed budgets,
-  and the cheapest plan for the target against the B.1 plans
+- early_stopping.csv/.md, early_stopping_by_budget.csv  with `sweep.stop_at`, from the transfer
+  runs: per run its fixed budget, the tokens it used and saved, why it stopped and its normalized
+  CES there; per direction and budget the tokens used against the fixed ones; the check that
+  every `target:` stop is at the target (the report fails, naming the run, where one is not);
+  and the cheapest plan for the target against the B.1 plans (from the sweep's summary)
 - paper.csv/.md  every number of the paper (raysae/reference/layer_transfer.json) beside this
   sweep's figure for it, with whether the sweep's setting is the paper's
 - with a feature phase (`features:` in the config): circuits_by_checkpoint,
@@ -50,6 +53,9 @@ REFERENCE = load_reference("layer_transfer")
 PAPER_CHECKPOINT_SLACK = 1e-3
 """A logged checkpoint at t tokens is the paper's checkpoint c when c <= t <= c (1 + slack): the
 loop checkpoints at the first batch at or after each multiple (100,003,840 for 100M)."""
+STOP_SLACK = 1e-9
+"""A `target:` stop passes the check at normalized CES >= target - slack: the rule's CES threshold
+and the normalized CES derived after the sweep are the same inequality, up to rounding."""
 
 
 
@@ -159,6 +165,15 @@ def sweep_setting(client: MlflowClient, experiment: str, architecture: str | Non
         "finetune_budget": paper["finetune_budget"] if paper["finetune_budget"] in budgets else None,
         "n_layers": len(layers),
     }
+
+
+def stop_target(client: MlflowClient, experiment: str, architecture: str | None = None
+                ) -> float | None:
+    """The sweep's `sweep.stop_at.normalized_ces` (a param of its parent run), None without one
+    (no `stop_at`, or a target other than normalized CES)."""
+    parents = sweep_parents(client, experiment, architecture)
+    value = parents[0].data.params.get("sweep.stop_at.normalized_ces") if parents else None
+    return None if value in (None, "None") else float(value)
 
 
 def same_setting(number: dict, setting: dict) -> bool:
@@ -386,8 +401,9 @@ def paper_table(hist: pl.DataFrame, s: dict | None, setting: dict) -> pl.DataFra
 
 
 def report(client: MlflowClient, experiment: str, runs: pl.DataFrame, out: Path,
-           architecture: str | None = None) -> None:
-    """Every table and figure of one sweep (one architecture's, when given) into `out`."""
+           architecture: str | None = None) -> list[str]:
+    """Every table and figure of one sweep (one architecture's, when given) into `out`; returns
+    the failures of the early-stopping check (`early_stopping`)."""
     out.mkdir(parents=True, exist_ok=True)
     trained = runs.filter(pl.col("phase").is_in(["scratch", "transfer", "plan"]))
     hist = histories(client, trained, ["eval/ces", "eval/l2", "eval/l0", "normalized_ces"])
@@ -398,7 +414,8 @@ def report(client: MlflowClient, experiment: str, runs: pl.DataFrame, out: Path,
     curves(hist, out)
     similarity(runs, out)
     compute_summary(client, summary, runs, out)
-    early_stopping(summary, out)
+    stop_failures = early_stopping(summary, runs, hist,
+                                   stop_target(client, experiment, architecture), out)
     write_table(paper_table(hist, summary, setting), out, "paper")
     has_features = feature_tables(client, trained, out)
     print("zero-shot CES (rows: evaluated on layer i, columns: SAE of layer j)")
@@ -410,20 +427,99 @@ def report(client: MlflowClient, experiment: str, runs: pl.DataFrame, out: Path,
         f = out / f"{name}.md"
         if f.exists():
             print(f"{name}:\n{f.read_text()}")
+    return stop_failures
 
 
-def early_stopping(s: dict | None, out: Path) -> None:
-    """`sweep.stop_at`: the tokens the transfers used against their fixed budgets, and the
-    cheapest plan for the target against the B.1 plans (from the sweep's summary)."""
-    if s is None or "early_stopping" not in s:
-        return
-    e = s["early_stopping"]
-    lines = [f"{e['stopped_early']} of {e['transfers']} transfers stopped early: "
-             f"{e['tokens']:,} tokens of the {e['budget_tokens']:,} their fixed budgets would "
-             f"train ({e['saved_fraction']:.1%} saved).", ""]
-    if "budget_plan" in s:
+def stopped_transfers(runs: pl.DataFrame, hist: pl.DataFrame) -> pl.DataFrame | None:
+    """One row per transfer run of a sweep with `sweep.stop_at` (None without): its fixed budget
+    (the run's `train.num_tokens`), the tokens it trained (`raysae.tokens_seen`) and saved, the
+    kind of its `raysae.stop` reason, and its normalized CES at the tokens it stopped at."""
+    t = runs.filter(pl.col("phase") == "transfer")
+    if "stop" not in t.columns or "tokens_seen" not in t.columns:
+        return None
+    budget = pl.col("budget").cast(pl.Int64, strict=False)
+    if "params.train.num_tokens" in t.columns:
+        budget = pl.coalesce(pl.col("params.train.num_tokens").cast(pl.Int64, strict=False), budget)
+    nces = hist.filter(pl.col("metric") == "normalized_ces").select(
+        "run_id", pl.col("tokens").cast(pl.Int64).alias("tokens used"),
+        pl.col("value").cast(pl.Float64).alias("normalized CES at stop"))
+    table = t.select(
+        "run_id", pl.col("tags.mlflow.runName").alias("run"), "layer",
+        pl.col("source_layer").alias("source layer"), "direction", budget.alias("budget"),
+        pl.col("tokens_seen").cast(pl.Int64, strict=False).alias("tokens used"),
+        pl.col("stop").str.extract(r"^(target|plateau|budget|no target): ").alias("stop"),
+    ).with_columns((pl.col("budget") - pl.col("tokens used")).alias("tokens saved")).join(
+        nces, on=["run_id", "tokens used"], how="left",
+    ).select("run_id", "run", "layer", "source layer", "direction", "budget", "tokens used",
+             "tokens saved", "stop", "normalized CES at stop"
+    ).sort("direction", "budget", "layer")
+    return table if table["stop"].is_not_null().any() else None
+
+
+def stops_by_budget(table: pl.DataFrame) -> pl.DataFrame:
+    """Per direction and fixed budget: the tokens the transfers used against their budgets."""
+    return table.group_by("direction", "budget").agg(
+        pl.len().alias("transfers"),
+        (pl.col("tokens used") < pl.col("budget")).sum().alias("stopped early"),
+        pl.col("tokens used").sum(),
+        pl.col("budget").sum().alias("fixed budget tokens"),
+    ).with_columns(
+        (1 - pl.col("tokens used") / pl.col("fixed budget tokens")).alias("saved fraction")
+    ).sort("direction", "budget")
+
+
+def check_stops(table: pl.DataFrame, target: float) -> list[str]:
+    """Why each run that stopped at the target (`target:`) is not at normalized CES >= target
+    at its stop in MLflow (no value there fails too: the stop cannot be checked)."""
+    hit = table.filter(pl.col("stop") == "target")
+    bad = hit.filter(pl.col("normalized CES at stop").is_null()
+                     | (pl.col("normalized CES at stop") < target - STOP_SLACK))
+
+    def why(r: dict) -> str:
+        value = r["normalized CES at stop"]
+        found = "no normalized CES logged there" if value is None else f"normalized CES {value!r}"
+        return (f"run {r['run']!r} ({r['run_id']}) stopped at the target at {r['tokens used']:,} "
+                f"tokens with {found} < target {target:g}")
+
+    return [why(r) for r in bad.iter_rows(named=True)]
+
+
+def early_stopping(s: dict | None, runs: pl.DataFrame, hist: pl.DataFrame,
+                   target: float | None, out: Path) -> list[str]:
+    """`sweep.stop_at`, from the transfer runs in MLflow: per run the tokens it used against its
+    fixed budget, why it stopped and its normalized CES there; the same per direction and
+    budget; the check that every `target:` stop is at the target (`target`: the sweep's
+    normalized CES target), and the cheapest plan for the target against the B.1 plans (from
+    the sweep's summary). Returns the check's failures, for the caller to fail on once every
+    table is written."""
+    table = stopped_transfers(runs, hist)
+    if table is None and (s is None or "early_stopping" not in s):
+        return []
+    lines, failures = [], []
+    if s is not None and "early_stopping" in s:
+        e = s["early_stopping"]
+        lines += [f"{e['stopped_early']} of {e['transfers']} transfers stopped early: "
+                  f"{e['tokens']:,} tokens of the {e['budget_tokens']:,} their fixed budgets would "
+                  f"train ({e['saved_fraction']:.1%} saved).", ""]
+    if table is not None:
+        shown = table.drop("run_id")
+        by_budget = stops_by_budget(table)
+        shown.write_csv(out / "early_stopping.csv")
+        by_budget.write_csv(out / "early_stopping_by_budget.csv")
+        lines += [to_markdown(shown), to_markdown(by_budget)]
+        if target is None:
+            lines += ["early stopping check: no normalized CES target (`sweep.stop_at`), not checked", ""]
+        else:
+            failures = check_stops(table, target)
+            n = table.filter(pl.col("stop") == "target").height
+            held = (f"early stopping check: {n} transfers stopped at the target, each at "
+                    f"normalized CES >= {target:g} (from MLflow)")
+            lines += [f"early stopping check FAILED: {f}" for f in failures] if failures else [held]
+            lines.append("")
+    if s is not None and "budget_plan" in s:
         lines.append(s["budget_plan"])
     (out / "early_stopping.md").write_text("\n".join(lines) + "\n")
+    return failures
 
 
 def architectures_table(runs: pl.DataFrame) -> pl.DataFrame:
@@ -456,15 +552,16 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = load_runs(args.experiment)
     archs = sorted(runs["architecture"].unique()) if "architecture" in runs.columns else []
+    failures = []
     if len(archs) > 1:  # `sweep.architectures`: a report per architecture, and them side by side
         for arch in archs:
             print(f"== {arch} ==")
-            report(client, args.experiment, runs.filter(pl.col("architecture") == arch),
-                   out / arch, arch)
+            failures += report(client, args.experiment,
+                               runs.filter(pl.col("architecture") == arch), out / arch, arch)
         write_table(architectures_table(runs), out, "architectures")
         print(f"architectures:\n{(out / 'architectures.md').read_text()}")
     else:
-        report(client, args.experiment, runs, out)
+        failures = report(client, args.experiment, runs, out)
     if not args.no_log:
         exp = client.get_experiment_by_name(args.experiment)
         found = client.search_runs([exp.experiment_id], "tags.`raysae.phase` = 'summary'")
@@ -474,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
         client.log_artifacts(run_id, str(out), "analysis")
         client.set_terminated(run_id)
     print(f"written to {out}")
+    if failures:  # after every table is written and logged: what failed is there to read
+        raise SystemExit("early stopping check failed:\n" + "\n".join(failures))
     return 0
 
 

@@ -82,6 +82,12 @@ def save_train_state(state: TrainState, path: str | Path) -> Path:
     return write_folder_atomically(path, write)
 
 
+def train_state_counters(path: str | Path) -> tuple[int, int]:
+    """(step, tokens_seen) of a folder written by `save_train_state`, without its tensors."""
+    scalars = json.loads((Path(path) / STATE_JSON).read_text())
+    return int(scalars["step"]), int(scalars["tokens_seen"])
+
+
 def load_train_state(path: str | Path) -> TrainState:
     """Read a folder written by `save_train_state` (JSON + safetensors only)."""
     path = Path(path)

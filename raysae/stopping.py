@@ -15,8 +15,9 @@ stopped SAE leaves its group at the first check that meets the rule.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from raysae.config import StopConfig
 from raysae.transfer.scores import normalized_ces_defined
@@ -68,6 +69,11 @@ class StopRule:
                 return history[n - 1][0], reason
         return None
 
+    def signature(self) -> str:
+        """The rule as decided (every field but the wording of `target`): a run records it, and
+        a re-submitted sweep whose rule differs re-decides where the run stops."""
+        return json.dumps({k: v for k, v in asdict(self).items() if k != "target"}, sort_keys=True)
+
     def not_reached(self, tokens: int) -> str:
         """The reason a training that ran its whole budget gives."""
         what = [f"{self.metric} >= {self.at_least:.6g}" + (f" ({self.target})" if self.target else "")
@@ -75,6 +81,42 @@ class StopRule:
                 f"a plateau over {self.plateau_checkpoints} checkpoints" if self.plateau_checkpoints
                 else ""]
         return f"budget: {' or '.join(w for w in what if w)} not reached in {tokens:,} tokens"
+
+
+NO_RULE = "none"
+"""The signature of no rule (a member without `stop`)."""
+
+
+def signature(rule: StopRule | None) -> str:
+    return NO_RULE if rule is None else rule.signature()
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where a training with a new rule ends, read off what it already trained."""
+
+    tokens: int
+    """Tokens of its final SAE (a checkpoint on the way), or where it continues from."""
+    reason: str | None
+    """Why it stops at `tokens`; None: it must train on from `tokens`."""
+
+
+def redecide(rule: StopRule | None, history: list[tuple[int, float]], trained: int,
+             budget: int) -> Decision:
+    """Apply `rule` to a training that went to `trained` tokens of its `budget` (checked at the
+    points of `history`, (tokens, value of `rule.metric`) in order): it stops at the first
+    point that meets the rule, at the budget when it trained it all, or goes on from `trained`.
+    What a fresh training with `rule` would do, as training is deterministic: the same stream
+    from the same state, checked at the same points."""
+    if rule is not None:
+        hit = rule.first_reached([(t, v) for t, v in history if t <= trained])
+        if hit is not None:
+            return Decision(*hit)
+    if trained >= budget:
+        why = (rule.not_reached(budget) if rule is not None
+               else f"budget: no stop rule, the budget of {budget:,} tokens ran")
+        return Decision(budget, why)
+    return Decision(trained, None)
 
 
 class NoTarget(ValueError):

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import requests
-from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag, ViewType
 from mlflow.tracking import MlflowClient
 
 log = logging.getLogger("raysae.tracking")
@@ -46,6 +46,9 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 pick its landing page (it takes `?workflowType=` or the side bar's switch, default GenAI), so
 raysae prints links with `?workflowType=machine_learning` (`ui_hint`); tested in a browser."""
 _MAX_BATCH = 100  # MLflow's log_batch limit on params per call
+_MAX_METRICS = 1000  # and on metrics
+SUPERSEDED_TAG = "raysae.superseded_by"
+"""On a deleted run: the run of the same key that replaced it (`Tracker.supersede`)."""
 WAIT_ENV = "RAYSAE_MLFLOW_WAIT_S"
 DEFAULT_WAIT_S = 300.0
 _MAX_BACKOFF_S = 5.0  # between attempts once MLflow gave up: a light poll of a server coming back
@@ -172,11 +175,12 @@ class Tracker:
                             time.monotonic() - start, what)
             return result
 
-    def _runs_with_key(self, key: str) -> list[Run]:
-        """The live runs carrying the key, oldest first (start time, then id: the same order in
-        every process)."""
+    def _runs_with_key(self, key: str, view: int = ViewType.ACTIVE_ONLY) -> list[Run]:
+        """The live runs carrying the key (`view`: or the deleted ones too), oldest first
+        (start time, then id: the same order in every process)."""
         runs = self._client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=50
+            [self.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=50,
+            run_view_type=view,
         )
         return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
@@ -225,6 +229,41 @@ class Tracker:
             self._client.delete_run(extra.info.run_id)
         return runs[0].info.run_id
 
+    def every_run(self, key: str) -> list[Run]:
+        """Every run that carried the key, the deleted (superseded) ones included."""
+        return self._retry(f"find the runs of {key!r}",
+                           lambda: self._runs_with_key(key, ViewType.ALL))
+
+    def copy_run(self, run_id: str, up_to: int, parent: str | None,
+                 drop_tags: tuple[str, ...] = ()) -> str:
+        """A new RUNNING run with the tags (but `drop_tags`), params and metric history of
+        `run_id` at steps <= `up_to` (timestamps kept): the run a training that ended at
+        `up_to` would have logged. It carries the same key, so the caller then supersedes the
+        old run."""
+        run = self._get_run(run_id)
+        tags = {k: v for k, v in run.data.tags.items()
+                if k not in drop_tags and (not k.startswith("mlflow.") or k == PARENT_TAG)}
+        if parent is not None:
+            tags[PARENT_TAG] = parent
+        new = self._retry(f"copy run {run_id}", lambda: self._client.create_run(
+            self.experiment_id, tags=tags, run_name=run.info.run_name).info.run_id)
+        params = [Param(k, v) for k, v in run.data.params.items()]
+        metrics = [Metric(m.key, m.value, m.timestamp, m.step) for key in run.data.metrics
+                   for m in self._retry(f"read the history of {key!r} in run {run_id}",
+                                        lambda key=key: self._client.get_metric_history(run_id, key))
+                   if m.step <= up_to]
+        for items, size, kind in ((params, _MAX_BATCH, "params"), (metrics, _MAX_METRICS, "metrics")):
+            for s in range(0, len(items), size):
+                chunk = items[s : s + size]
+                self._retry(f"copy the {kind} of run {run_id}",
+                            lambda chunk=chunk, kind=kind: self._client.log_batch(new, **{kind: chunk}))
+        return new
+
+    def supersede(self, run_id: str, by: str) -> None:
+        """Delete `run_id` (MLflow keeps it, restorable), tagged with the run that replaced it."""
+        self.set_tags(run_id, {SUPERSEDED_TAG: by})
+        self._retry(f"delete run {run_id}", lambda: self._client.delete_run(run_id))
+
     def status(self, run_id: str) -> str:
         """RUNNING, FINISHED, FAILED, ..."""
         return self._get_run(run_id).info.status
@@ -235,6 +274,10 @@ class Tracker:
 
     def tags(self, run_id: str) -> dict[str, str]:
         return dict(self._get_run(run_id).data.tags)
+
+    def run(self, run_id: str) -> Run:
+        """The run: its info (status, lifecycle), tags, params and latest metrics."""
+        return self._get_run(run_id)
 
     def _get_run(self, run_id: str) -> Run:
         return self._retry(f"read run {run_id}", lambda: self._client.get_run(run_id))

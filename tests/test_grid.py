@@ -13,6 +13,7 @@ from raysae.config import (
     JobConfig,
     ModelConfig,
     SAEConfig,
+    StopConfig,
     SweepConfig,
     TrainConfig,
     from_dict,
@@ -202,6 +203,36 @@ def test_plan_reads_the_checkpoint_of_a_longer_fine_tuning():
     # 40% = 400k: not a multiple of the 250k checkpoint interval, so no checkpoint holds it
     between = build_sweep(finetune_budgets=(1_000_000,), compute_plan_budget_fraction=0.4)
     assert len(phases(grid(job, between))["plan"]) == 4
+
+
+def test_plan_trains_its_own_transfers_with_stop_at():
+    """`sweep.stop_at`: a transfer trial may stop before the plan's budget, so neither its
+    checkpoint there nor a transfer trial of that very budget is the plan's SAE: each plan
+    transfer is a trained trial of its own, read at its end ("run"); the other trials keep their
+    keys. Without `stop_at` the same grid reads them off the transfer trials."""
+    job = build_job(train=TrainConfig(num_tokens=1_000_000, batch_size=4096,
+                                      checkpoint_every_tokens=250_000))
+    stop = StopConfig(normalized_ces=0.9)
+    # plan budget 500k: a checkpoint of the 1M fine-tuning, and the 500k fine-tuning itself
+    for budgets in ((200_000, 1_000_000), (500_000,)):
+        fixed = grid(job, build_sweep(finetune_budgets=budgets))
+        assert phases(fixed)["plan"] == []
+        sweep = build_sweep(finetune_budgets=budgets, stop_at=stop)
+        trials = grid(job, sweep)
+        plan = phases(trials)["plan"]
+        assert [(t.layer, t.source_layer, t.budget, t.trains) for t in plan] == [
+            (1, 0, 500_000, True), (3, 2, 500_000, True), (0, 1, 500_000, True),
+            (2, 3, 500_000, True)]
+        assert [t.key for t in trials if t.phase != "plan"] == [t.key for t in fixed]
+        assert len({t.key for t in trials}) == len(trials)  # none is a transfer trial's
+        index = {t.key: t for t in trials}
+        for p in plan_token_summary(job, sweep, trials)["plans"]:
+            read = [(index[m["key"]].phase, m["tokens"], m["from"]) for m in p["members"]
+                    if m["from"] != "scratch"]
+            assert read == [("plan", 500_000, "run")] * 2
+        for p in plan_token_summary(job, build_sweep(finetune_budgets=budgets), fixed)["plans"]:
+            assert {m["from"] for m in p["members"]} == {
+                "scratch", "checkpoint" if budgets[-1] > 500_000 else "run"}
 
 
 def test_plan_pairs_forward_and_backward():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from raysae.config import ConfigError, StopConfig, from_dict
-from raysae.stopping import StopRule, threshold_rule, transfer_rule
+from raysae.stopping import Decision, StopRule, redecide, signature, threshold_rule, transfer_rule
 from raysae.transfer.scores import normalized_ces
 
 
@@ -78,3 +78,31 @@ def test_a_stitch_check_interval_must_be_positive():
     ok = from_dict(StitchConfig, {"large": large, "num_tokens": 4096, "pairs": [[0, 1]],
                                   "stop_at_thresholds": True, "check_every_tokens": 512})
     assert ok.check_every_tokens == 512
+
+
+def test_a_changed_rule_is_redecided_on_what_was_trained():
+    """A training checked at 100..400 of a 1,000-token budget, stopped at 400 by its old rule:
+    a lower target stops it at an earlier check, a higher one that the trained checks do not
+    reach makes it train on from 400, a training that ran its budget stays at the budget, and
+    no rule at all trains on to the budget."""
+    history = [(100, 0.5), (200, 0.7), (300, 0.8), (400, 0.9)]
+    lower = StopRule("eval/ces", 0.75, "t")
+    assert redecide(lower, history, 400, 1000) == Decision(300, lower.reached(history[:3]))
+    higher = StopRule("eval/ces", 0.95, "t")
+    assert redecide(higher, history, 400, 1000) == Decision(400, None)
+    # checks beyond what the run trained are not read (a longer, superseded training's are
+    # passed as its own history)
+    assert redecide(higher, [*history, (500, 0.96)], 400, 1000) == Decision(400, None)
+    assert redecide(higher, [*history, (500, 0.96)], 500, 1000).tokens == 500
+    full = [*history, (1000, 0.93)]
+    assert redecide(higher, full, 1000, 1000) == Decision(1000, higher.not_reached(1000))
+    assert redecide(None, history, 400, 1000) == Decision(400, None)
+    assert redecide(None, full, 1000, 1000).reason.startswith("budget: no stop rule")
+
+
+def test_a_rule_signature_ignores_only_its_wording():
+    a = StopRule("eval/ces", 0.8, "normalized CES >= 0.9: zero-shot 0.4, scratch 0.9")
+    assert signature(a) == signature(StopRule("eval/ces", 0.8, "other words"))
+    assert signature(a) != signature(StopRule("eval/ces", 0.8, every_tokens=256))
+    assert signature(a) != signature(StopRule("eval/ces", 0.81))
+    assert signature(None) == "none" != signature(a)

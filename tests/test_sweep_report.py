@@ -5,6 +5,7 @@ read at a fine-tuning's checkpoint, and the combined transfer score."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -34,23 +35,49 @@ def nces(direction: str, step: int) -> float:
     return (0.5 if direction == "fwd" else 0.6) + step / (1000 * M)
 
 
-def fabricate(client: MlflowClient, root: Path, name: str, model: str, budget: int,
-              scratch: int, every: int, batch: int = BATCH) -> None:
+def log_run(client: MlflowClient, exp: str, name: str, phase: str, layer: int,
+            source: int | None, direction: str, budget: int, key: str,
+            metrics: dict[str, list[tuple[int, float]]], tags: dict[str, str] | None = None,
+            params: dict[str, str] | None = None) -> str:
+    """A finished trial run tagged as the sweep tags it, with metric histories (step, value)."""
+    tags = {"raysae.phase": phase, "raysae.layer": str(layer), "raysae.direction": direction,
+            "raysae.source_layer": "" if source is None else str(source),
+            "raysae.budget": str(budget), "raysae.run_key": key, **(tags or {})}
+    run_id = client.create_run(exp, run_name=name, tags=tags).info.run_id
+    client.log_batch(run_id, metrics=[Metric(k, v, 1, step) for k, hist in metrics.items()
+                                      for step, v in hist],
+                     params=[Param(k, v) for k, v in (params or {}).items()])
+    client.set_terminated(run_id)
+    return run_id
+
+
+def log_parent(client: MlflowClient, root: Path, name: str, params: dict[str, str],
+               summary: dict) -> str:
+    """Experiment `name` with its sweep parent run: the sweep's params and its summary artifact."""
     exp = client.create_experiment(name, (root / "art" / name).as_uri())
-    params = {**PAPER, "model.name": model, "sweep.finetune_budgets": json.dumps([budget]),
-              "sweep.layers": "[0, 1]"}
     parent = client.create_run(exp, run_name="rep sweep", tags={"raysae.phase": "sweep"}).info.run_id
     client.log_batch(parent, params=[Param(k, v) for k, v in params.items()])
+    (root / name).mkdir()
+    (root / name / "sweep_summary.json").write_text(json.dumps(summary))
+    client.log_artifact(parent, str(root / name / "sweep_summary.json"))
+    client.set_terminated(parent)
+    return exp
 
-    def run(name: str, phase: str, layer: int, source: int | None, direction: str, b: int,
-            key: str, metrics: dict[str, list[tuple[int, float]]]) -> None:
-        tags = {"raysae.phase": phase, "raysae.layer": str(layer), "raysae.direction": direction,
-                "raysae.source_layer": "" if source is None else str(source),
-                "raysae.budget": str(b), "raysae.run_key": key}
-        run_id = client.create_run(exp, run_name=name, tags=tags).info.run_id
-        client.log_batch(run_id, metrics=[Metric(k, v, 1, step) for k, hist in metrics.items()
-                                          for step, v in hist])
-        client.set_terminated(run_id)
+
+def fabricate(client: MlflowClient, root: Path, name: str, model: str, budget: int,
+              scratch: int, every: int, batch: int = BATCH) -> None:
+    params = {**PAPER, "model.name": model, "sweep.finetune_budgets": json.dumps([budget]),
+              "sweep.layers": "[0, 1]"}
+    P = scratch // 10
+    summary = {"scratch_everywhere_tokens": 2 * scratch, "plan_budget": P,
+               "plan_budget_fraction": 0.1, "plan_from": "checkpoint", "plans": [
+                   {"direction": d, "scratch_layers": [s], "transfers": [[t, s]],
+                    "tokens": scratch + P, "saved_fraction": 1 - (scratch + P) / (2 * scratch),
+                    "members": [{"key": f"s{s}", "layer": s, "tokens": scratch, "from": "scratch"},
+                                {"key": f"t{t}", "layer": t, "tokens": P, "from": "checkpoint"}]}
+                   for d, s, t in (("forward", 0, 1), ("backward", 1, 0))]}
+    exp = log_parent(client, root, name, params, summary)
+    run = functools.partial(log_run, client, exp)
 
     scratch_steps = [ckpt(c, batch) for c in range(every, scratch + 1, every)]
     for layer in (0, 1):
@@ -74,18 +101,6 @@ def fabricate(client: MlflowClient, root: Path, name: str, model: str, budget: i
                 "transfer_score/top_logits": [(budget, 0.3)],
                 "transfer_score/bottom_logits": [(budget, 0.6)],
                 "transfer_score/max_activating": [(budget, 0.9)]})
-    P = scratch // 10
-    summary = {"scratch_everywhere_tokens": 2 * scratch, "plan_budget": P,
-               "plan_budget_fraction": 0.1, "plan_from": "checkpoint", "plans": [
-                   {"direction": d, "scratch_layers": [s], "transfers": [[t, s]],
-                    "tokens": scratch + P, "saved_fraction": 1 - (scratch + P) / (2 * scratch),
-                    "members": [{"key": f"s{s}", "layer": s, "tokens": scratch, "from": "scratch"},
-                                {"key": f"t{t}", "layer": t, "tokens": P, "from": "checkpoint"}]}
-                   for d, s, t in (("forward", 0, 1), ("backward", 1, 0))]}
-    (root / name).mkdir()
-    (root / name / "sweep_summary.json").write_text(json.dumps(summary))
-    client.log_artifact(parent, str(root / name / "sweep_summary.json"))
-    client.set_terminated(parent)
 
 
 def report(root: Path, name: str) -> Path:
@@ -169,9 +184,10 @@ def test_another_setting_gets_the_papers_final_column_only(store: Path) -> None:
     assert paper.filter(pl.col("direction") == "bwd")["raysae at"].to_list() == ["2048 @2048"]
 
 
-def test_architectures_side_by_side_and_early_stopping(tmp_path):
+def test_architectures_side_by_side_and_early_stopping_summary(tmp_path):
     """With several architectures in one experiment: one row per architecture, direction and
-    budget, each a mean over its own runs only; the early-stopping summary is written as told."""
+    budget, each a mean over its own runs only; the early-stopping summary is written as told
+    (runs without `raysae.stop` tags: no per-transfer table, nothing to check)."""
     rows = []
     for arch, base in (("topk", 0.5), ("batchtopk", 0.7)):
         for layer in (0, 1):
@@ -195,9 +211,117 @@ def test_architectures_side_by_side_and_early_stopping(tmp_path):
     summary = {"early_stopping": {"transfers": 4, "stopped_early": 3, "tokens": 250,
                                   "budget_tokens": 400, "saved_fraction": 0.375},
                "budget_plan": "plan for normalized CES >= 0.9 ..."}
-    sweep_report.early_stopping(summary, tmp_path)
+    untagged, no_hist = pl.DataFrame({"phase": ["transfer"]}), pl.DataFrame()
+    assert sweep_report.early_stopping(summary, untagged, no_hist, 0.9, tmp_path) == []
     text = (tmp_path / "early_stopping.md").read_text()
     assert text.startswith("3 of 4 transfers stopped early: 250 tokens of the 400 ")
     assert "(37.5% saved)" in text and "plan for normalized CES >= 0.9" in text
-    sweep_report.early_stopping({"plans": []}, tmp_path / "none")
+    assert not (tmp_path / "early_stopping.csv").exists()
+    sweep_report.early_stopping({"plans": []}, untagged, no_hist, None, tmp_path / "none")
     assert not (tmp_path / "none").exists()
+
+
+TARGET = 0.8
+TOY = {**PAPER, "model.name": "toy://default/small", "sweep.layers": "[0, 1]",
+       "sweep.finetune_budgets": "[2048, 4096]",
+       "sweep.stop_at.normalized_ces": str(TARGET), "sweep.stop_at.check_every_tokens": "512"}
+
+
+def fabricate_stopped(client: MlflowClient, root: Path, name: str,
+                      transfers: list[tuple[str, str, int, int, str, list[tuple[int, float]]]]
+                      ) -> None:
+    """A two-layer sweep with `sweep.stop_at.normalized_ces: TARGET` whose transfers are
+    (name, direction, budget, tokens used, `raysae.stop` reason, normalized CES history)."""
+    used = [t[3] for t in transfers]
+    budgets = [t[2] for t in transfers]
+    summary = {"scratch_everywhere_tokens": 2 * 8192, "plans": [],
+               "early_stopping": {"transfers": len(transfers),
+                                  "stopped_early": sum(u < b for u, b in zip(used, budgets)),
+                                  "tokens": sum(used), "budget_tokens": sum(budgets),
+                                  "saved_fraction": 1 - sum(used) / sum(budgets)},
+               "budget_plan": "cheapest plan for normalized CES >= 0.8 against the B.1 plans"}
+    exp = log_parent(client, root, name, TOY, summary)
+    run = functools.partial(log_run, client, exp)
+    for layer in (0, 1):
+        run(f"L{layer} scratch", "scratch", layer, None, "scratch", 8192, f"s{layer}",
+            {"eval/ces": [(8192, 0.95)]}, tags={"raysae.tokens_seen": "8192"})
+        for source in (0, 1):
+            run(f"L{layer}←L{source} zero-shot", "zeroshot", layer, source, "self", 0,
+                f"z{layer}{source}", {"eval/ces": [(0, 0.5)]})
+    for i, (label, direction, budget, tokens, why, nces) in enumerate(transfers):
+        layer, source = (1, 0) if direction == "fwd" else (0, 1)
+        run(label, "transfer", layer, source, direction, budget, f"t{i}",
+            {"normalized_ces": nces, "eval/ces": [(t, 0.5 + 0.45 * v) for t, v in nces]},
+            tags={"raysae.tokens_seen": str(tokens), "raysae.stop": why},
+            params={"train.num_tokens": str(budget)})
+
+
+@pytest.fixture(scope="module")
+def stop_store(tmp_path_factory, empty_mlflow_db) -> Path:
+    """Two sweeps with `sweep.stop_at`: one whose target stops all hold, and one whose first
+    target stop is below the target in MLflow."""
+    root = tmp_path_factory.mktemp("stops")
+    client = mlflow_store(empty_mlflow_db, root)
+    below = TARGET - 1e-12  # within the check's slack: at the target up to rounding
+    fabricate_stopped(client, root, "stopped", [
+        ("L1←L0 fwd 2k", "fwd", 2048, 1536, "target: eval/ces 0.869 >= 0.86 at 1,536 tokens",
+         [(512, 0.5), (1024, 0.7), (1536, 0.82)]),
+        ("L1←L0 fwd 4k", "fwd", 4096, 2048, "target: eval/ces 0.86 >= 0.86 at 2,048 tokens",
+         [(512, 0.4), (1024, 0.6), (1536, 0.7), (2048, below)]),
+        ("L0←L1 bwd 2k", "bwd", 2048, 2048, "budget: eval/ces >= 0.86 not reached in 2,048 tokens",
+         [(512, 0.5), (1024, 0.6), (1536, 0.65), (2048, 0.7)]),
+        ("L0←L1 bwd 4k", "bwd", 4096, 3072, "plateau: eval/ces gained 0.001 < 0.01 over the "
+         "last 2 checkpoints, at 3,072 tokens", [(1024, 0.6), (2048, 0.75), (3072, 0.75)]),
+    ])
+    fabricate_stopped(client, root, "short", [
+        ("L1←L0 fwd 2k", "fwd", 2048, 1024, "target: eval/ces 0.86 >= 0.86 at 1,024 tokens",
+         [(512, 0.85), (1024, 0.79)]),  # stopped at 1024, but its normalized CES there is 0.79
+        ("L0←L1 bwd 2k", "bwd", 2048, 2048, "no target: normalized CES is undefined here; "
+         "the budget runs", []),
+    ])
+    return root
+
+
+def test_early_stopping_per_transfer_from_mlflow(stop_store: Path, capsys) -> None:
+    """Each transfer's budget, tokens used and saved, stop kind and normalized CES at its stop,
+    read from its run; the per-budget totals; the check line when every target stop holds."""
+    out = report(stop_store, "stopped")
+    t = pl.read_csv(out / "early_stopping.csv")
+    assert t.columns == ["run", "layer", "source layer", "direction", "budget", "tokens used",
+                         "tokens saved", "stop", "normalized CES at stop"]
+    assert t.select("run", "budget", "tokens used", "tokens saved", "stop").rows() == [
+        ("L0←L1 bwd 2k", 2048, 2048, 0, "budget"),
+        ("L0←L1 bwd 4k", 4096, 3072, 1024, "plateau"),
+        ("L1←L0 fwd 2k", 2048, 1536, 512, "target"),
+        ("L1←L0 fwd 4k", 4096, 2048, 2048, "target"),
+    ]
+    # the value at the stop's own step, not the last or the largest logged
+    assert t["normalized CES at stop"].to_list() == pytest.approx([0.7, 0.75, 0.82, TARGET])
+    assert t.select("layer", "source layer").rows() == [(0, 1), (0, 1), (1, 0), (1, 0)]
+    b = pl.read_csv(out / "early_stopping_by_budget.csv")
+    assert b.select("direction", "budget", "stopped early", "tokens used",
+                    "fixed budget tokens").rows() == [
+        ("bwd", 2048, 0, 2048, 2048), ("bwd", 4096, 1, 3072, 4096),
+        ("fwd", 2048, 1, 1536, 2048), ("fwd", 4096, 1, 2048, 4096)]
+    assert b["saved fraction"].to_list() == pytest.approx([0.0, 0.25, 0.25, 0.5])
+    text = (out / "early_stopping.md").read_text()
+    line = ("early stopping check: 2 transfers stopped at the target, each at normalized "
+            "CES >= 0.8 (from MLflow)")
+    assert line in text and line in capsys.readouterr().out
+    # the sweep's own summary line and its budget plan (the B.1 comparison) stay
+    assert text.startswith("3 of 4 transfers stopped early: 8,704 tokens of the 12,288 ")
+    assert "cheapest plan for normalized CES >= 0.8 against the B.1 plans" in text
+
+
+def test_early_stopping_check_fails_on_a_target_stop_below_it(stop_store: Path) -> None:
+    """A `target:` run whose normalized CES at its stop is below the target: the report writes
+    its tables, then fails naming the run, its value and the target."""
+    with pytest.raises(SystemExit, match=r"'L1←L0 fwd 2k' .* 1,024 tokens with normalized "
+                                         r"CES 0\.79 < target 0\.8"):
+        report(stop_store, "short")
+    out = stop_store / "analysis" / "short"
+    assert "early stopping check FAILED: run 'L1←L0 fwd 2k'" in (out / "early_stopping.md").read_text()
+    assert (out / "paper.csv").exists()  # the tables after it are written too
+    t = pl.read_csv(out / "early_stopping.csv")
+    assert t["stop"].to_list() == ["no target", "target"]
+    assert t["normalized CES at stop"].to_list()[0] is None  # undefined: nothing logged

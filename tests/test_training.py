@@ -240,7 +240,8 @@ def test_a_member_that_reaches_its_target_leaves_the_group(job, uninterrupted):
     """Three SAEs on one stream, two workers: one whose target holds at its first check stops
     there (between checkpoints), one whose target never holds runs its budget checked every
     1,024 tokens and says so, one without a rule equals the solo run: the stop decision (taken
-    on rank 0, which evaluates) reached both workers at the same step."""
+    on rank 0, which evaluates) reached both workers at the same step. The stopped one, gone on
+    from its kept state without a rule, ends equal to the solo run."""
     from raysae.distributed.engine import STOP_TAG
     from raysae.distributed.training import SAERun, checkpoint_saes, train_on_ray
     from raysae.stopping import StopRule
@@ -271,5 +272,22 @@ def test_a_member_that_reaches_its_target_leaves_the_group(job, uninterrupted):
     assert STOP_TAG not in mlflow_run(cfg, "keeps")[1].data.tags
     plain, _ = uninterrupted
     a, b = SAE.load(plain.out_dir), SAE.load(results["keeps"].out_dir)
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        assert (getattr(a, name) - getattr(b, name)).abs().max() < 1e-6, name
+
+    # the stopped SAE goes on from the state kept at its stop (a sweep whose target was raised):
+    # its group's stream starts at that step, and it ends where the uninterrupted run ended
+    from raysae.distributed.engine import STOP_RULE_TAG, stop_state_dir
+
+    goes_on = dataclasses.replace(stops, stop=None,
+                                  resume_from=str(stop_state_dir(cfg, "stops", 1024)))
+    result = train_on_ray(cfg, dataclasses.replace(group(directory, goes_on), key="stops-on"))
+    assert result["stops"].metrics["tokens_seen"] == BUDGET
+    client, run = mlflow_run(cfg, "stops")  # the same run, gone on
+    assert run.data.tags[STOP_RULE_TAG] == "none"
+    assert run.data.tags[STOP_TAG] == "budget: no stop rule, the budget of 8,192 tokens ran"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "eval/ces")]
+    assert steps == [1024, *range(2048, BUDGET + 1, 2048)]  # each once: the check, then checkpoints
+    b = SAE.load(result["stops"].out_dir)
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         assert (getattr(a, name) - getattr(b, name)).abs().max() < 1e-6, name

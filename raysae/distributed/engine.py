@@ -58,11 +58,12 @@ from raysae.checkpoint import (
     TrainState,
     load_train_state,
     save_train_state,
+    train_state_counters,
 )
 from raysae.config import JobConfig, digest, from_dict, to_dict
 from raysae.distributed import root_cause
 from raysae.plan import PhasePlan, plan_report
-from raysae.stopping import StopRule
+from raysae.stopping import StopRule, signature
 from raysae.tracking import Tracker, tracking_uri
 from raysae.train import Diverged, Trainer
 
@@ -110,6 +111,12 @@ def checkpoints_dir(job: JobConfig, key: str) -> Path:
     return Path(job.runs_dir).resolve() / "checkpoints" / run_name_for(key)
 
 
+def stop_state_dir(job: JobConfig, key: str, tokens: int) -> Path:
+    """Where the training state of a member that stopped at `tokens` is kept: beside that
+    checkpoint's artefact, so that a re-submitted sweep with a higher target trains it on."""
+    return checkpoints_dir(job, key) / f"tokens_{tokens:012d}" / "state"
+
+
 def checkpoint_folders(job: JobConfig, key: str, artifact: str) -> list[tuple[int, Path]]:
     """(tokens seen, artefact folder) of every checkpoint of the member with this key, in order
     (`<runs_dir>/checkpoints/<run>/tokens_<n>/<artifact>`)."""
@@ -137,6 +144,9 @@ class RunSpec:
     stop: StopRule | None = None
     """When the member may stop before its budget (checked at each of its checkpoints): it then
     leaves the group, its last checkpoint its final artefact."""
+    resume_from: str | None = None
+    """A training state folder the member goes on from (one that stopped, whose sweep now asks
+    for more): its group's stream starts at that state's step, as it would have gone on."""
     readouts: tuple[RunSpec, ...] = ()
     """Evaluations of the member's final artefact read elsewhere (the zero-shot matrix: a
     scratch SAE read at every layer), each a member-like spec with its own key, run and site;
@@ -260,6 +270,10 @@ def fit_on_ray(
     """Run one Fit on Ray Train; idempotent for a given spec.key (finished members are reused).
     Returns each member's result by key."""
     fit.check(job, spec)
+    steps = {m.key: train_state_counters(m.resume_from)[0] for m in spec.members if m.resume_from}
+    if steps and (len(set(steps.values())) > 1 or len(steps) < len(spec.members)):
+        raise ValueError(f"group {spec.key}: members go on from steps {steps}; a group shares "
+                         "one stream, so all its members must go on from one step")
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"job": to_dict(job), "spec": spec, "fit": fit, "hooks": hooks,
@@ -310,6 +324,9 @@ ERROR_TAG = "raysae.error"
 STOP_TAG = "raysae.stop"
 """On the run of a member with a stop rule: why it stopped (`target: ...`, `plateau: ...`), or
 that it ran its budget without (`budget: ...`)."""
+STOP_RULE_TAG = "raysae.stop_rule"
+"""On the run of a member with a stop rule (or one that went on after a stop): the rule it was
+decided by (`stopping.signature`): a sweep re-submitted with another rule re-decides it."""
 
 
 @dataclass
@@ -324,11 +341,13 @@ class GroupState:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-def _resume() -> GroupState:
-    """The group state of the last committed checkpoint (empty for a fresh run)."""
+def _resume(members: Sequence[RunSpec]) -> GroupState:
+    """The group state of the last committed checkpoint; for a fresh run, the states the
+    members go on from (`resume_from`, all at one step), or nothing."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return GroupState()
+        states = {m.key: load_train_state(m.resume_from) for m in members if m.resume_from}
+        return GroupState(next(iter(states.values())).step if states else 0, states)
     with checkpoint.as_directory() as d:
         group = json.loads((Path(d) / GROUP_FILE).read_text())
         states = {k: load_train_state(Path(d) / "states" / run_name_for(k)) for k in group["active"]}
@@ -395,6 +414,10 @@ class _MemberRun:
         if self.member.stop is not None:  # (a member resumed after its group's commit: again)
             tags[STOP_TAG] = (stopped or self.stop_reason()
                               or self.member.stop.not_reached(tokens_seen))
+        if self.member.stop is not None or self.member.resume_from:
+            tags[STOP_RULE_TAG] = signature(self.member.stop)
+        if self.member.stop is None and self.member.resume_from:
+            tags[STOP_TAG] = f"budget: no stop rule, the budget of {tokens_seen:,} tokens ran"
         self.tracker.set_tags(self.run_id, tags)
         self.tracker.finish(self.run_id)
 
@@ -461,7 +484,7 @@ def _worker(config: dict[str, Any]) -> None:
     fit: Fit = config["fit"](job, spec, rank, world, ray.train.torch.get_device())
     hooks: WorkerHooks = config["hooks"] or WorkerHooks()
 
-    group = _resume()
+    group = _resume(spec.members)
     start = group.step
     active = [m for m in spec.members if m.key not in group.finished and m.key not in group.failed]
     models = {m.key: fit.build(m, group.states.get(m.key)) for m in active}
@@ -532,8 +555,11 @@ def _worker(config: dict[str, Any]) -> None:
                     reason = runs[key].stop_reason()
                     if reason is not None:
                         why[key] = reason
-                        if key not in done:  # stops here: this checkpoint is its final artefact
+                        if key not in done:  # stops here: this checkpoint is its final artefact,
                             fit.save(models[key], output_dir(job, fit.output_kind, key))
+                            # and its state is kept: a higher target trains it on from here
+                            save_train_state(trainers[key].state(),
+                                             stop_state_dir(job, key, state.tokens_seen))
                     if key in done or reason is not None:
                         group.finished[key] = values
                 for key, (readout, _, _) in reads.items():
@@ -631,19 +657,23 @@ def tune_phase(
     """One Tune experiment whose trials are groups (a grid search on the group "key"),
     restored when it already exists; `run_group(group_key, **payload)` fits a group and returns
     its members' results. Returns, per member key, the metrics with a '/' in their name
-    (eval/..., ce/...) and `flops`, or the root cause of its group's failure."""
+    (eval/..., ce/...) and `flops`, or the root cause of its group's failure. A group without
+    members (all settled before the phase) is not a trial; restored, it reports nothing."""
     storage = Path(job.runs_dir).resolve() / "tune"
     trainable = tune.with_resources(
         tune.with_parameters(_tune_trial, run_group=run_group, payload=payload), {"CPU": TRIAL_CPUS}
     )
     path = storage / experiment
+    todo = [k for k, members in groups.items() if members]
+    if not todo and not tune.Tuner.can_restore(path):
+        return {}, {}
     if tune.Tuner.can_restore(path):
         log.info("restoring Tune experiment %s", path)
         tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"key": tune.grid_search(list(groups))},
+            param_space={"key": tune.grid_search(todo)},
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrent_fits(job)),
             run_config=tune.RunConfig(
                 name=experiment,
@@ -655,7 +685,7 @@ def tune_phase(
     done: Done = {}
     errors: Errors = {}
     for result in tuner.fit():
-        members = groups[result.config["key"]]
+        members = groups.get(result.config["key"], [])
         if result.error is not None:
             errors |= {k: f"failed: {root_cause(result.error)}" for k in members}
         elif result.metrics and "members" in result.metrics:

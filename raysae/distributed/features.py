@@ -183,6 +183,9 @@ class FeatureEvaluation:
     def circuits(self, target: FeatureTarget, run_id: str, redo: bool) -> dict[str, float]:
         """Circuit metrics at every checkpoint not yet logged; the last one's means."""
         ckpts = checkpoint_saes(self.job, target.key)
+        trained = self.tracker.tags(run_id).get("raysae.tokens_seen")
+        if trained is not None:  # a re-decided stop keeps the checkpoints trained beyond it
+            ckpts = [(tokens, folder) for tokens, folder in ckpts if tokens <= int(trained)]
         if self.fc.checkpoints == "final" or not ckpts:
             tokens = ckpts[-1][0] if ckpts else 0
             ckpts = [(tokens, sae_dir_for(self.job, target.key))]

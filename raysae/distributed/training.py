@@ -158,8 +158,12 @@ def alone(spec: SAEGroupSpec) -> dict[str, SAEGroupSpec]:
 
 def run_sae_group(key: str, job: dict, groups: dict[str, SAEGroupSpec],
                   max_failures: int) -> dict[str, FitResult]:
-    """A Tune trial's work: train the group with this key (see `engine.tune_phase`)."""
-    return train_on_ray(from_dict(JobConfig, job), groups[key], max_failures=max_failures)
+    """A Tune trial's work: train the group with this key (see `engine.tune_phase`); a group
+    whose members were all settled before the phase (a restored trial) trains nothing."""
+    spec = groups.get(key)
+    if spec is None or not spec.members:
+        return {}
+    return train_on_ray(from_dict(JobConfig, job), spec, max_failures=max_failures)
 
 
 def member_config(job: JobConfig, m: SAERun) -> tuple[SAEConfig, TrainConfig]:

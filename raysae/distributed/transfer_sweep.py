@@ -46,6 +46,7 @@ from raysae.distributed.features import (
     load_task_sets,
     run_features_phase,
 )
+from raysae.distributed.redecide import going_on_groups, redecide_members
 from raysae.distributed.training import (
     SAERun,
     alone,
@@ -103,10 +104,19 @@ def run_sweep(job: JobConfig) -> SweepResult:
         members = [_member(job, t, parent, readouts.get(t.key, ()), *stop.get(t.key, (None, {})))
                    for t in todo]
         groups = {g.key: g for g in sae_groups(job, members, job.train.source, dirs)}
-        log.info("phase %s: %d SAEs in %d group(s)", phase, len(members), len(groups))
-        return run_groups(job, f"{job.name}-{digest}-{phase}", groups, run_sae_group,
-                          {"job": to_dict(job), "max_failures": sweep.max_failures},
-                          sweep.max_failures, members_of, alone)
+        # finished members are settled (those finished under another stop rule re-decided,
+        # redecide.py); the groups keep their keys (an interrupted one resumes its Ray Train run)
+        settled, going_on, refused = redecide_members(job, members, tracker)
+        gone = settled.keys() | refused.keys() | {m.key for m in going_on}
+        groups = {k: dataclasses.replace(g, members=tuple(m for m in g.members if m.key not in gone))
+                  for k, g in groups.items()}
+        groups |= {g.key: g for g in going_on_groups(job, going_on, job.train.source, dirs)}
+        log.info("phase %s: %d SAEs in %d group(s)", phase,
+                 sum(len(g.members) for g in groups.values()), sum(bool(g.members) for g in groups.values()))
+        done, errors = run_groups(job, f"{job.name}-{digest}-{phase}", groups, run_sae_group,
+                                  {"job": to_dict(job), "max_failures": sweep.max_failures},
+                                  sweep.max_failures, members_of, alone)
+        return settled | done, errors | refused
 
     def zeroshot(todo: list[grid.Trial]) -> tuple[Done, Errors]:
         # read by the scratch group at its final checkpoint; left here: those it could not
@@ -278,24 +288,26 @@ def _derive(
                                                 {t.source_layer for t in trials}))
     for t in trials:
         run_id = tracker.find(t.key)
-        if "mmcs_vs_scratch" in tracker.metrics(run_id):
-            continue  # derived on an earlier submission of this sweep
+        tokens = int(tracker.tags(run_id).get("raysae.tokens_seen", t.budget))  # stopped: fewer
+        if tokens in dict(tracker.history(run_id, "transfer_score/combined")):
+            continue  # derived on an earlier submission of this sweep, for this final SAE
         values: dict[str, float] = {}
         scratch_key = scratch_of.get(t.layer)
         zs_key = zeroshot_of.get((t.layer, t.source_layer))
         if scratch_key in finished and zs_key in finished:
             ces_scratch = finished[scratch_key]["eval/ces"]
             ces_zero_shot = finished[zs_key]["eval/ces"]
+            logged = dict(tracker.history(run_id, "normalized_ces"))  # (a run that trained on)
             for step, ces in tracker.history(run_id, "eval/ces"):
-                norm = scores.normalized_ces(ces, ces_zero_shot, ces_scratch)
-                tracker.log_metrics(run_id, {"normalized_ces": norm}, step=step)
+                if step not in logged:
+                    norm = scores.normalized_ces(ces, ces_zero_shot, ces_scratch)
+                    tracker.log_metrics(run_id, {"normalized_ces": norm}, step=step)
         transferred = SAE.load(sae_dir_for(job, t.key))
         source = SAE.load(sae_dir_for(job, t.depends_on[0]))
         if scratch_key in finished:
             scratch = SAE.load(sae_dir_for(job, scratch_key))
             values["mmcs_vs_scratch"] = scores.mmcs(transferred.W_dec, scratch.W_dec)
         values.update(_transfer_scores(source, transferred, t, W_U_DV, heldout, frame))
-        tokens = int(tracker.tags(run_id).get("raysae.tokens_seen", t.budget))  # stopped: fewer
         tracker.log_metrics(run_id, values, step=tokens)
 
 

@@ -19,6 +19,9 @@ B.1's count. It is not what a P-token run gives: with Table 2's schedule the 500
 constant lr at 100M (its decay starts at 400M) and its L1 warm-up took 25M tokens, while a
 100M run spends 5M warming up the L1 and decays its lr over its last 20M. `run` trains that run
 (today's behaviour, and the fallback where the grid has no checkpoint at the plan's budget).
+With `sweep.stop_at` a transfer trial may stop before the plan's budget and so have no checkpoint
+there: the plan's transfers are then runs of their own, as with `run`, keyed apart from a transfer
+trial of the same budget (which may stop early), so that they train the whole plan budget.
 """
 
 from __future__ import annotations
@@ -133,6 +136,9 @@ def _make(
     src = None if source is None else source.layer
     direction = "scratch" if src is None else direction_of(src - layer)
     kind = "eval" if phase == "zeroshot" else "train"
+    if phase == "plan" and sweep.stop_at is not None:
+        # not the transfer trial of the same budget: that one may stop before it (`plan_checkpoint`)
+        kind = "plan"
     tags = {
         "raysae.phase": phase,
         "raysae.layer": str(layer),
@@ -223,8 +229,10 @@ def plan_checkpoint(
     """The transfer trial whose checkpoint at the plan's budget P is the plan's
     SAE_{target<-source} (`compute_plan_from: checkpoint`): the same pair and lr, the smallest
     budget that ends at P or checkpoints at P (P a multiple of `train.checkpoint_every_tokens`).
-    None where there is none, or with `compute_plan_from: run`: the plan trains a run."""
-    if sweep.compute_plan_from != "checkpoint":
+    None where there is none, or with `compute_plan_from: run`: the plan trains a run. None too
+    with `sweep.stop_at`: a transfer trial may stop before P, so no checkpoint of it is sure to
+    be there, and the plan's transfers are trained runs of their own."""
+    if sweep.compute_plan_from != "checkpoint" or sweep.stop_at is not None:
         return None
     P, every = plan_budget(job, sweep), job.train.checkpoint_every_tokens
     fits = [t for t in trials if t.phase == "transfer" and t.layer == target
@@ -302,9 +310,12 @@ def plan_token_summary(job: JobConfig, sweep: SweepConfig, trials: list[Trial]) 
     scratch on every layer (Appendix B.1), with its members: the trial (key) and the tokens at
     which its SAE is read (a scratch SAE at its budget; a plan transfer at the plan's budget,
     of the transfer trial whose checkpoint it is, or of its own run; a plan trial that
-    duplicates a transfer trial is that transfer trial). Members not in `trials` are left out."""
+    duplicates a transfer trial is that transfer trial, but with `sweep.stop_at`, where it is a
+    run of its own). Members not in `trials` are left out."""
     S, budget = job.train.num_tokens, plan_budget(job, sweep)
-    index = {(t.layer, t.source_layer, t.budget, t.lr): t.key for t in trials if t.trains}
+    # a plan trial of its own (`sweep.stop_at`) over the transfer trial of the same setting
+    index = {(t.layer, t.source_layer, t.budget, t.lr): t.key
+             for t in sorted(trials, key=lambda t: t.phase == "plan") if t.trains}
     everywhere = S * len(sweep.layers)
     plans = []
     for direction in sweep.compute_plan_directions:
