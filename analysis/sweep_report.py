@@ -518,6 +518,8 @@ def early_stopping(s: dict | None, runs: pl.DataFrame, hist: pl.DataFrame,
             lines.append("")
     if s is not None and "budget_plan" in s:
         lines.append(s["budget_plan"])
+    if s is not None and "budget_plan_run" in s:  # `sweep.run_budget_plan`
+        lines += ["", s["budget_plan_run"]["text"]]
     (out / "early_stopping.md").write_text("\n".join(lines) + "\n")
     return failures
 

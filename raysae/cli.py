@@ -234,6 +234,8 @@ def _print_sweep_result(result: Any) -> None:
               f"({e['saved_fraction']:.0%} saved)")
     if "budget_plan" in s:
         print(s["budget_plan"])
+    if "budget_plan_run" in s:
+        print(s["budget_plan_run"]["text"])
 
 
 def cmd_stitch(cfg: JobConfig) -> int:

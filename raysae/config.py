@@ -533,12 +533,19 @@ class SweepConfig:
     stop_at: StopConfig | None = None
     """Early stopping of the transfer trials (their budgets become caps); None: every budget
     runs to the end."""
+    run_budget_plan: bool = False
+    """With a `stop_at.normalized_ces` target: after the transfers, train the cheapest plan for
+    that target found on this sweep's transfer curves (what `raysae plan --target` prints) as a
+    phase of its own: each planned transfer a run of exactly its planned tokens, with its own
+    schedule, so the plan read off checkpoints of longer runs is measured as it would be run."""
     architectures: tuple[Architecture, ...] = ()
     """SAE architectures one sweep compares: each runs the whole grid with `sae` set to it (its
     own trials, keys and parent run, tagged `raysae.architecture`; the activations are cached
     once for all). Empty: `sae.architecture` alone."""
 
     def __post_init__(self) -> None:
+        if self.run_budget_plan and (self.stop_at is None or self.stop_at.normalized_ces is None):
+            _fail("sweep.run_budget_plan", True, "a sweep.stop_at.normalized_ces target to plan for")
         if len(set(self.architectures)) != len(self.architectures):
             _fail("sweep.architectures", self.architectures, "no repeated architectures")
         if not self.layers or any(i < 0 for i in self.layers):

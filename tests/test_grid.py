@@ -21,6 +21,7 @@ from raysae.config import (
 )
 from raysae.transfer.grid import (
     base_digest,
+    budget_plan_trials,
     expand,
     phases,
     plan_pairs,
@@ -233,6 +234,29 @@ def test_plan_trains_its_own_transfers_with_stop_at():
         for p in plan_token_summary(job, build_sweep(finetune_budgets=budgets), fixed)["plans"]:
             assert {m["from"] for m in p["members"]} == {
                 "scratch", "checkpoint" if budgets[-1] > 500_000 else "run"}
+
+
+def test_budget_plan_trials_are_runs_of_their_planned_tokens():
+    """`sweep.run_budget_plan`: each planned SAE_{i<-j} starts from the scratch SAE of j and
+    trains exactly its planned tokens; it is never a transfer trial (which may stop early), and
+    a B.1 plan trial of the same setting is the same run (one key: trained once)."""
+    job = build_job(train=TrainConfig(num_tokens=1_000_000, batch_size=4096,
+                                      checkpoint_every_tokens=250_000))
+    sweep = build_sweep(finetune_budgets=(500_000,), stop_at=StopConfig(normalized_ces=0.9),
+                        run_budget_plan=True)
+    trials = grid(job, sweep)
+    base = base_digest(job, "fp")  # as `grid` keys them
+    planned = budget_plan_trials(job, sweep, base, trials, {1: (0, 250_000), 3: (2, 500_000)})
+    scratch = {t.layer: t.key for t in trials if t.phase == "scratch"}
+    assert [(t.layer, t.source_layer, t.budget, t.depends_on, t.phase) for t in planned] == [
+        (1, 0, 250_000, (scratch[0],), "budget_plan"), (3, 2, 500_000, (scratch[2],), "budget_plan")]
+    transfer = {(t.layer, t.source_layer, t.budget): t.key for t in trials if t.phase == "transfer"}
+    b1 = {(t.layer, t.source_layer, t.budget): t.key for t in trials if t.phase == "plan"}
+    assert planned[1].key != transfer[3, 2, 500_000] and planned[1].key == b1[3, 2, 500_000]
+    assert planned[0].name == "L1←L0 fwd plan 250k"
+    with pytest.raises(ConfigError, match="sweep.run_budget_plan: got True, expected a "
+                                          "sweep.stop_at.normalized_ces target"):
+        build_sweep(run_budget_plan=True, stop_at=StopConfig(plateau_gain=0.01))
 
 
 def test_plan_pairs_forward_and_backward():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -314,7 +315,8 @@ def runs_table_named(runs: Path, name: str) -> pl.DataFrame:
 
 
 def adaptive_config(token_file, target: float | None) -> dict:
-    stop = {} if target is None else {"stop_at": {"normalized_ces": target, "check_every_tokens": 256}}
+    stop = {} if target is None else {"stop_at": {"normalized_ces": target, "check_every_tokens": 256},
+                                      "run_budget_plan": True}
     return {**CONFIG, "name": "sweep-adaptive",  # streamed: no caching pass
             "data": {**CONFIG["data"], "source": str(token_file)},
             "train": {**CONFIG["train"], "source": "streamed"},
@@ -383,6 +385,23 @@ def test_adaptive_sweep_stops_each_transfer_at_its_target(adaptive):
 
     job = dataclasses.replace(load_config(cfg_path), runs_dir=str(runs))
     assert pilot_plan(job, target) in stdout
+
+    # the plan run as a phase: each planned transfer a run of exactly its planned tokens, its
+    # normalized CES at the end reported as MLflow has it
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    [parent] = runs_table_named(runs, "sweep-adaptive").filter(
+        pl.col("tags.raysae.phase") == "sweep")["run_id"]
+    summary = json.loads(Path(client.download_artifacts(parent, "sweep_summary.json",
+                                                        str(runs.parent))).read_text())
+    plan = summary["budget_plan_run"]
+    assert plan["transfers"] and plan["text"] in stdout
+    for row in plan["transfers"]:
+        [run] = client.search_runs([client.get_experiment_by_name("sweep-adaptive").experiment_id],
+                                   filter_string=f"tags.`raysae.run_key` = '{row['key']}'")
+        assert run.data.tags["raysae.tokens_seen"] == str(row["tokens"]) and not run.data.tags.get("raysae.stop")
+        norm = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "normalized_ces")}
+        assert norm[row["tokens"]] == row["normalized_ces"]
+        assert row["meets"] == (row["normalized_ces"] >= target - 1e-9)
 
 
 def test_a_changed_target_redecides_only_what_it_changes(adaptive, token_file):

@@ -62,7 +62,7 @@ from raysae.models import hook_name, load_lm, load_tokenizer, model_dims, run_wi
 from raysae.sae import SAE
 from raysae.stopping import NoTarget, StopRule, transfer_rule
 from raysae.tracking import Tracker, tracking_uri
-from raysae.transfer import grid, scores
+from raysae.transfer import budget_plan, grid, scores
 
 log = logging.getLogger("raysae.sweep")
 
@@ -133,14 +133,30 @@ def run_sweep(job: JobConfig) -> SweepResult:
     phases = [Phase(p, by_phase[p], zeroshot if p == "zeroshot" else functools.partial(train, p))
               for p in grid.PHASES]
     finished, failed = run_phases(phases, tracker, parent)
+    by_key = {t.key: t for t in trials}
+    derived = [t for t in trials if t.phase in ("transfer", "plan") and t.key in finished]
+    _derive(job, derived, by_key, finished)
+    scratch_ok = not any(t.key in failed for t in trials if t.phase == "scratch")
+
+    planned: list[grid.Trial] = []  # the cheapest plan for the target, run as a phase
+    pilot = None
+    if sweep.run_budget_plan and scratch_ok:
+        pilot = read_pilot(job, sweep.stop_at.normalized_ces, trials)
+        planned = grid.budget_plan_trials(job, sweep, grid.base_digest(job, fingerprint(job)),
+                                          trials, pilot.best.transfers)
+        done, errors = train("budget_plan", planned)
+        finished |= done
+        failed |= errors
+        tracker.set_tags(parent, {"raysae.status.budget_plan":
+                                  f"{len(done)} done, {len(planned) - len(done)} not done"})
+        _derive(job, [t for t in planned if t.key in done], by_key | {t.key: t for t in planned},
+                finished)
 
     if job.features is not None:
-        targets = feature_targets([t for t in trials if t.trains and t.key in finished])
-        failed |= run_features_phase(job, targets, sweep.site, task_sets, sweep.max_failures,
-                                     tracker, parent)
+        trained = {t.key: t for t in [*trials, *planned] if t.trains and t.key in finished}
+        failed |= run_features_phase(job, feature_targets(list(trained.values())), sweep.site,
+                                     task_sets, sweep.max_failures, tracker, parent)
 
-    derived = [t for t in trials if t.phase in ("transfer", "plan") and t.key in finished]
-    _derive(job, derived, {t.key: t for t in trials}, finished)
     summary = {
         "trials": {p: len(ts) for p, ts in by_phase.items()},
         "failed": failed,
@@ -148,10 +164,13 @@ def run_sweep(job: JobConfig) -> SweepResult:
     }
     if sweep.stop_at is not None:
         summary["early_stopping"] = _stop_summary(tracker, [t for t in derived if t.phase == "transfer"])
-        if sweep.stop_at.normalized_ces is not None and not any(
-                t.key in failed for t in trials if t.phase == "scratch"):
+        if sweep.stop_at.normalized_ces is not None and scratch_ok:
             summary["budget_plan"] = pilot_plan(job, sweep.stop_at.normalized_ces, trials)
             log.info("%s", summary["budget_plan"])
+    if pilot is not None:
+        summary["trials"]["budget_plan"] = len(planned)
+        summary["budget_plan_run"] = plan_run_summary(tracker, pilot, planned)
+        log.info("%s", summary["budget_plan_run"]["text"])
     tracker.log_dict(parent, summary, "sweep_summary.json")
     tracker.finish(parent, "FINISHED" if not failed else "FAILED")
     return SweepResult(parent, finished, failed, summary)
@@ -367,21 +386,24 @@ def _transfer_scores(
 # The cheapest plan for a target, from a finished (pilot) sweep
 
 
-def pilot_plan(job: JobConfig, target: float, trials: list[grid.Trial] | None = None) -> str:
-    """`raysae plan CONFIG --target T`: the cheapest scratch/transfer plan reaching normalized
-    CES >= T on every layer (`raysae.transfer.budget_plan`), from the job's finished sweep in
-    MLflow (`trials`: its trials, by default those of the config as written), against scratch
-    everywhere and the fixed Appendix B.1 plans on the same curves."""
-    from raysae.transfer import budget_plan as bp
+@dataclasses.dataclass(frozen=True)
+class Pilot:
+    """What a finished (pilot) sweep says about a target: the scratch budgets, each defined
+    pair's normalized-CES curves, the pairs where it is undefined, and the cheapest plan."""
 
-    sweep = job.sweep
-    if sweep is None:
-        raise ConfigError("plan --target: the config has no sweep section")
-    if trials is None:
-        trials = grid.expand(job, sweep, grid.base_digest(job, fingerprint(job)))
+    target: float
+    scratch: dict[int, int]
+    curves: dict[tuple[int, int], list[budget_plan.Curve]]
+    undefined: list[tuple[int, int]]
+    best: budget_plan.BudgetPlan
+
+
+def read_pilot(job: JobConfig, target: float, trials: list[grid.Trial]) -> Pilot:
+    """The cheapest scratch/transfer plan reaching normalized CES >= `target` on every layer
+    (`raysae.transfer.budget_plan`), from the finished runs of `trials` in MLflow."""
     tracker = Tracker(tracking_uri(job.runs_dir), job.name)
     scratch: dict[int, int] = {}
-    curves: dict[tuple[int, int], list[bp.Curve]] = {}
+    curves: dict[tuple[int, int], list[budget_plan.Curve]] = {}
     ces = {(t.layer, t.source_layer): (tracker.finished_metrics(t.key) or {}).get("eval/ces")
            for t in trials if t.phase in ("scratch", "zeroshot")}
     refs = {(t.layer, t.source_layer): (ces.get((t.layer, t.source_layer)), ces.get((t.layer, None)))
@@ -402,7 +424,21 @@ def pilot_plan(job: JobConfig, target: float, trials: list[grid.Trial] | None = 
         elif (t.layer, t.source_layer) not in undefined:
             curve = sorted(dict(tracker.history(run_id, "normalized_ces")).items())
             curves.setdefault((t.layer, t.source_layer), []).append(curve)
-    best = bp.cheapest_plan(scratch, bp.transfer_costs(curves, target))
+    best = budget_plan.cheapest_plan(scratch, budget_plan.transfer_costs(curves, target))
+    return Pilot(target, scratch, curves, undefined, best)
+
+
+def pilot_plan(job: JobConfig, target: float, trials: list[grid.Trial] | None = None) -> str:
+    """`raysae plan CONFIG --target T`: the cheapest plan for the target (`read_pilot`) from the
+    job's finished sweep in MLflow (`trials`: its trials, by default those of the config as
+    written), against scratch everywhere and the fixed Appendix B.1 plans on the same curves."""
+    sweep = job.sweep
+    if sweep is None:
+        raise ConfigError("plan --target: the config has no sweep section")
+    if trials is None:
+        trials = grid.expand(job, sweep, grid.base_digest(job, fingerprint(job)))
+    pilot = read_pilot(job, target, trials)
+    best, undefined = pilot.best, pilot.undefined
     everywhere = best.scratch_everywhere
     lines = [f"plan for normalized CES >= {target:g} on layers {list(sweep.layers)} (from the "
              f"checkpoints of experiment '{job.name}'):",
@@ -419,8 +455,8 @@ def pilot_plan(job: JobConfig, target: float, trials: list[grid.Trial] | None = 
     for direction in ("forward", "backward"):
         layers, pairs = grid.plan_pairs(sweep, direction)
         for budget in sorted({*sweep.finetune_budgets, grid.plan_budget(job, sweep)}):
-            tokens, worst = bp.fixed_plan(list(sweep.layers), scratch, curves, list(layers),
-                                          dict(pairs), budget)
+            tokens, worst = budget_plan.fixed_plan(list(sweep.layers), pilot.scratch, pilot.curves,
+                                                   list(layers), dict(pairs), budget)
             bad = [f"L{i}<-L{j}" for i, j in pairs if (i, j) in undefined]
             meets = (f"undefined at {', '.join(bad)}" if bad else "no checkpoint there"
                      if worst != worst else
@@ -428,3 +464,35 @@ def pilot_plan(job: JobConfig, target: float, trials: list[grid.Trial] | None = 
             lines.append(f"| B.1 {direction}, {grid.format_tokens(budget)} fine-tuning | "
                          f"{tokens:,} | {1 - tokens / everywhere:.0%} | {meets} |")
     return "\n".join(lines)
+
+
+def plan_run_summary(tracker: Tracker, pilot: Pilot, planned: list[grid.Trial]) -> dict[str, Any]:
+    """The plan run as a phase (`sweep.run_budget_plan`): each planned transfer's normalized
+    CES at the end of its own run of the planned tokens, against the target its plan was read
+    for (off checkpoints of longer runs, whose schedules differ)."""
+    rows = []
+    for t in planned:
+        run_id = tracker.find(t.key)
+        value = dict(tracker.history(run_id, "normalized_ces")).get(t.budget) if run_id else None
+        rows.append({"layer": t.layer, "source": t.source_layer, "tokens": t.budget, "key": t.key,
+                     "normalized_ces": value,
+                     "meets": value is not None and value >= pilot.target - 1e-9})
+    best = pilot.best
+    if not rows:
+        text = (f"the plan run as a phase: the cheapest plan for normalized CES >= "
+                f"{pilot.target:g} is scratch everywhere, no transfer to run")
+        return {"target": pilot.target, "scratch_layers": list(best.scratch), "tokens": best.tokens,
+                "saved_fraction": 0.0, "transfers": [], "all_met": True, "text": text}
+    lines = [f"the plan run as a phase (each transfer a run of exactly its planned tokens, with "
+             f"its own schedule): scratch on {list(best.scratch)}, {best.tokens:,} tokens "
+             f"({best.saving:.0%} saved against scratch everywhere); "
+             f"{sum(r['meets'] for r in rows)} of {len(rows)} transfers reach normalized CES >= "
+             f"{pilot.target:g} when run", "",
+             "| layer | from | tokens | normalized CES at the end | target met |", "|---|---|---|---|---|"]
+    for r in rows:
+        value = "n/a" if r["normalized_ces"] is None else f"{r['normalized_ces']:.3f}"
+        lines.append(f"| {r['layer']} | {r['source']} | {r['tokens']:,} | {value} | "
+                     f"{'yes' if r['meets'] else 'no'} |")
+    return {"target": pilot.target, "scratch_layers": list(best.scratch), "tokens": best.tokens,
+            "saved_fraction": best.saving, "transfers": rows,
+            "all_met": all(r["meets"] for r in rows), "text": "\n".join(lines)}

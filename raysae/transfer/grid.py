@@ -44,9 +44,11 @@ from raysae.config import (
 from raysae.models import hook_name
 from raysae.plan import Calibration, PhasePlan, PlannedSAE, plan_phases, resolve_source
 
-Phase = Literal["scratch", "zeroshot", "transfer", "plan"]
+Phase = Literal["scratch", "zeroshot", "transfer", "plan", "budget_plan"]
 PHASES: tuple[Phase, ...] = ("scratch", "zeroshot", "transfer", "plan")
-"""Phases in dependency order: everything after `scratch` starts from a scratch SAE."""
+"""Phases in dependency order: everything after `scratch` starts from a scratch SAE. The
+`budget_plan` phase (`sweep.run_budget_plan`) is not among them: its trials are known only once
+the transfers finished (`budget_plan_trials`)."""
 
 
 @dataclass(frozen=True)
@@ -136,8 +138,9 @@ def _make(
     src = None if source is None else source.layer
     direction = "scratch" if src is None else direction_of(src - layer)
     kind = "eval" if phase == "zeroshot" else "train"
-    if phase == "plan" and sweep.stop_at is not None:
-        # not the transfer trial of the same budget: that one may stop before it (`plan_checkpoint`)
+    if phase in ("plan", "budget_plan") and sweep.stop_at is not None:
+        # not the transfer trial of the same budget: that one may stop before it (`plan_checkpoint`);
+        # a B.1 plan trial and a budget-plan trial of one setting are the same run
         kind = "plan"
     tags = {
         "raysae.phase": phase,
@@ -150,6 +153,17 @@ def _make(
     }
     key = _key(base, sweep.site, kind, layer, src, budget, lr, depends_on)
     return Trial(phase, layer, src, direction, budget, lr, key, name, tags, depends_on)
+
+
+def budget_plan_trials(job: JobConfig, sweep: SweepConfig, base: str, trials: list[Trial],
+                       transfers: dict[int, tuple[int, int]]) -> list[Trial]:
+    """The transfers of a plan for a target (`sweep.run_budget_plan`; target layer -> (source
+    layer, tokens)): SAE_{i<-j} trained from the scratch trial of layer j for exactly its planned
+    tokens, a run of its own (not a transfer trial, which may stop early)."""
+    scratch = {t.layer: t for t in trials if t.phase == "scratch"}
+    return [_make(job, sweep, base, "budget_plan", i, scratch[j], n, sweep.finetune_lr,
+                  f"L{i}←L{j} {direction_of(j - i)} plan {format_tokens(n)}")
+            for i, (j, n) in sorted(transfers.items())]
 
 
 def architecture_jobs(job: JobConfig) -> list[JobConfig]:
