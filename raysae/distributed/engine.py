@@ -367,6 +367,14 @@ class _MemberRun:
         nodes = [n for n in tracker.tags(self.run_id).get(NODES_TAG, "").split(",") if n]
         if node not in nodes:
             tracker.set_tags(self.run_id, {NODES_TAG: ",".join([*nodes, node])})
+        self._history: dict[int, float] | None = None  # the stop rule's metric, by tokens
+
+    def _stop_history(self, rule: StopRule) -> dict[int, float]:
+        """The values the stop rule reads: from MLflow once (a resumed run's), then kept here
+        as they are logged (no round trip to the tracking server per check)."""
+        if self._history is None:
+            self._history = dict(self.tracker.history(self.run_id, rule.metric))
+        return self._history
 
     def log_train(self, tokens: int, values: dict[str, float]) -> None:
         self.tracker.log_metrics(self.run_id, {f"train/{k}": v for k, v in values.items()}, tokens)
@@ -378,6 +386,8 @@ class _MemberRun:
         fit, key = self.fit, self.member.key
         values = {"tokens_seen": state.tokens_seen, **evaluation}
         self.tracker.log_metrics(self.run_id, values, step=state.tokens_seen)
+        if self.member.stop is not None:
+            self._stop_history(self.member.stop)[state.tokens_seen] = values[self.member.stop.metric]
         folder = checkpoints_dir(fit.job, key) / f"tokens_{state.tokens_seen:012d}" / fit.artifact
         fit.save(model, folder)
         if final:
@@ -395,8 +405,7 @@ class _MemberRun:
         rule = self.member.stop
         if rule is None:
             return None
-        history = dict(self.tracker.history(self.run_id, rule.metric))  # a replayed step once
-        return rule.reached(sorted(history.items()))
+        return rule.reached(sorted(self._stop_history(rule).items()))  # a replayed step once
 
     def finish(self, tokens_seen: int, seconds: dict[str, float] | None = None,
                stopped: str | None = None) -> None:

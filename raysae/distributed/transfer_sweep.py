@@ -407,11 +407,11 @@ def read_pilot(job: JobConfig, target: float, trials: list[grid.Trial]) -> Pilot
     ces = {(t.layer, t.source_layer): (tracker.finished_metrics(t.key) or {}).get("eval/ces")
            for t in trials if t.phase in ("scratch", "zeroshot")}
     refs = {(t.layer, t.source_layer): (ces.get((t.layer, t.source_layer)), ces.get((t.layer, None)))
-            for t in trials if t.phase == "transfer"}
+            for t in trials if t.phase in ("transfer", "plan")}
     undefined = sorted(pair for pair, (z, s) in refs.items()
                        if None in (z, s) or not scores.normalized_ces_defined(z, s))
-    for t in trials:
-        if t.phase not in ("scratch", "transfer"):
+    for t in trials:  # a B.1 plan's own run is a transfer run of its pair too
+        if t.phase not in ("scratch", "transfer", "plan"):
             continue
         run_id = tracker.find(t.key)
         if run_id is None or tracker.status(run_id) != "FINISHED":
@@ -458,7 +458,8 @@ def pilot_plan(job: JobConfig, target: float, trials: list[grid.Trial] | None = 
             tokens, worst = budget_plan.fixed_plan(list(sweep.layers), pilot.scratch, pilot.curves,
                                                    list(layers), dict(pairs), budget)
             bad = [f"L{i}<-L{j}" for i, j in pairs if (i, j) in undefined]
-            meets = (f"undefined at {', '.join(bad)}" if bad else "no checkpoint there"
+            meets = (f"undefined at {', '.join(bad)}" if bad else
+                     "not measured: no run of its transfers has a checkpoint there (stopped before)"
                      if worst != worst else
                      f"{worst:.3f} ({'meets' if worst >= target else 'misses'} the target)")
             lines.append(f"| B.1 {direction}, {grid.format_tokens(budget)} fine-tuning | "
