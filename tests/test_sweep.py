@@ -320,7 +320,7 @@ def adaptive_config(token_file, target: float | None) -> dict:
     return {**CONFIG, "name": "sweep-adaptive",  # streamed: no caching pass
             "data": {**CONFIG["data"], "source": str(token_file)},
             "train": {**CONFIG["train"], "source": "streamed"},
-            "sweep": {**CONFIG["sweep"], "compute_plan": True, **stop}}
+            "sweep": {**CONFIG["sweep"], **stop}}  # the B.1 plans priced on the curves alone
 
 
 def submit(cfg: dict, cfg_path: Path, runs: Path) -> str:

@@ -667,14 +667,15 @@ def tune_phase(
     restored when it already exists; `run_group(group_key, **payload)` fits a group and returns
     its members' results. Returns, per member key, the metrics with a '/' in their name
     (eval/..., ce/...) and `flops`, or the root cause of its group's failure. A group without
-    members (all settled before the phase) is not a trial; restored, it reports nothing."""
+    members (all settled before the phase) is not a trial; restored, it reports nothing; a
+    phase without any runs no Tune experiment."""
     storage = Path(job.runs_dir).resolve() / "tune"
     trainable = tune.with_resources(
         tune.with_parameters(_tune_trial, run_group=run_group, payload=payload), {"CPU": TRIAL_CPUS}
     )
     path = storage / experiment
     todo = [k for k, members in groups.items() if members]
-    if not todo and not tune.Tuner.can_restore(path):
+    if not todo:  # every member settled before the phase: not even a restored experiment to run
         return {}, {}
     if tune.Tuner.can_restore(path):
         log.info("restoring Tune experiment %s", path)
