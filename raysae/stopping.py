@@ -87,6 +87,11 @@ NO_RULE = "none"
 """The signature of no rule (a member without `stop`)."""
 
 
+def no_rule_reason(budget: int) -> str:
+    """Why a training that went on after a stop, now without a rule, ended."""
+    return f"budget: no stop rule, the budget of {budget:,} tokens ran"
+
+
 def signature(rule: StopRule | None) -> str:
     return NO_RULE if rule is None else rule.signature()
 
@@ -113,9 +118,8 @@ def redecide(rule: StopRule | None, history: list[tuple[int, float]], trained: i
         if hit is not None:
             return Decision(*hit)
     if trained >= budget:
-        why = (rule.not_reached(budget) if rule is not None
-               else f"budget: no stop rule, the budget of {budget:,} tokens ran")
-        return Decision(budget, why)
+        return Decision(budget, rule.not_reached(budget) if rule is not None
+                        else no_rule_reason(budget))
     return Decision(trained, None)
 
 

@@ -240,7 +240,7 @@ class Tracker:
         `run_id` at steps <= `up_to` (timestamps kept): the run a training that ended at
         `up_to` would have logged. It carries the same key, so the caller then supersedes the
         old run."""
-        run = self._get_run(run_id)
+        run = self.run(run_id)
         tags = {k: v for k, v in run.data.tags.items()
                 if k not in drop_tags and (not k.startswith("mlflow.") or k == PARENT_TAG)}
         if parent is not None:
@@ -266,20 +266,17 @@ class Tracker:
 
     def status(self, run_id: str) -> str:
         """RUNNING, FINISHED, FAILED, ..."""
-        return self._get_run(run_id).info.status
+        return self.run(run_id).info.status
 
     def metrics(self, run_id: str) -> dict[str, float]:
         """The latest value of every metric of the run."""
-        return dict(self._get_run(run_id).data.metrics)
+        return dict(self.run(run_id).data.metrics)
 
     def tags(self, run_id: str) -> dict[str, str]:
-        return dict(self._get_run(run_id).data.tags)
+        return dict(self.run(run_id).data.tags)
 
     def run(self, run_id: str) -> Run:
         """The run: its info (status, lifecycle), tags, params and latest metrics."""
-        return self._get_run(run_id)
-
-    def _get_run(self, run_id: str) -> Run:
         return self._retry(f"read run {run_id}", lambda: self._client.get_run(run_id))
 
     def history(self, run_id: str, metric: str) -> list[tuple[int, float]]:

@@ -291,3 +291,7 @@ def test_a_member_that_reaches_its_target_leaves_the_group(job, uninterrupted):
     b = SAE.load(result["stops"].out_dir)
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         assert (getattr(a, name) - getattr(b, name)).abs().max() < 1e-6, name
+    # a group shares one stream: a member going on from step 4 cannot share it with a fresh one
+    fresh = SAERun(key="fresh", name="fresh", hook=hook)
+    with pytest.raises(ValueError, match=r"members go on from steps \{'stops': 4\}; a group shares"):
+        train_on_ray(cfg, dataclasses.replace(group(directory, goes_on, fresh), key="mixed"))

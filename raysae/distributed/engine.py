@@ -63,7 +63,7 @@ from raysae.checkpoint import (
 from raysae.config import JobConfig, digest, from_dict, to_dict
 from raysae.distributed import root_cause
 from raysae.plan import PhasePlan, plan_report
-from raysae.stopping import StopRule, signature
+from raysae.stopping import StopRule, no_rule_reason, signature
 from raysae.tracking import Tracker, tracking_uri
 from raysae.train import Diverged, Trainer
 
@@ -426,7 +426,7 @@ class _MemberRun:
         if self.member.stop is not None or self.member.resume_from:
             tags[STOP_RULE_TAG] = signature(self.member.stop)
         if self.member.stop is None and self.member.resume_from:
-            tags[STOP_TAG] = f"budget: no stop rule, the budget of {tokens_seen:,} tokens ran"
+            tags[STOP_TAG] = no_rule_reason(tokens_seen)
         self.tracker.set_tags(self.run_id, tags)
         self.tracker.finish(self.run_id)
 
@@ -655,6 +655,13 @@ def _tune_trial(config: dict[str, Any], run_group: Callable[..., dict[str, FitRe
     tune.report({"members": json.dumps(members)})
 
 
+def final_metrics(values: dict[str, Any]) -> dict[str, float]:
+    """What a phase reports of a member's final metrics: the evaluation metrics (a '/' in
+    their name: eval/..., ce/...) and `flops`."""
+    return {k: v for k, v in values.items()
+            if ("/" in k or k == "flops") and isinstance(v, int | float)}
+
+
 def tune_phase(
     job: JobConfig,
     experiment: str,
@@ -703,8 +710,7 @@ def tune_phase(
                 if r["error"] is not None:
                     errors[key] = f"{MEMBER_FAILED}: {r['error']}"
                     continue
-                done[key] = {k: v for k, v in r["metrics"].items()
-                             if ("/" in k or k == "flops") and isinstance(v, int | float)}
+                done[key] = final_metrics(r["metrics"])
         else:
             errors |= {k: "failed: the trial reported no result" for k in members}
     return done, errors

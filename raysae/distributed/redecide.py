@@ -35,6 +35,7 @@ from raysae.distributed.engine import (
     Done,
     Errors,
     checkpoints_dir,
+    final_metrics,
     output_dir,
     stop_state_dir,
 )
@@ -63,11 +64,6 @@ def _trained(run: Run) -> int:
     return int(run.data.tags.get("raysae.tokens_seen", -1))
 
 
-def final_metrics(run: Run) -> dict[str, float]:
-    """A finished run's final metrics, as a phase reports them (evaluation metrics, FLOPs)."""
-    return {k: v for k, v in run.data.metrics.items() if "/" in k or k == "flops"}
-
-
 def redecide_members(job: JobConfig, members: list[SAERun], tracker: Tracker
                      ) -> tuple[Done, list[SAERun], Errors]:
     """Each member with a finished run, against the rule it now has: (the members settled, by
@@ -90,7 +86,7 @@ def redecide_members(job: JobConfig, members: list[SAERun], tracker: Tracker
         if status != "FINISHED":
             continue
         if tags.get(STOP_RULE_TAG, NO_RULE) == signature(m.stop):
-            settled[m.key] = final_metrics(run)
+            settled[m.key] = final_metrics(run.data.metrics)
             continue
         try:
             outcome = _redecide(job, m, tracker, run)
@@ -99,7 +95,7 @@ def redecide_members(job: JobConfig, members: list[SAERun], tracker: Tracker
             errors[m.key] = f"failed: {e}"
             continue
         if outcome is None:
-            settled[m.key] = final_metrics(tracker.run(tracker.find(m.key)))
+            settled[m.key] = final_metrics(tracker.run(tracker.find(m.key)).data.metrics)
         else:
             going_on.append(outcome)
     if settled or going_on:

@@ -135,12 +135,12 @@ def run_sweep(job: JobConfig) -> SweepResult:
     finished, failed = run_phases(phases, tracker, parent)
     by_key = {t.key: t for t in trials}
     derived = [t for t in trials if t.phase in ("transfer", "plan") and t.key in finished]
-    _derive(job, derived, by_key, finished)
     scratch_ok = not any(t.key in failed for t in trials if t.phase == "scratch")
 
     planned: list[grid.Trial] = []  # the cheapest plan for the target, run as a phase
     pilot = None
     if sweep.run_budget_plan and scratch_ok:
+        _normalized_ces(tracker, derived, by_key, finished)  # the curves the plan reads
         pilot = read_pilot(job, sweep.stop_at.normalized_ces, trials)
         planned = grid.budget_plan_trials(job, sweep, grid.base_digest(job, fingerprint(job)),
                                           trials, pilot.best.transfers)
@@ -149,8 +149,10 @@ def run_sweep(job: JobConfig) -> SweepResult:
         failed |= errors
         tracker.set_tags(parent, {"raysae.status.budget_plan":
                                   f"{len(done)} done, {len(planned) - len(done)} not done"})
-        _derive(job, [t for t in planned if t.key in done], by_key | {t.key: t for t in planned},
-                finished)
+        by_key |= {t.key: t for t in planned}
+    # one LM load for every transfer's scores (a planned run equal to a B.1 one is that run)
+    _derive(job, list({t.key: t for t in [*derived, *planned] if t.key in finished}.values()),
+            by_key, finished)
 
     if job.features is not None:
         trained = {t.key: t for t in [*trials, *planned] if t.trains and t.key in finished}
@@ -285,44 +287,54 @@ def feature_targets(trials: list[grid.Trial]) -> list[FeatureTarget]:
 # Derived comparisons
 
 
-def _derive(
-    job: JobConfig,
-    trials: list[grid.Trial],
-    all_trials: dict[str, grid.Trial],
-    finished: dict[str, dict[str, float]],
-) -> None:
-    """Per transfer trial: normalized CES at every checkpoint, MMCS with the scratch SAE of the
-    same layer, and the transfer scores against its source SAE, all logged to its own run."""
-    if not trials:
-        return
-    tracker = Tracker(tracking_uri(job.runs_dir), job.name)
+def _normalized_ces(tracker: Tracker, trials: list[grid.Trial], all_trials: dict[str, grid.Trial],
+                    finished: Done) -> None:
+    """Per transfer trial: its normalized CES (against the scratch SAE of its layer and its
+    source read zero-shot there) at every evaluated step not logged yet (a run that trained on
+    after a re-decision gets its new steps only). MLflow alone: what a plan reads."""
     scratch_of = {t.layer: t.key for t in all_trials.values() if t.phase == "scratch"}
-    zeroshot_of = {
-        (t.layer, t.source_layer): t.key for t in all_trials.values() if t.phase == "zeroshot"
-    }
-    model = load_lm(job.model)
-    W_U_DV = model.get_output_embeddings().weight.detach().T
-    frame = final_norm_frame(model)  # top/bottom logits read through the final norm, as the DLA
-    heldout = _heldout_sites(job, model, sorted({t.layer for t in trials} |
-                                                {t.source_layer for t in trials}))
+    zeroshot_of = {(t.layer, t.source_layer): t.key
+                   for t in all_trials.values() if t.phase == "zeroshot"}
+    for t in trials:
+        scratch_key, zs_key = scratch_of.get(t.layer), zeroshot_of.get((t.layer, t.source_layer))
+        if scratch_key not in finished or zs_key not in finished:
+            continue
+        ces_scratch, ces_zero_shot = finished[scratch_key]["eval/ces"], finished[zs_key]["eval/ces"]
+        run_id = tracker.find(t.key)
+        logged = dict(tracker.history(run_id, "normalized_ces"))
+        for step, ces in tracker.history(run_id, "eval/ces"):
+            if step not in logged:
+                norm = scores.normalized_ces(ces, ces_zero_shot, ces_scratch)
+                tracker.log_metrics(run_id, {"normalized_ces": norm}, step=step)
+
+
+def _derive(job: JobConfig, trials: list[grid.Trial], all_trials: dict[str, grid.Trial],
+            finished: Done) -> None:
+    """Per transfer trial: normalized CES at every checkpoint, and for its final SAE the MMCS
+    with the scratch SAE of the same layer and the transfer scores against its source SAE, all
+    logged to its own run. The LM is loaded (and the held-out tokens run through it) only when
+    some final SAE has no scores yet."""
+    tracker = Tracker(tracking_uri(job.runs_dir), job.name)
+    _normalized_ces(tracker, trials, all_trials, finished)
+    todo = []
     for t in trials:
         run_id = tracker.find(t.key)
         tokens = int(tracker.tags(run_id).get("raysae.tokens_seen", t.budget))  # stopped: fewer
-        if tokens in dict(tracker.history(run_id, "transfer_score/combined")):
-            continue  # derived on an earlier submission of this sweep, for this final SAE
+        if tokens not in dict(tracker.history(run_id, "transfer_score/combined")):
+            todo.append((t, run_id, tokens))  # else derived before, for this final SAE
+    if not todo:
+        return
+    scratch_of = {t.layer: t.key for t in all_trials.values() if t.phase == "scratch"}
+    model = load_lm(job.model)
+    W_U_DV = model.get_output_embeddings().weight.detach().T
+    frame = final_norm_frame(model)  # top/bottom logits read through the final norm, as the DLA
+    heldout = _heldout_sites(job, model, sorted({t.layer for t, _, _ in todo} |
+                                                {t.source_layer for t, _, _ in todo}))
+    for t, run_id, tokens in todo:
         values: dict[str, float] = {}
-        scratch_key = scratch_of.get(t.layer)
-        zs_key = zeroshot_of.get((t.layer, t.source_layer))
-        if scratch_key in finished and zs_key in finished:
-            ces_scratch = finished[scratch_key]["eval/ces"]
-            ces_zero_shot = finished[zs_key]["eval/ces"]
-            logged = dict(tracker.history(run_id, "normalized_ces"))  # (a run that trained on)
-            for step, ces in tracker.history(run_id, "eval/ces"):
-                if step not in logged:
-                    norm = scores.normalized_ces(ces, ces_zero_shot, ces_scratch)
-                    tracker.log_metrics(run_id, {"normalized_ces": norm}, step=step)
         transferred = SAE.load(sae_dir_for(job, t.key))
         source = SAE.load(sae_dir_for(job, t.depends_on[0]))
+        scratch_key = scratch_of.get(t.layer)
         if scratch_key in finished:
             scratch = SAE.load(sae_dir_for(job, scratch_key))
             values["mmcs_vs_scratch"] = scores.mmcs(transferred.W_dec, scratch.W_dec)
@@ -479,17 +491,14 @@ def plan_run_summary(tracker: Tracker, pilot: Pilot, planned: list[grid.Trial]) 
                      "normalized_ces": value,
                      "meets": value is not None and value >= pilot.target - 1e-9})
     best = pilot.best
-    if not rows:
-        text = (f"the plan run as a phase: the cheapest plan for normalized CES >= "
-                f"{pilot.target:g} is scratch everywhere, no transfer to run")
-        return {"target": pilot.target, "scratch_layers": list(best.scratch), "tokens": best.tokens,
-                "saved_fraction": 0.0, "transfers": [], "all_met": True, "text": text}
     lines = [f"the plan run as a phase (each transfer a run of exactly its planned tokens, with "
              f"its own schedule): scratch on {list(best.scratch)}, {best.tokens:,} tokens "
              f"({best.saving:.0%} saved against scratch everywhere); "
              f"{sum(r['meets'] for r in rows)} of {len(rows)} transfers reach normalized CES >= "
-             f"{pilot.target:g} when run", "",
-             "| layer | from | tokens | normalized CES at the end | target met |", "|---|---|---|---|---|"]
+             f"{pilot.target:g} when run"]
+    if rows:
+        lines += ["", "| layer | from | tokens | normalized CES at the end | target met |",
+                  "|---|---|---|---|---|"]
     for r in rows:
         value = "n/a" if r["normalized_ces"] is None else f"{r['normalized_ces']:.3f}"
         lines.append(f"| {r['layer']} | {r['source']} | {r['tokens']:,} | {value} | "
