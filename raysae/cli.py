@@ -12,8 +12,10 @@ from typing import Any
 
 from raysae.activations import check_source
 from raysae.config import ConfigError, JobConfig, load_config
+from raysae.distributed import init_ray
 from raysae.features.tasks import check_task_source
 from raysae.models import hook_name, model_dims, parse_hook_name, pretrained_name, validate_sites
+from raysae.plan import Calibration, PhasePlan, train_plan
 from raysae.stitching import grid as stitch_grid
 from raysae.tracking import ui_hint
 from raysae.transfer import grid as transfer_grid
@@ -102,18 +104,19 @@ def check_job(cfg: JobConfig) -> None:
             check_source(source, name)
 
 
-def _init_ray() -> None:
-    import ray
-
-    # Under `ray job submit` (or after `ray start`) this joins that cluster; otherwise it starts
-    # a local one, whose dashboard ray.init binds to 127.0.0.1 by default. One process may run
-    # several commands (jobs/demo.py runs one per config): join once.
-    if not ray.is_initialized():
-        ray.init()
-
-
 def cmd_check(cfg: JobConfig) -> None:
     print(f"{cfg.name}: config OK ({cfg.model.name}, layers {list(cfg.cache.layers)})")
+
+
+def job_plan(job: JobConfig, cal: Calibration | None = None, slots: int = 1
+             ) -> tuple[JobConfig, str, list[PhasePlan]]:
+    """The plan of the job's study: the stitch sweep, the layer-transfer sweep, or a plain
+    training (here, above the studies: the cost model in `plan` knows none of them)."""
+    if job.stitch is not None:
+        return stitch_grid.plan(job, cal, slots)
+    if job.sweep is not None:
+        return transfer_grid.plan(job, cal, slots)
+    return train_plan(job, cal, slots)
 
 
 def cmd_plan(cfg: JobConfig, calibrate: bool = True, slots: int = 1,
@@ -143,7 +146,7 @@ def cmd_plan(cfg: JobConfig, calibrate: bool = True, slots: int = 1,
         # as a training worker runs: Ray gives it torch threads for its whole CPUs, at least 1
         cal = plan.calibrate(cfg, device, threads=None if device == "cuda" else max(1, int(WORKER_CPUS)))
     try:
-        job, why, phases = plan.job_plan(cfg, cal, slots)
+        job, why, phases = job_plan(cfg, cal, slots)
     except ConfigError as e:
         print(f"raysae: {e}", file=sys.stderr)
         return 2
@@ -154,7 +157,7 @@ def cmd_plan(cfg: JobConfig, calibrate: bool = True, slots: int = 1,
 def cmd_cache(cfg: JobConfig) -> None:
     from raysae.distributed.caching import cache_activations
 
-    _init_ray()
+    init_ray()
     for name, directory in cache_activations(cfg).items():
         print(f"{name}: {directory}")
 
@@ -174,7 +177,7 @@ def cmd_train(cfg: JobConfig) -> int:
 
     cfg, why = resolve_source(cfg, reads=1)
     print(f"activation source: {why}")
-    _init_ray()
+    init_ray()
     shards = None
     if cfg.train.source == "cached":
         shards = {k: str(v) for k, v in cache_activations(cfg).items()}
@@ -204,7 +207,7 @@ def cmd_sweep(cfg: JobConfig) -> int:
     with `sweep.architectures`, one sweep per architecture, one after the other."""
     from raysae.distributed.transfer_sweep import run_sweep
 
-    _init_ray()
+    init_ray()
     failed = False
     for job in transfer_grid.architecture_jobs(cfg):
         result = run_sweep(job)
@@ -242,7 +245,7 @@ def cmd_stitch(cfg: JobConfig) -> int:
     """The model-stitching sweep of the config's `stitch` section (resumes an interrupted one)."""
     from raysae.distributed.stitch_sweep import run_stitch_sweep
 
-    _init_ray()
+    init_ray()
     result = run_stitch_sweep(cfg)
     print(f"stitch sweep {cfg.name}: {len(result.finished)} trials finished, "
           f"{len(result.failed)} not; pairs {result.summary['pairs']}")

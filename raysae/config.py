@@ -463,11 +463,29 @@ class JobConfig:
             _fail("name", self.name, "letters, digits, '.', '_' and '-', not starting with '.' or '-'")
 
 
+@dataclass(frozen=True, kw_only=True)
+class StopChecks:
+    """The stop-check interval, the one field both studies' stop rules share (the transfer's
+    `sweep.stop_at`, the stitch's `stop_at_thresholds`): `raysae.stopping.StopRule.every_tokens`.
+    Keyword-only, so a config with required fields can take it in."""
+
+    check_every_tokens: int | None = None
+    """Tokens between the stop checks (an evaluation and a stop decision in the group's shared
+    pass, no resume point) of the SAEs a stop rule applies to, beside their checkpoints; default:
+    at their checkpoints only (`train.checkpoint_every_tokens`)."""
+
+    def _check_stop_checks(self, path: str) -> None:
+        """ConfigError naming `<path>.check_every_tokens` unless it is a positive count."""
+        if self.check_every_tokens is not None and self.check_every_tokens < 1:
+            _fail(f"{path}.check_every_tokens", self.check_every_tokens, "a positive count")
+
+
 @dataclass(frozen=True)
-class StopConfig:
+class StopConfig(StopChecks):
     """When a transfer SAE stops before its budget (`raysae.stopping`): on a quality target, a
     plateau, or either. A stopped SAE leaves its group (the others go on), its run records the
-    tokens it used and why; one that never gets there runs its budget and says so."""
+    tokens it used and why; one that never gets there runs its budget and says so. Its stop
+    checks: `check_every_tokens` (`StopChecks`)."""
 
     normalized_ces: float | None = None
     """Stop at this normalized CES (against the zero-shot SAE and the scratch SAE of the layer)."""
@@ -479,9 +497,6 @@ class StopConfig:
     """Stop when CES gained less than this over the last `plateau_checkpoints` checkpoints."""
     plateau_checkpoints: int = 3
     """Checkpoints a plateau is measured over."""
-    check_every_tokens: int | None = None
-    """The checkpoint (and stop check) interval of the SAEs with a target; default
-    `train.checkpoint_every_tokens`."""
 
     def __post_init__(self) -> None:
         targets = (self.normalized_ces, self.within_scratch)
@@ -495,8 +510,7 @@ class StopConfig:
             _fail("sweep.stop_at.within_scratch", self.within_scratch, "a margin >= 0")
         if self.plateau_checkpoints < 1:
             _fail("sweep.stop_at.plateau_checkpoints", self.plateau_checkpoints, "at least 1")
-        if self.check_every_tokens is not None and self.check_every_tokens < 1:
-            _fail("sweep.stop_at.check_every_tokens", self.check_every_tokens, "a positive count")
+        self._check_stop_checks("sweep.stop_at")
 
 
 @dataclass(frozen=True)
@@ -614,12 +628,13 @@ class ProbeConfig:
 
 
 @dataclass(frozen=True)
-class StitchConfig:
+class StitchConfig(StopChecks):
     """The model-stitching grid: stitch pairs (A layer, B layer), SAE widths and budgets on B.
 
     A is the job's `model`, B is `large`; both read the job's `data` through one tokenizer.
     SAEs on A train with the job's `train` settings; SAEs on B (from scratch and from the
-    stitched initialisation) with the same settings at each of `budgets`.
+    stitched initialisation) with the same settings at each of `budgets`. With
+    `stop_at_thresholds`, B's SAEs are checked every `check_every_tokens` (`StopChecks`).
     """
 
     large: ModelConfig
@@ -662,9 +677,6 @@ class StitchConfig:
     """B's SAEs (scratch and stitched) stop at the first checkpoint whose held-out explained
     variance reaches the largest of `ev_thresholds` (the FLOPs to each threshold are then
     measured by stopping, at the `check_every_tokens` grid)."""
-    check_every_tokens: int | None = None
-    """With `stop_at_thresholds`: the checkpoint interval of B's SAEs (default
-    `train.checkpoint_every_tokens`)."""
     probes: ProbeConfig | None = None
     """Probes, sparse probes and steering through the stitch; None skips them."""
     variants: str | None = None
@@ -705,8 +717,7 @@ class StitchConfig:
             _fail("stitch.budgets", self.budgets, "distinct positive token counts")
         if not self.ev_thresholds or any(not 0 < t < 1 for t in self.ev_thresholds):
             _fail("stitch.ev_thresholds", self.ev_thresholds, "fractions in (0, 1)")
-        if self.check_every_tokens is not None and self.check_every_tokens < 1:
-            _fail("stitch.check_every_tokens", self.check_every_tokens, "a positive count")
+        self._check_stop_checks("stitch")
         if self.max_failures < 0:
             _fail("stitch.max_failures", self.max_failures, "a non-negative integer")
 

@@ -21,10 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from raysae import metrics
-from raysae.models import capture, hook_name, run_with_cache, splice
+from raysae.models import capture, hook_name, splice
 from raysae.sae import SAE
 from raysae.shards import atomic_write_bytes
-from raysae.stitching.stitch import Stitch, map_quality
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,7 @@ class EvalResult:
         return out | out.pop("prefixes")
 
 
-def _next_token_stats(
+def next_token_stats(
     logits_BTV: torch.Tensor, ids_BT: torch.Tensor, mask_BT: torch.Tensor,
     ref: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -160,20 +159,20 @@ def evaluate_saes(
         keep_BT = ~torch.isin(ids_BT, special)
         n_targets += int(keep_BT[:, 1:].sum())
         with capture(model, sites) as acts:
-            ce, _, ref_logp = _next_token_stats(model(ids_BT).logits, ids_BT, keep_BT, None)
+            ce, _, ref_logp = next_token_stats(model(ids_BT).logits, ids_BT, keep_BT, None)
         ce_clean += float(ce)
         ref = (ref_logp.exp(), ref_logp)
         for site, layer in new_zero:
-            with splice(model, site, layer, _only_at(keep_BT, torch.zeros_like)):
-                ce, kl, _ = _next_token_stats(model(ids_BT).logits, ids_BT, keep_BT, ref)
+            with splice(model, site, layer, only_at(keep_BT, torch.zeros_like)):
+                ce, kl, _ = next_token_stats(model(ids_BT).logits, ids_BT, keep_BT, ref)
             new_zero[(site, layer)][0] += float(ce)
             new_zero[(site, layer)][1] += float(kl)
         for key, (sae, site, layer) in saes.items():
             x_ND = acts[hook_name(site, layer)][keep_BT].float()
             sums[key].update(x_ND, sae(x_ND.to(sae.W_enc.dtype)))
-            fn = _only_at(keep_BT, lambda x, sae=sae: sae(x.to(sae.W_enc.dtype)).recon_BD.to(x.dtype))
+            fn = only_at(keep_BT, lambda x, sae=sae: sae(x.to(sae.W_enc.dtype)).recon_BD.to(x.dtype))
             with splice(model, site, layer, fn):
-                ce, kl, _ = _next_token_stats(model(ids_BT).logits, ids_BT, keep_BT, ref)
+                ce, kl, _ = next_token_stats(model(ids_BT).logits, ids_BT, keep_BT, ref)
             sums[key].ce += float(ce)
             sums[key].kl += float(kl)
     zero_ablations.update({k: (ce, kl) for k, (ce, kl) in new_zero.items()})
@@ -239,7 +238,7 @@ def evaluate_sae(
                          dense_threshold)["sae"]
 
 
-def _only_at(
+def only_at(
     keep_BT: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Apply fn to the kept positions of a [B, T, D] stream, leave the others as they are."""
@@ -250,65 +249,3 @@ def _only_at(
         return out
 
     return apply
-
-
-@torch.inference_mode()
-def evaluate_stitch(
-    model_a: nn.Module,
-    model_b: nn.Module,
-    stitch: Stitch,
-    site: str,
-    layer_a: int,
-    layer_b: int,
-    tokens_NT: torch.Tensor,
-    special_ids: Sequence[int] = (),
-    batch_size: int = 8,
-) -> dict[str, float]:
-    """Next-token CE (nats) of A, B, the stitched models and the round trips, and each map's
-    MSE / explained variance, on the same held-out tokens.
-
-    `a_to_b` runs A up to (site, layer_a), maps the stream with T↑ and continues in B from
-    (site, layer_b); `b_to_a` the reverse with T↓; `a_round_trip` continues A after T↓T↑, and
-    `b_round_trip` B after T↑T↓. Special-token positions (BOS) keep the receiving model's own
-    stream, as the maps are fit without them; CE is averaged over non-special targets.
-    """
-    dev_a, dev_b = next(model_a.parameters()).device, next(model_b.parameters()).device
-    special = torch.tensor(list(special_ids), dtype=torch.long)
-    sums = dict.fromkeys(("a", "b", "a_to_b", "b_to_a", "a_round_trip", "b_round_trip"), 0.0)
-    n_targets = 0
-    xs_a, xs_b = [], []
-    ha, hb = hook_name(site, layer_a), hook_name(site, layer_b)
-    for s in range(0, len(tokens_NT), batch_size):
-        ids = tokens_NT[s : s + batch_size]
-        keep = ~torch.isin(ids, special)
-        n_targets += int(keep[:, 1:].sum())
-        a = run_with_cache(model_a, ids.to(dev_a), [(site, layer_a)])[ha].float()
-        b = run_with_cache(model_b, ids.to(dev_b), [(site, layer_b)])[hb].float()
-        xs_a.append(a[keep.to(dev_a)].cpu())
-        xs_b.append(b[keep.to(dev_b)].cpu())
-        dev_s = stitch.P_up.device
-        up, down = stitch.up(a.to(dev_s)), stitch.down(b.to(dev_s))
-        runs = (
-            ("a", model_a, None),
-            ("b", model_b, None),
-            ("a_to_b", model_b, (layer_b, up)),
-            ("b_to_a", model_a, (layer_a, down)),
-            ("a_round_trip", model_a, (layer_a, stitch.down(up))),
-            ("b_round_trip", model_b, (layer_b, stitch.up(down))),
-        )
-        for name, model, replace in runs:
-            dev = next(model.parameters()).device
-            ids_d, keep_d = ids.to(dev), keep.to(dev)
-            if replace is None:
-                logits = model(ids_d).logits
-            else:
-                layer, x_BTD = replace
-                new = x_BTD.to(dev)
-                fn = _only_at(keep_d, lambda _x, new=new, keep_d=keep_d: new[keep_d].to(_x.dtype))
-                with splice(model, site, layer, fn):
-                    logits = model(ids_d).logits
-            ce, _, _ = _next_token_stats(logits, ids_d, keep_d, None)
-            sums[name] += float(ce)
-    out = {f"ce/{k}": v / max(n_targets, 1) for k, v in sums.items()}
-    quality = map_quality(stitch, torch.cat(xs_a), torch.cat(xs_b))
-    return out | {f"map/{k}": v for k, v in quality.items()}

@@ -1,8 +1,9 @@
 """The evaluation maths, as pure functions of tensors and numbers.
 
 Reconstruction (explained variance, MSE), sparsity (L0, L1, dead and dense latents) and the
-CE-loss and KL scores of a spliced model; the layer-transfer study's scores (normalized CES,
-MMCS, transfer scores) are in `raysae.transfer.scores`. Running an LM to get the cross-entropies is someone else's job
+CE-loss and KL scores of a spliced model, and normalized CES (a CES measured against two others:
+the stop rules of the core and the layer-transfer study both read it, so it lives below both);
+the study's other scores (MMCS, transfer scores) are in `raysae.transfer.scores`. Running an LM to get the cross-entropies is someone else's job
 (the splice evaluation); this module only combines the numbers. Pure torch, no model code.
 
 Conventions: tensors are [tokens, width]; `*_BD` inputs, `*_BF` latents, `*_F` per latent.
@@ -100,6 +101,21 @@ def ces(ce_clean: float, ce_spliced: float, ce_zero: float) -> float:
     """CE-loss score (zero-ablation - spliced) / (zero-ablation - clean): 1 = perfect, 0 = as bad
     as zeroing the site."""
     return (ce_zero - ce_spliced) / (ce_zero - ce_clean)
+
+
+def normalized_ces_defined(ces_zero_shot: float, ces_scratch: float) -> bool:
+    """Whether `normalized_ces` measures progress toward the scratch SAE: only while the scratch
+    SAE beats the source read zero-shot (otherwise the denominator is zero or negative)."""
+    return ces_scratch > ces_zero_shot
+
+
+def normalized_ces(ces_transfer: float, ces_zero_shot: float, ces_scratch: float) -> float:
+    """The transfer paper's normalized CES on layer i of SAE_{i<-j}:
+
+    (CES(SAE_{i<-j}) - CES(SAE_j)) / (CES(SAE_i) - CES(SAE_j)), all measured on layer i: 0 = no
+    better than using SAE_j zero-shot, 1 = as good as training SAE_i from scratch.
+    """
+    return (ces_transfer - ces_zero_shot) / (ces_scratch - ces_zero_shot)
 
 
 def kl_score(kl_spliced: float, kl_zero: float) -> float:

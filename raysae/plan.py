@@ -303,6 +303,14 @@ def format_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
+def format_tokens(n: int) -> str:
+    """A token count as people write it: 500M, 1B, 250k (exact multiples only)."""
+    for unit, scale in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
+
+
 def format_flops(x: float) -> str:
     if x <= 0:
         return "0"
@@ -404,19 +412,6 @@ def train_plan(job: JobConfig, cal: Calibration | None = None, slots: int = 1
     saes = [PlannedSAE(job.model, hook_name(site, layer), job.sae, job.train.num_tokens)
             for layer in job.cache.layers for site in job.cache.sites]
     return job, why, plan_phases(job, {"train": saes}, cal, slots)
-
-
-def job_plan(job: JobConfig, cal: Calibration | None = None, slots: int = 1
-             ) -> tuple[JobConfig, str, list[PhasePlan]]:
-    """The plan of the job's study: the stitch sweep, the layer-transfer sweep, or a plain
-    training."""
-    if job.stitch is not None:
-        from raysae.stitching.grid import plan
-    elif job.sweep is not None:
-        from raysae.transfer.grid import plan
-    else:
-        plan = train_plan
-    return plan(job, cal, slots)
 
 
 def plan_report(job: JobConfig, why: str, phases: Sequence[PhasePlan],

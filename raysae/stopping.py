@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from raysae.config import StopConfig
-from raysae.transfer.scores import normalized_ces_defined
+from raysae.metrics import normalized_ces_defined
 
 
 @dataclass(frozen=True)

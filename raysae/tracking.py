@@ -6,7 +6,8 @@ file under the job's runs directory. Experiments created here keep their artifac
 runs directory too (not in `./mlruns` of whatever directory a Ray worker happens to run in).
 Every call goes through an explicit run id (MlflowClient), never the process-global active run,
 so Ray workers and restarts cannot mix runs up. This class is the whole MLflow edge of the
-training code: nothing else holds a client (the analysis scripts read MLflow on their own).
+training code: nothing else holds a client or an MLflow type (a run is read back as a plain
+`RunRecord`; the analysis scripts read MLflow on their own).
 
 A tracking server that stops answering for a while (a restart, a network cut) does not end a
 training. MLflow's client first retries each HTTP request itself (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`,
@@ -29,6 +30,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -52,6 +54,29 @@ SUPERSEDED_TAG = "raysae.superseded_by"
 WAIT_ENV = "RAYSAE_MLFLOW_WAIT_S"
 DEFAULT_WAIT_S = 300.0
 _MAX_BACKOFF_S = 5.0  # between attempts once MLflow gave up: a light poll of a server coming back
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run as it was read: its identity, state, tags, params and latest metrics, as plain
+    values (what callers above this edge read of a run, without importing mlflow)."""
+
+    run_id: str
+    name: str
+    status: str
+    """RUNNING, FINISHED, FAILED, ..."""
+    lifecycle_stage: str
+    """`active`, or `deleted` (a superseded run, kept by MLflow and restorable)."""
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]
+    """The latest value of each metric."""
+
+    @classmethod
+    def of(cls, run: Run) -> RunRecord:
+        info, data = run.info, run.data
+        return cls(info.run_id, info.run_name or "", info.status, info.lifecycle_stage,
+                   dict(data.tags), dict(data.params), dict(data.metrics))
 
 
 class TrackingUnavailable(RuntimeError):
@@ -229,10 +254,10 @@ class Tracker:
             self._client.delete_run(extra.info.run_id)
         return runs[0].info.run_id
 
-    def every_run(self, key: str) -> list[Run]:
-        """Every run that carried the key, the deleted (superseded) ones included."""
-        return self._retry(f"find the runs of {key!r}",
-                           lambda: self._runs_with_key(key, ViewType.ALL))
+    def every_run(self, key: str) -> list[RunRecord]:
+        """Every run that carried the key, the deleted (superseded) ones included, oldest first."""
+        runs = self._retry(f"find the runs of {key!r}", lambda: self._runs_with_key(key, ViewType.ALL))
+        return [RunRecord.of(r) for r in runs]
 
     def copy_run(self, run_id: str, up_to: int, parent: str | None,
                  drop_tags: tuple[str, ...] = ()) -> str:
@@ -241,14 +266,14 @@ class Tracker:
         `up_to` would have logged. It carries the same key, so the caller then supersedes the
         old run."""
         run = self.run(run_id)
-        tags = {k: v for k, v in run.data.tags.items()
+        tags = {k: v for k, v in run.tags.items()
                 if k not in drop_tags and (not k.startswith("mlflow.") or k == PARENT_TAG)}
         if parent is not None:
             tags[PARENT_TAG] = parent
         new = self._retry(f"copy run {run_id}", lambda: self._client.create_run(
-            self.experiment_id, tags=tags, run_name=run.info.run_name).info.run_id)
-        params = [Param(k, v) for k, v in run.data.params.items()]
-        metrics = [Metric(m.key, m.value, m.timestamp, m.step) for key in run.data.metrics
+            self.experiment_id, tags=tags, run_name=run.name).info.run_id)
+        params = [Param(k, v) for k, v in run.params.items()]
+        metrics = [Metric(m.key, m.value, m.timestamp, m.step) for key in run.metrics
                    for m in self._retry(f"read the history of {key!r} in run {run_id}",
                                         lambda key=key: self._client.get_metric_history(run_id, key))
                    if m.step <= up_to]
@@ -266,18 +291,18 @@ class Tracker:
 
     def status(self, run_id: str) -> str:
         """RUNNING, FINISHED, FAILED, ..."""
-        return self.run(run_id).info.status
+        return self.run(run_id).status
 
     def metrics(self, run_id: str) -> dict[str, float]:
         """The latest value of every metric of the run."""
-        return dict(self.run(run_id).data.metrics)
+        return self.run(run_id).metrics
 
     def tags(self, run_id: str) -> dict[str, str]:
-        return dict(self.run(run_id).data.tags)
+        return self.run(run_id).tags
 
-    def run(self, run_id: str) -> Run:
-        """The run: its info (status, lifecycle), tags, params and latest metrics."""
-        return self._retry(f"read run {run_id}", lambda: self._client.get_run(run_id))
+    def run(self, run_id: str) -> RunRecord:
+        """The run: its status, lifecycle stage, tags, params and latest metrics."""
+        return RunRecord.of(self._retry(f"read run {run_id}", lambda: self._client.get_run(run_id)))
 
     def history(self, run_id: str, metric: str) -> list[tuple[int, float]]:
         """(step, value) of every logged value of one metric, in logging order."""

@@ -11,7 +11,7 @@ import torch
 from conftest import build_cfg
 
 from raysae import plan
-from raysae.cli import main
+from raysae.cli import job_plan, main
 from raysae.config import ConfigError, DataConfig, ModelConfig, SAEConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +36,7 @@ def test_shipped_configs_build_the_real_architectures(name, params):
 
 def test_paper_plan_matches_the_closed_forms(tmp_path):
     job = dataclasses.replace(load_config(PAPER), runs_dir=str(tmp_path))
-    job, why, phases = plan.job_plan(job)
+    job, why, phases = job_plan(job)
     assert job.train.source == "streamed" and "as the config says" in why
     by = {p.name: p for p in phases}
     # streamed: no cache phase; both compute plans read the 500M runs' 100M checkpoints
@@ -55,11 +55,11 @@ def test_paper_plan_matches_the_closed_forms(tmp_path):
 def test_groups_split_to_fit_the_worker_memory(tmp_path):
     job = dataclasses.replace(load_config(PAPER), runs_dir=str(tmp_path))
     small = dataclasses.replace(job, train=dataclasses.replace(job.train, worker_memory_gb=12))
-    _, _, phases = plan.job_plan(small)
+    _, _, phases = job_plan(small)
     scratch = phases[0]
     assert scratch.groups > 1 and scratch.memory_per_worker <= 12 * plan.GiB
     capped = dataclasses.replace(job, train=dataclasses.replace(job.train, max_group_saes=5))
-    assert plan.job_plan(capped)[2][0].groups == 3  # 12 SAEs, at most 5 a group
+    assert job_plan(capped)[2][0].groups == 3  # 12 SAEs, at most 5 a group
     assert plan.pack([3, 3, 3, 9, 1], capacity=7) == [[0, 1], [2], [3], [4]]
     assert plan.pack([1, 1, 1], capacity=100, max_count=2) == [[0, 1], [2]]
 

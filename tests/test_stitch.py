@@ -9,9 +9,9 @@ import torch
 
 from raysae.checkpoint import load_train_state, save_train_state
 from raysae.config import ConfigError, ModelConfig, SAEConfig, StitchConfig
-from raysae.evaluate import evaluate_stitch
 from raysae.models import load_lm
 from raysae.sae import SAE
+from raysae.stitching.evaluate import evaluate_stitch
 from raysae.stitching.stitch import (
     Lstsq,
     Stitch,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from raysae.config import ConfigError, StopConfig, from_dict
+from raysae.metrics import normalized_ces
 from raysae.stopping import Decision, StopRule, redecide, signature, threshold_rule, transfer_rule
-from raysae.transfer.scores import normalized_ces
 
 
 def test_target_stops_at_the_first_checkpoint_that_reaches_it():

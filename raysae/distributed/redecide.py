@@ -25,8 +25,6 @@ import logging
 import shutil
 from pathlib import Path
 
-from mlflow.entities import Run
-
 from raysae.checkpoint import train_state_counters, write_folder_atomically
 from raysae.config import JobConfig
 from raysae.distributed.engine import (
@@ -49,7 +47,7 @@ from raysae.distributed.training import (
     sae_groups,
 )
 from raysae.stopping import NO_RULE, redecide, signature
-from raysae.tracking import Tracker
+from raysae.tracking import RunRecord, Tracker
 
 log = logging.getLogger("raysae.sweep")
 
@@ -60,8 +58,8 @@ REDECIDED_TAG = "raysae.redecided"
 """On a run whose stopping point a re-submitted sweep moved: from where to where, and why."""
 
 
-def _trained(run: Run) -> int:
-    return int(run.data.tags.get("raysae.tokens_seen", -1))
+def _trained(run: RunRecord) -> int:
+    return int(run.tags.get("raysae.tokens_seen", -1))
 
 
 def redecide_members(job: JobConfig, members: list[SAERun], tracker: Tracker
@@ -78,7 +76,7 @@ def redecide_members(job: JobConfig, members: list[SAERun], tracker: Tracker
         if live is None:
             continue
         run = tracker.run(live)
-        tags, status = run.data.tags, run.info.status
+        tags, status = run.tags, run.status
         if status == "RUNNING" and GOING_ON_TAG in tags:  # a re-decision interrupted: again
             state = stop_state_dir(job, m.key, int(tags[GOING_ON_TAG]))
             going_on.append(dataclasses.replace(m, resume_from=str(state)))
@@ -86,7 +84,7 @@ def redecide_members(job: JobConfig, members: list[SAERun], tracker: Tracker
         if status != "FINISHED":
             continue
         if tags.get(STOP_RULE_TAG, NO_RULE) == signature(m.stop):
-            settled[m.key] = final_metrics(run.data.metrics)
+            settled[m.key] = final_metrics(run.metrics)
             continue
         try:
             outcome = _redecide(job, m, tracker, run)
@@ -95,7 +93,7 @@ def redecide_members(job: JobConfig, members: list[SAERun], tracker: Tracker
             errors[m.key] = f"failed: {e}"
             continue
         if outcome is None:
-            settled[m.key] = final_metrics(tracker.run(tracker.find(m.key)).data.metrics)
+            settled[m.key] = final_metrics(tracker.run(tracker.find(m.key)).metrics)
         else:
             going_on.append(outcome)
     if settled or going_on:
@@ -108,19 +106,19 @@ class _CannotRedecide(RuntimeError):
     pass
 
 
-def _redecide(job: JobConfig, m: SAERun, tracker: Tracker, live: Run) -> SAERun | None:
+def _redecide(job: JobConfig, m: SAERun, tracker: Tracker, live: RunRecord) -> SAERun | None:
     """Move the member's stopping point to where its new rule puts it; the member, set to
     train on, when that lies beyond what was trained (else None)."""
     budget = member_config(job, m)[1].num_tokens
-    runs = [r for r in tracker.every_run(m.key) if r.info.status == "FINISHED" and _trained(r) >= 0]
+    runs = [r for r in tracker.every_run(m.key) if r.status == "FINISHED" and _trained(r) >= 0]
     # the trajectory: the longest training of this SAE (the live run on ties)
-    path = max(runs, key=lambda r: (_trained(r), r.info.run_id == live.info.run_id))
+    path = max(runs, key=lambda r: (_trained(r), r.run_id == live.run_id))
     trained, was = _trained(path), _trained(live)
-    history = sorted(dict(tracker.history(path.info.run_id, m.stop.metric)).items()) if m.stop else []
+    history = sorted(dict(tracker.history(path.run_id, m.stop.metric)).items()) if m.stop else []
     decision = redecide(m.stop, history, trained, budget)
     rule = {STOP_RULE_TAG: signature(m.stop)}
     if decision.reason is not None and decision.tokens == was:  # the same SAE: only the reason
-        tracker.set_tags(live.info.run_id, {STOP_TAG: decision.reason, **rule})
+        tracker.set_tags(live.run_id, {STOP_TAG: decision.reason, **rule})
         return None
     if decision.reason is not None:  # a checkpoint already trained is the final SAE
         folder = checkpoints_dir(job, m.key) / f"tokens_{decision.tokens:012d}" / SAEGroupFit.artifact
@@ -143,8 +141,8 @@ def _redecide(job: JobConfig, m: SAERun, tracker: Tracker, live: Run) -> SAERun 
         raise _CannotRedecide(f"its new rule trains it on from {trained:,} tokens, but no training "
                               f"state is kept there ({state}: it stopped before raysae kept "
                               "one); delete its run and checkpoints to train it again")
-    run_id = live.info.run_id
-    if path.info.run_id != run_id or trained != was:
+    run_id = live.run_id
+    if path.run_id != run_id or trained != was:
         run_id = _replace(tracker, m, path, trained)
     # RUNNING with the tokens it goes on from until its group finishes it; its features stale
     tracker.set_tags(run_id, {GOING_ON_TAG: str(trained), DONE_TAG: "stale",
@@ -153,13 +151,13 @@ def _redecide(job: JobConfig, m: SAERun, tracker: Tracker, live: Run) -> SAERun 
     return dataclasses.replace(m, resume_from=str(state))
 
 
-def _replace(tracker: Tracker, m: SAERun, path: Run, tokens: int) -> str:
+def _replace(tracker: Tracker, m: SAERun, path: RunRecord, tokens: int) -> str:
     """A copy of the trajectory's run up to `tokens` replaces every live run of the key."""
-    new = tracker.copy_run(path.info.run_id, tokens, m.parent_run,
+    new = tracker.copy_run(path.run_id, tokens, m.parent_run,
                            drop_tags=(DONE_TAG, CONFIG_TAG, GOING_ON_TAG, REDECIDED_TAG))
     for r in tracker.every_run(m.key):
-        if r.info.run_id != new and r.info.lifecycle_stage == "active":
-            tracker.supersede(r.info.run_id, new)
+        if r.run_id != new and r.lifecycle_stage == "active":
+            tracker.supersede(r.run_id, new)
     return new
 
 

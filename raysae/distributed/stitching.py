@@ -33,9 +33,9 @@ from raysae.distributed.engine import (
     output_dir,
     worker_seed,
 )
-from raysae.evaluate import evaluate_stitch
 from raysae.models import load_lm, load_tokenizer
 from raysae.shards import ActivationReader, aligned_shards, paired_stream
+from raysae.stitching.evaluate import evaluate_stitch
 from raysae.stitching.stitch import (
     Stitch,
     lstsq_flops,

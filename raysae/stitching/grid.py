@@ -22,10 +22,10 @@ from raysae.plan import (
     PhasePlan,
     PlannedSAE,
     cache_phase,
+    format_tokens,
     plan_phases,
 )
 from raysae.stitching.stitch import lstsq_flops
-from raysae.transfer.grid import format_tokens
 
 Role = Literal["stitch", "scratch_a", "scratch_b", "zeroshot", "transfer", "probes"]
 PHASES: dict[str, tuple[Role, ...]] = {

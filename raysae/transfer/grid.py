@@ -42,7 +42,14 @@ from raysae.config import (
     to_dict,
 )
 from raysae.models import hook_name
-from raysae.plan import Calibration, PhasePlan, PlannedSAE, plan_phases, resolve_source
+from raysae.plan import (
+    Calibration,
+    PhasePlan,
+    PlannedSAE,
+    format_tokens,
+    plan_phases,
+    resolve_source,
+)
 
 Phase = Literal["scratch", "zeroshot", "transfer", "plan", "budget_plan"]
 PHASES: tuple[Phase, ...] = ("scratch", "zeroshot", "transfer", "plan")
@@ -94,14 +101,6 @@ def direction_of(offset: int) -> str:
     if offset == 0:
         return "self"
     return {-1: "fwd", 1: "bwd"}.get(offset, f"offset{offset:+d}")
-
-
-def format_tokens(n: int) -> str:
-    """A token count as people write it: 500M, 1B, 250k (exact multiples only)."""
-    for unit, scale in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
-        if n >= scale and n % scale == 0:
-            return f"{n // scale}{unit}"
-    return str(n)
 
 
 def _key(

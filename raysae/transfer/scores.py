@@ -1,9 +1,10 @@
 """The layer-transfer study's scores, as pure functions of tensors and numbers.
 
 Normalized CES (how much of the gap between the zero-shot SAE_j and the scratch SAE_i a
-transferred SAE_{i<-j} closes), MMCS between two decoders, and the transfer score of the
-paper's Figure 6 (shared top-logit, bottom-logit and max-activating tokens per feature index,
-each part and the three combined).
+transferred SAE_{i<-j} closes; defined in `raysae.metrics`, which the stop rules read too, and
+re-exported here), MMCS between two decoders, and the transfer score of the paper's Figure 6
+(shared top-logit, bottom-logit and max-activating tokens per feature index, each part and the
+three combined).
 """
 
 from __future__ import annotations
@@ -14,21 +15,8 @@ import torch
 from torch import Tensor
 
 from raysae.features.attribution import NormFrame
-
-
-def normalized_ces_defined(ces_zero_shot: float, ces_scratch: float) -> bool:
-    """Whether `normalized_ces` measures progress toward the scratch SAE: only while the scratch
-    SAE beats the source read zero-shot (otherwise the denominator is zero or negative)."""
-    return ces_scratch > ces_zero_shot
-
-
-def normalized_ces(ces_transfer: float, ces_zero_shot: float, ces_scratch: float) -> float:
-    """The transfer paper's normalized CES on layer i of SAE_{i<-j}:
-
-    (CES(SAE_{i<-j}) - CES(SAE_j)) / (CES(SAE_i) - CES(SAE_j)), all measured on layer i: 0 = no
-    better than using SAE_j zero-shot, 1 = as good as training SAE_i from scratch.
-    """
-    return (ces_transfer - ces_zero_shot) / (ces_scratch - ces_zero_shot)
+from raysae.metrics import normalized_ces as normalized_ces  # re-exported: the study's score
+from raysae.metrics import normalized_ces_defined as normalized_ces_defined
 
 
 @torch.no_grad()
