@@ -75,16 +75,12 @@ def check_job(cfg: JobConfig) -> None:
     """The checks that need the models' configs or the file system (the config classes check
     everything else as they load); raises ConfigError naming the field."""
     d_model = validate_sites(cfg.model, cfg.cache.sites, cfg.cache.layers)
-    d_sae = cfg.sae.width(d_model)
     saes = [j.sae for j in transfer_grid.architecture_jobs(cfg)] if cfg.sweep else [cfg.sae]
     if cfg.stitch is None:  # (a stitch job sets the widths: `stitch_grid.validate`)
-        for sae in saes:
-            sae.prefix_widths(d_model)  # a last Matryoshka width that is not d_sae: ConfigError
-    if any(sae.uses_k for sae in saes) and cfg.sae.k > d_sae:
-        raise ConfigError(
-            f"sae.k: got {cfg.sae.k}, expected at most d_sae ({d_sae} = sae.expansion_factor "
-            f"{cfg.sae.expansion_factor} x d_model {d_model} of {cfg.model.name!r})"
-        )
+        why = (f" = sae.expansion_factor {cfg.sae.expansion_factor} x d_model {d_model} of "
+               f"{cfg.model.name!r}")
+        for sae in saes:  # k above the width, a last Matryoshka width that is not it
+            sae.check_width(d_model, why)
     if cfg.sweep is not None:
         transfer_grid.validate(cfg, cfg.sweep, model_dims(cfg.model)[0])
     s = cfg.stitch
@@ -128,11 +124,13 @@ def cmd_plan(cfg: JobConfig, calibrate: bool = True, slots: int = 1,
 
     from raysae import plan
 
-    if target is not None:
-        from raysae.distributed.transfer_sweep import pilot_plan
+    if target is not None:  # read from MLflow: no Ray
+        from raysae.tracking import Tracker, tracking_uri
+        from raysae.transfer.pilot import pilot_plan, sweep_trials
 
         try:
-            print(pilot_plan(cfg, target))
+            trials = sweep_trials(cfg)
+            print(pilot_plan(cfg, target, trials, Tracker(tracking_uri(cfg.runs_dir), cfg.name)))
         except ConfigError as e:
             print(f"raysae: {e}", file=sys.stderr)
             return 2

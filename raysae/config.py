@@ -22,6 +22,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from raysae.architectures import ARCHITECTURES, ArchitectureSpec, allowed, spec_of
+
 Site = Literal["resid_pre", "resid_post"]
 StorageDtype = Literal["float32", "float16", "bfloat16"]
 ModelDtype = Literal["float32", "float16", "bfloat16"]
@@ -259,9 +261,8 @@ class CacheConfig:
             _fail("cache.actor_cpus", self.actor_cpus, "a positive number")
 
 
-Architecture = Literal["relu", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk"]
-K_ARCHITECTURES: tuple[str, ...] = ("topk", "batchtopk", "matryoshka_batchtopk")
-"""The architectures whose sparsity is set by `k` (decoder rows kept at unit norm, AuxK loss)."""
+Architecture = str
+"""A name registered in `raysae.architectures.ARCHITECTURES` (checked where a config is built)."""
 PlanDirection = Literal["forward", "backward"]
 PlanSource = Literal["checkpoint", "run"]
 BDecInit = Literal["mean", "geometric_median", "zeros"]
@@ -308,14 +309,10 @@ class SAEConfig:
             _fail("sae.d_sae", self.d_sae, "a positive integer or null")
         if self.k < 1:
             _fail("sae.k", self.k, "a positive integer")
-        if self.uses_k and self.d_sae is not None and self.k > self.d_sae:
-            _fail("sae.k", self.k, f"at most sae.d_sae ({self.d_sae})")
-        if self.architecture == "matryoshka_batchtopk":
-            w = self.matryoshka_widths
-            if not w or w[0] < 1 or any(b <= a for a, b in zip(w, w[1:])):
-                _fail("sae.matryoshka_widths", w, "strictly increasing positive prefix widths")
-            if self.d_sae is not None and w[-1] != self.d_sae:
-                _fail("sae.matryoshka_widths", w, f"the last width equal to sae.d_sae ({self.d_sae})")
+        if self.architecture not in ARCHITECTURES:
+            _fail("sae.architecture", self.architecture, allowed())
+        for problem in self.width_problems(self.d_sae, f"sae.d_sae ({self.d_sae})"):
+            _fail(*problem)
         if self.aux_coefficient < 0:
             _fail("sae.aux_coefficient", self.aux_coefficient, "a non-negative number")
         if self.l1_coefficient < 0:
@@ -330,20 +327,34 @@ class SAEConfig:
         return self.d_sae if self.d_sae is not None else self.expansion_factor * d_in
 
     @property
+    def spec(self) -> ArchitectureSpec:
+        """The architecture's registry entry (`raysae.architectures`)."""
+        return spec_of(self.architecture)
+
+    @property
     def uses_k(self) -> bool:
         """Whether `k` sets the sparsity (topk, batchtopk, matryoshka_batchtopk)."""
-        return self.architecture in K_ARCHITECTURES
+        return self.spec.uses_k
+
+    def width_problems(self, d_sae: int | None, width: str) -> list[tuple[str, Any, str]]:
+        """The architecture's checks at dictionary width `d_sae` (None: not known yet), as
+        (field, value, expected); messages call the width `width`. The one place k <= d_sae
+        and the Matryoshka widths are checked."""
+        return list(self.spec.problems(self, d_sae, width))
+
+    def check_width(self, d_in: int, why: str = "") -> None:
+        """Raise ConfigError if the architecture's checks fail at the width for inputs of width
+        `d_in` (k above it, a last Matryoshka width that is not it); `why` says where the width
+        comes from (appended to it in the message)."""
+        d_sae = self.width(d_in)
+        for problem in self.width_problems(d_sae, f"d_sae ({d_sae}{why})"):
+            _fail(*problem)
 
     def prefix_widths(self, d_in: int) -> tuple[int, ...]:
         """The widths whose prefixes are trained to reconstruct: the Matryoshka widths, or the
-        whole dictionary. Raises ConfigError if the last Matryoshka width is not the width."""
-        d_sae = self.width(d_in)
-        if self.architecture != "matryoshka_batchtopk":
-            return (d_sae,)
-        if self.matryoshka_widths[-1] != d_sae:
-            _fail("sae.matryoshka_widths", self.matryoshka_widths,
-                  f"the last width equal to d_sae ({d_sae})")
-        return self.matryoshka_widths
+        whole dictionary. Raises ConfigError if the width fails the architecture's checks."""
+        self.check_width(d_in)
+        return self.spec.prefix_widths(self, self.width(d_in))
 
 
 @dataclass(frozen=True)
@@ -462,6 +473,15 @@ class JobConfig:
         if not _SAFE_NAME.fullmatch(self.name):
             _fail("name", self.name, "letters, digits, '.', '_' and '-', not starting with '.' or '-'")
 
+    def sae_settings(self, d_sae: int | None = None, num_tokens: int | None = None,
+                     lr: float | None = None) -> tuple[SAEConfig, TrainConfig]:
+        """One SAE's settings: the job's sae and train sections with its width, budget and
+        learning rate (each left out: the job's)."""
+        sae = self.sae if d_sae is None else dataclasses.replace(self.sae, d_sae=d_sae)
+        train = dataclasses.replace(self.train, num_tokens=num_tokens or self.train.num_tokens,
+                                    lr=lr or self.train.lr)
+        return sae, train
+
 
 @dataclass(frozen=True, kw_only=True)
 class StopChecks:
@@ -562,6 +582,9 @@ class SweepConfig:
             _fail("sweep.run_budget_plan", True, "a sweep.stop_at.normalized_ces target to plan for")
         if len(set(self.architectures)) != len(self.architectures):
             _fail("sweep.architectures", self.architectures, "no repeated architectures")
+        for arch in self.architectures:
+            if arch not in ARCHITECTURES:
+                _fail("sweep.architectures", arch, allowed())
         if not self.layers or any(i < 0 for i in self.layers):
             _fail("sweep.layers", self.layers, "a non-empty list of non-negative block indices")
         if any(b <= a for a, b in zip(self.layers, self.layers[1:])):

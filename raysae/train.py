@@ -382,10 +382,7 @@ class SAELearner:
         return StepOutput(out.loss, torch.cat([parts, (sq - mean_sq)[None], *extra]), out)
 
     def after_step(self, x_BD: Tensor, out: StepOutput) -> None:
-        if self.model.cfg.uses_k:
-            self.model.normalize_decoder_()
-        if out.detail.min_active is not None:
-            self.model.update_threshold_(out.detail.min_active)
+        self.model.after_step_(out.detail)
         self.since_F.add_(x_BD.shape[0] * self.world_size).masked_fill_(out.detail.fired_F, 0)
 
     @torch.no_grad()
@@ -396,9 +393,7 @@ class SAELearner:
             "l0": metrics.l0(feats_BF),
             "dense_fraction": metrics.dense_fraction(counts_F, x_BD.shape[0]),
         }
-        if hasattr(self.model, "topk_threshold"):  # the one threshold `l0` was gated at
-            out["threshold"] = float(self.model.threshold[0])
-        return out
+        return out | self.model.probe_metrics()
 
     def report(self, means: list[float], at: LogPoint) -> dict[str, float]:
         loss, mse, sparsity, *rest = means

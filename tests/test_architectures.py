@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from test_train import build_train_cfg, sparse_batches
 
 from raysae.config import ConfigError, SAEConfig
-from raysae.sae import SAE, SAELoadError, _batch_topk_indices
+from raysae.sae import SAE, SAELoadError
+from raysae.sae_ops import _batch_topk_indices
 from raysae.stitching.stitch import Stitch, transfer_sae
 from raysae.train import train_sae
 

@@ -17,10 +17,9 @@ from raysae.sae import (
     SAE,
     SAELoadError,
     SAEMetadata,
-    _JumpReLU,
-    _Step,
     geometric_median,
 )
+from raysae.sae_ops import _JumpReLU, _Step
 
 ARCHS = ["relu", "topk", "jumprelu"]
 
