@@ -9,9 +9,10 @@ and logs it on its parent run.
 The estimates, per token (d = d_model, F = d_sae, L = the blocks run up to the deepest site):
 - LM forward: 2 x the parameters of the blocks run (12 d^2 per block: attention 4 d^2, MLP
   8 d^2) plus the embedding lookup, i.e. 24 d^2 L FLOPs (the unembedding is never run);
-- one SAE training step: 6 d F FLOPs for relu/jumprelu (encoder, decoder and their three
-  gradients), 2 d F + 4 d k for topk, batchtopk and matryoshka_batchtopk (the dense encoder, a
-  sparse decode and backward; AuxK adds 4 d (d/2));
+- one SAE training step: what its architecture's spec says (`raysae.architectures`): 10 d F
+  FLOPs for relu/jumprelu (encoder, decoder and their three gradients), 2 d F + 10 d k for
+  topk, batchtopk and matryoshka_batchtopk (the dense encoder, a sparse decode and backward;
+  AuxK adds 4 d (d/2));
 - shards: d x bytes per value (float32 4, float16/bfloat16 2) per cached site;
 - training memory per SAE: weights, gradients and Adam's two moments (16 bytes per parameter)
   plus the batch's latents (3 B F x 4 bytes).
@@ -29,7 +30,6 @@ from typing import Literal, NamedTuple
 
 from raysae.config import JobConfig, ModelConfig, SAEConfig
 from raysae.models import model_dims, parse_hook_name
-from raysae.train import dense_sae_flops_per_token
 
 GiB = 1 << 30
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -45,22 +45,19 @@ def lm_flops_per_token(d_model: int, blocks: int) -> float:
 
 
 def sae_step_flops_per_token(sae: SAEConfig, d_in: int) -> float:
-    """Training FLOPs per token of one SAE step (forward and backward): five products of
-    d_in x d_sae per token, dense for relu and jumprelu (10·d·F; torch's FlopCounterMode counts
-    10.1 and 10.0 on raysae's steps), and for the k architectures the dense encoder forward plus
-    five sparse ones over the k active latents (2·d·F + 10·d·k; measured ~2·d·F + 10.5·d·k)."""
-    F = sae.width(d_in)
-    if sae.uses_k:
-        aux = 4.0 * d_in * (d_in // 2) if sae.aux_coefficient > 0 else 0.0
-        return 2.0 * d_in * F + 10.0 * d_in * sae.k + aux
-    return dense_sae_flops_per_token(d_in, F)
+    """Training FLOPs per token of one SAE step (forward and backward), as its architecture's
+    spec prices it: five products of d_in x d_sae per token, dense for relu and jumprelu
+    (10·d·F; torch's FlopCounterMode counts 10.1 and 10.0 on raysae's steps), and for the k
+    architectures the dense encoder forward plus five sparse ones over the k active latents
+    (2·d·F + 10·d·k; measured ~2·d·F + 10.5·d·k)."""
+    return sae.spec.step_flops_per_token(sae, d_in, sae.width(d_in))
 
 
 def sae_memory_bytes(sae: SAEConfig, d_in: int, batch_rows: int) -> int:
     """Training memory of one SAE on one worker: parameters with their gradients and Adam
     moments, the batch's latents, the dead-latent counter."""
     F = sae.width(d_in)
-    params = 2 * d_in * F + F + d_in + (F if sae.architecture == "jumprelu" else 0)
+    params = sae.spec.parameters(d_in, F)
     return 16 * params + 12 * batch_rows * F + 8 * F
 
 

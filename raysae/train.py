@@ -30,6 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from raysae import metrics
+from raysae.architectures import (  # re-exported: the dense count sits with the specs
+    dense_sae_flops_per_token as dense_sae_flops_per_token,
+)
 from raysae.checkpoint import TrainState, load_optimizer_tensors, optimizer_tensors
 from raysae.config import StitchConfig, TrainConfig
 from raysae.sae import SAE
@@ -493,17 +496,3 @@ def sae_flops_per_token(sae: SAE, x_BD: Tensor, cfg: TrainConfig) -> float:
             out = probe.train_forward(x_BD, 1.0)
         out.loss.backward()
     return counter.get_total_flops() / x_BD.shape[0]
-
-
-def dense_sae_flops_per_token(d_in: int, d_sae: int) -> float:
-    """FLOPs per token of one SAE training step as a dense implementation runs it (the
-    stitching paper's accounting: its TopK latents are a dense [B, d_sae] matrix), whatever the
-    architecture: five [d_in, d_sae]-sized products, 2·d_in·d_sae each (the encoder and the
-    decoder forward; the decoder's weight and latent gradients and the encoder's weight
-    gradient; the activations need no gradient), i.e. 10·d_in·d_sae. Biases, the top-k
-    selection and b_dec's encoder-side matvec (O(d_in·d_sae) per batch) are not counted.
-
-    `sae_flops_per_token` counts what raysae runs: the same for relu and jumprelu (within
-    O(1/d_in)), about 2·d_in·d_sae + 10·d_in·k for TopK, whose decode and backward are sparse.
-    """
-    return 10.0 * d_in * d_sae

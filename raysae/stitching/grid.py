@@ -94,15 +94,10 @@ def validate(job: JobConfig) -> None:
     s = job.stitch
     if s is None:
         raise ConfigError("stitch: the config has no stitch section")
-    if job.sae.architecture == "matryoshka_batchtopk":
-        other = [w for w in s.widths if w != job.sae.matryoshka_widths[-1]]
-        if other:
-            raise ConfigError(f"stitch.widths: got {other}, expected the last of "
-                              f"sae.matryoshka_widths ({job.sae.matryoshka_widths[-1]})")
-    if job.sae.uses_k:
-        small = [w for w in s.widths if w < job.sae.k]
-        if small:
-            raise ConfigError(f"stitch.widths: got {small}, expected widths >= sae.k ({job.sae.k})")
+    for w in s.widths:  # the architecture's checks at each width (k, Matryoshka widths)
+        for name, value, expected in job.sae.width_problems(w, f"the stitch width ({w})"):
+            raise ConfigError(f"stitch.widths: got {w}, but {name} is {value!r}: expected "
+                              f"{expected}")
     short = [b for b in budgets_of(job) if b < job.train.batch_size]
     if short:
         raise ConfigError(
