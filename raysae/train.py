@@ -63,8 +63,10 @@ class StepOutput(NamedTuple):
 
     loss: Tensor
     """The scalar the backward pass starts from."""
-    window: Tensor
-    """Float64 values averaged on the device between log steps (`Learner.report` names them)."""
+    window: dict[str, Tensor]
+    """Named float64 values (scalars, or vectors such as one per Matryoshka prefix) averaged on
+    the device between log steps; `Learner.report` reads their means by these names. Every
+    step of a learner gives the same names and shapes."""
     detail: Any = None
     """The learner's own output (the SAE's `TrainOutput`), for its `after_step`."""
 
@@ -103,28 +105,43 @@ class Learner(Protocol):
     def probe(self, batch: Any) -> dict[str, float]:
         """Metrics of the batch before the step, computed only at log steps."""
 
-    def report(self, means: list[float], at: LogPoint) -> dict[str, float]:
+    def report(self, means: Means, at: LogPoint) -> dict[str, float]:
         """The named metrics of a log step, from the window's means."""
 
 
+Means = dict[str, Any]
+"""A window's means by name: a float per scalar, a list of floats per vector."""
+
+
 class _Window:
-    """On-device running sums between two log steps (no host sync until `read`)."""
+    """On-device running sums of a step's named values between two log steps: one flat tensor,
+    so a step adds once and `read` makes the one host transfer of a log step."""
 
     def __init__(self) -> None:
         self.sums: Tensor | None = None
+        self.shapes: dict[str, torch.Size] = {}
         self.steps = 0
 
-    def add(self, values: Tensor) -> None:
+    def add(self, values: dict[str, Tensor]) -> None:
+        flat = torch.cat([v.reshape(-1) for v in values.values()])
         if self.sums is None:
-            self.sums = torch.zeros_like(values)
-        self.sums += values
+            self.sums = torch.zeros_like(flat)
+            self.shapes = {name: v.shape for name, v in values.items()}
+        elif values.keys() != self.shapes.keys():
+            raise ValueError(f"a step's window names {list(values)}, expected {list(self.shapes)}")
+        self.sums += flat
         self.steps += 1
 
-    def read(self) -> list[float]:
+    def read(self) -> Means:
         assert self.sums is not None
-        means = (self.sums / max(self.steps, 1)).tolist()
+        flat = (self.sums / max(self.steps, 1)).tolist()
         self.sums.zero_()
         self.steps = 0
+        means, at = {}, 0
+        for name, shape in self.shapes.items():
+            n = shape.numel()
+            means[name] = flat[at] if len(shape) == 0 else flat[at:at + n]
+            at += n
         return means
 
 
@@ -377,12 +394,11 @@ class SAELearner:
         B, x = x_BD.shape[0], x_BD.detach()
         sq = torch.linalg.vector_norm(x).square().to(torch.float64) / B
         mean_sq = (x.new_ones(B) @ x / B).square().sum().to(torch.float64)
-        parts = [out.loss, out.mse, out.sparsity]
-        if out.auxk_loss is not None:
-            parts.append(out.auxk_loss)
-        parts = torch.stack([p.detach().to(torch.float64) for p in parts])
-        extra = [] if out.prefix_mse is None else [out.prefix_mse.detach().to(torch.float64)]
-        return StepOutput(out.loss, torch.cat([parts, (sq - mean_sq)[None], *extra]), out)
+        named = {"loss": out.loss, "mse": out.mse, "sparsity": out.sparsity,
+                 "auxk_loss": out.auxk_loss, "total_variance": sq - mean_sq,
+                 "prefix_mse": out.prefix_mse}  # (the last two: the explained variances)
+        window = {k: v.detach().to(torch.float64) for k, v in named.items() if v is not None}
+        return StepOutput(out.loss, window, out)
 
     def after_step(self, x_BD: Tensor, out: StepOutput) -> None:
         self.model.after_step_(out.detail)
@@ -398,23 +414,20 @@ class SAELearner:
         }
         return out | self.model.probe_metrics()
 
-    def report(self, means: list[float], at: LogPoint) -> dict[str, float]:
-        loss, mse, sparsity, *rest = means
-        out = {}
-        if self.model.cfg.uses_k and self.model.cfg.aux_coefficient > 0:
-            out["auxk_loss"], *rest = rest
-        total_var, *prefix_mse = rest
+    def report(self, means: Means, at: LogPoint) -> dict[str, float]:
+        total_var = means["total_variance"]
 
         def ev(err: float) -> float:
             return 1.0 - err / total_var if total_var > 0 else float("nan")
 
-        for w, err in zip(self.model.widths, prefix_mse):
+        out = {k: means[k] for k in ("auxk_loss",) if k in means}
+        for w, err in zip(self.model.widths, means.get("prefix_mse", ())):
             out[f"mse_prefix_{w}"], out[f"explained_variance_prefix_{w}"] = err, ev(err)
         return out | {
-            "loss": loss,
-            "mse": mse,
-            "sparsity": sparsity,
-            "explained_variance": ev(mse),
+            "loss": means["loss"],
+            "mse": means["mse"],
+            "sparsity": means["sparsity"],
+            "explained_variance": ev(means["mse"]),
             "dead_fraction": metrics.dead_fraction(self.since_F, self.cfg.dead_window_tokens),
             "lr": at.lr,
             "sparsity_coeff": self.sparsity_coeff(at.step - 1),

@@ -37,6 +37,7 @@ from raysae.train import (
     CheckpointFn,
     LogPoint,
     LoopSettings,
+    Means,
     MetricsFn,
     StepOutput,
     Trainer,
@@ -296,7 +297,8 @@ class StitchLearner:
 
     def loss(self, batch: tuple[Tensor, Tensor], step: int) -> StepOutput:
         out = self.model.loss(*batch, self.cfg.alpha)
-        return StepOutput(out.total, torch.stack([t.detach() for t in out]).double(), out)
+        window = {name: t.detach().double() for name, t in zip(_LOSS_METRICS, out)}
+        return StepOutput(out.total, window, out)
 
     def after_step(self, batch: tuple[Tensor, Tensor], out: StepOutput) -> None:
         pass
@@ -304,8 +306,8 @@ class StitchLearner:
     def probe(self, batch: tuple[Tensor, Tensor]) -> dict[str, float]:
         return {}
 
-    def report(self, means: list[float], at: LogPoint) -> dict[str, float]:
-        return dict(zip(_LOSS_METRICS, means)) | {"lr": at.lr}
+    def report(self, means: Means, at: LogPoint) -> dict[str, float]:
+        return dict(means) | {"lr": at.lr}
 
 
 def stitch_trainer(stitch: Stitch, cfg: StitchConfig, *, log_every_steps: int = 32,
