@@ -26,6 +26,7 @@ from raysae.transfer.grid import (
     phases,
     plan_pairs,
     plan_token_summary,
+    references,
     train_config_for,
 )
 
@@ -64,11 +65,13 @@ def test_counts_by_phase():
     assert counts == {"scratch": 4, "zeroshot": 16, "transfer": 12, "plan": 4}
     assert list(by_phase) == ["scratch", "zeroshot", "transfer", "plan"]
     assert [(t.layer, t.source_layer, t.budget, t.direction) for t in by_phase["plan"]] == [
-        (1, 0, 500_000, "fwd"),
-        (3, 2, 500_000, "fwd"),
-        (0, 1, 500_000, "bwd"),
-        (2, 3, 500_000, "bwd"),
+        (1, 0, 500_000, "forward"),
+        (3, 2, 500_000, "forward"),
+        (0, 1, 500_000, "backward"),
+        (2, 3, 500_000, "backward"),
     ]
+    # runs carry the stored labels (tag and name), as every run logged before does
+    assert [t.tags["raysae.direction"] for t in by_phase["plan"]] == ["fwd", "fwd", "bwd", "bwd"]
     assert by_phase["plan"][2].name == "L0←L1 bwd 50%"
     assert len(phases(grid(sweep=build_sweep(compute_plan=False)))["plan"]) == 0
     forward = phases(grid(sweep=build_sweep(compute_plan_directions=("forward",))))["plan"]
@@ -326,3 +329,21 @@ def test_sweep_round_trips_in_job():
     for field, bad in (("compute_plan_from", "later"), ("compute_plan_directions", ["sideways"])):
         with pytest.raises(ConfigError, match=f"sweep.{field}"):
             from_dict(JobConfig, {**data, "sweep": {**data["sweep"], field: bad}})
+
+
+def test_references_are_the_scratch_and_zero_shot_trials_a_transfer_is_measured_against():
+    trials = grid()
+    refs = references(trials)
+    by_key = {t.key: t for t in trials}
+    assert sorted(refs.scratch) == list(LAYERS) and len(refs.zero_shot) == len(LAYERS) ** 2
+    for t in trials:
+        if t.phase not in ("transfer", "plan"):
+            continue
+        scratch, zero_shot = (by_key[k] for k in refs.of(t))
+        assert (scratch.phase, scratch.layer) == ("scratch", t.layer)
+        assert (zero_shot.phase, zero_shot.layer, zero_shot.source_layer) == (
+            "zeroshot", t.layer, t.source_layer)
+        assert zero_shot.depends_on == t.depends_on  # the same source SAE, read zero-shot
+    # a grid without the layer has no reference there
+    outside = dataclasses.replace(trials[0], layer=9, source_layer=0)
+    assert refs.of(outside) == (None, None)

@@ -3,15 +3,19 @@ combined), token tables (the logit tokens read through the final norm), MMCS, nC
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
-from conftest import TINY_NEOX
+from conftest import TINY_NEOX, build_cfg
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from raysae.config import SAEConfig
+from raysae.config import SAEConfig, SweepConfig, TrainConfig
 from raysae.features.attribution import NormFrame, final_norm_frame
 from raysae.sae import SAE
 from raysae.transfer import scores
+from raysae.transfer.derived import heldout_sites, new_normalized_ces, transfer_scores
+from raysae.transfer.grid import expand
 from raysae.transfer.scores import (
     combined_transfer_score,
     max_activating_tokens,
@@ -171,3 +175,38 @@ def test_mmcs_chunking_and_asymmetry() -> None:
 def test_mmcs_rejects_different_widths() -> None:
     with pytest.raises(ValueError, match="width 8 and 9"):
         scores.mmcs(torch.randn(4, 8), torch.randn(4, 9))
+
+
+# ---------------------------------------------------------------------------------------------
+# What the sweep derives for a transfer SAE (`raysae.transfer.derived`), without Ray
+
+
+def test_new_normalized_ces_only_for_steps_not_logged():
+    ces = [(256, 0.6), (512, 0.75), (1024, 0.9)]
+    assert new_normalized_ces(ces, {256}, 0.6, 0.9) == [(512, pytest.approx(0.5)),
+                                                        (1024, pytest.approx(1.0))]
+    assert new_normalized_ces(ces, {256, 512, 1024}, 0.6, 0.9) == []
+
+
+def test_transfer_scores_of_an_sae_with_itself_are_one(tmp_path, token_file):
+    """Held-out activations at each layer of the sweep, special tokens dropped; an SAE compared
+    with itself on the same layer shares every token of every part."""
+    job = build_cfg(tmp_path, token_file, train=TrainConfig(eval_tokens=128),
+                    sweep=SweepConfig(layers=(0, 2), finetune_budgets=(8192,), offsets=(-2, 2),
+                                      compute_plan=False))
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_NEOX)).eval()
+    acts, ids = heldout_sites(job, model, [0, 2])
+    assert set(acts) == {0, 2} and acts[0].shape == (ids.shape[0], TINY_NEOX["hidden_size"])
+    assert 0 < ids.shape[0] < 128 and not torch.isin(ids, torch.tensor([0, 1, 2])).any()  # BOS dropped
+    sae = SAE(SAEConfig(architecture="topk", d_sae=32, k=4), TINY_NEOX["hidden_size"])
+    trial = next(t for t in expand(job, job.sweep, "fp") if t.phase == "transfer" and t.layer == 2)
+    assert trial.source_layer == 0
+    W_U = model.get_output_embeddings().weight.detach().T
+    same = transfer_scores(sae, sae, dataclasses.replace(trial, source_layer=2), W_U, (acts, ids))
+    assert set(same) == {f"transfer_score/{p}" for p in
+                         ("top_logits", "bottom_logits", "max_activating", "combined")}
+    assert same["transfer_score/top_logits"] == same["transfer_score/bottom_logits"] == 1.0
+    assert same["transfer_score/combined"] <= 1.0  # max-activating slots of dead features: -1
+    other = transfer_scores(sae, sae, trial, W_U, (acts, ids))  # read on layers 0 and 2
+    assert other["transfer_score/top_logits"] == 1.0  # logit tokens do not depend on the layer
+    assert 0.0 <= other["transfer_score/max_activating"] <= 1.0

@@ -113,24 +113,6 @@ def features_phase(
                    num_gpus=gpu)
 
 
-def run_features_phase(
-    job: JobConfig,
-    targets: list[FeatureTarget],
-    site: str,
-    task_sets: list[TaskSet],
-    max_retries: int,
-    tracker: Tracker,
-    parent: str,
-) -> dict[str, str]:
-    """The feature phase of a sweep: evaluate every target, tag the tally on the parent run;
-    returns why each failed target failed, keyed `features:<key>`."""
-    _, errors = features_phase(job, targets, site, task_sets, max_retries)
-    status = f"{len(targets) - len(errors)} done, {len(errors)} failed"
-    tracker.set_tags(parent, {"raysae.status.features": status})
-    log.info("phase features: %s", status)
-    return {f"features:{k}": why for k, why in errors.items()}
-
-
 @ray.remote(num_cpus=WORKER_CPUS)
 def _evaluate_sae(
     keys: list[str], job_d: dict, targets: dict[str, FeatureTarget], site: str,

@@ -1,5 +1,5 @@
-"""Ray Tune: the model-stitching sweep, phase by phase on the engine, resumable after any
-interruption.
+"""Ray Tune: the model-stitching sweep, its phases declared on `raysae.distributed.study`,
+resumable after any interruption.
 
 Phases follow `raysae.stitching.grid`: the optional layer matching (a Ray task: SVCCA or CKA of
 every A layer against every B layer picks each matched A layer's partner), caching of A's and
@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,27 +26,25 @@ import ray
 import torch
 
 from raysae.activations import fingerprint, heldout_tokens, job_tokens, special_token_ids
-from raysae.config import ConfigError, JobConfig, flatten, from_dict, sweep_digest, to_dict
+from raysae.config import ConfigError, JobConfig, from_dict, sweep_digest, to_dict
 from raysae.distributed.caching import cache_activations
 from raysae.distributed.engine import (
     WORKER_CPUS,
     Done,
     Errors,
     FitResult,
-    Phase,
     SweepResult,
     fan_out,
-    log_plan,
     run_groups,
-    run_phases,
 )
 from raysae.distributed.features import (
     FeatureTarget,
     SAERef,
+    features_phase,
     load_task_sets,
-    run_features_phase,
 )
 from raysae.distributed.stitching import StitchRun, StitchSpec, stitch_dir_for, train_stitch_on_ray
+from raysae.distributed.study import Phase, Study, StudyRun, run_study
 from raysae.distributed.training import (
     SAEGroupSpec,
     SAERun,
@@ -56,6 +55,7 @@ from raysae.distributed.training import (
     train_on_ray,
 )
 from raysae.evaluate import evaluate_sae
+from raysae.features.tasks import TaskSet
 from raysae.models import hook_name, load_lm, load_tokenizer, validate_sites
 from raysae.sae import SAE
 from raysae.stitching import grid as stitch_grid
@@ -65,6 +65,27 @@ from raysae.stopping import threshold_rule
 from raysae.tracking import Tracker, tracking_uri
 
 log = logging.getLogger("raysae.stitch_sweep")
+
+
+@dataclass(frozen=True)
+class StitchSweep:
+    """What every phase of one stitch sweep reads: the job, the sweep's digest, its task sets."""
+
+    job: JobConfig
+    digest: str
+    """`config.sweep_digest` of the job: the parent run's key, the Tune experiments' names."""
+    task_sets: list[TaskSet]
+
+
+@dataclass(frozen=True)
+class StitchGrid:
+    """The sweep's grid once its layers are matched: its pairs, its trials, their phases."""
+
+    matches: dict[int, int] | None
+    pairs: tuple[tuple[int, int], ...]
+    jobs: tuple[JobConfig, JobConfig]
+    """The caching jobs of A and B."""
+    trials: list[StitchTrial]
 
 
 def run_stitch_sweep(job: JobConfig) -> SweepResult:
@@ -78,56 +99,110 @@ def run_stitch_sweep(job: JobConfig) -> SweepResult:
     validate_sites(s.large, [s.site], sorted({p[1] for p in s.pairs}))
     digest = sweep_digest(job)
     task_sets = load_task_sets(job)  # task files checked and tokenised before any work
-    tracker = Tracker.for_runs_dir(job.runs_dir, job.name)
+    return run_study(declare(StitchSweep(job, digest, task_sets)))
+
+
+def declare(sw: StitchSweep) -> Study:
+    """The sweep's phases: the layer match, its grid, the caches, the grid's phases (the fits,
+    the zero-shot transfers, the stitched-init SAEs, the probes), features, the stitch FLOPs."""
+    job = sw.job
+    run = {"fit": functools.partial(_train, sw, "fit"), "zeroshot": functools.partial(_per_pair, _zeroshot_pair),
+           "transfer": functools.partial(_train, sw, "transfer"), "probes": functools.partial(_per_pair, _probes_pair)}
+    kind = {"fit": "train", "zeroshot": "fan_out", "transfer": "train", "probes": "fan_out"}
+    phases = [Phase("match", "derive", functools.partial(_match, sw)),
+              Phase("grid", "derive", functools.partial(_grid, sw)),
+              Phase("cache", "cache", _cache)]
+    phases += [Phase(p, kind[p], run[p], functools.partial(_phase_trials, p))
+               for p in stitch_grid.PHASES]
+    if job.features is not None:
+        phases.append(Phase("features", "features", functools.partial(_features, sw),
+                            _feature_targets))
+    phases.append(Phase("stitch_flops", "derive", _log_stitch_flops))
     tags = {"raysae.phase": "sweep", "raysae.role": "stitch_sweep",
             "raysae.sweep_kind": stitch_grid.SWEEP_KIND}
-    parent = tracker.open_run(f"stitch_sweep:{digest}", f"{job.name} stitch sweep", tags, flatten(job))
-    log_plan(tracker, parent, *stitch_grid.plan(job))
+    return Study(job, f"stitch_sweep:{sw.digest}", f"{job.name} stitch sweep", tags,
+                 stitch_grid.plan(job), phases, _summary, "stitch_summary.json")
 
-    matches = None
-    if s.match_layers:
-        match = ray.get(_match_layers.remote(to_dict(job)))
-        tracker.log_dict(parent, match, "layer_match.json")
-        matches = {int(k): v for k, v in match["best"].items()}
-    pairs = stitch_grid.pairs_of(s, matches)
-    job_a, job_b = stitch_grid.cache_jobs(job, pairs)
-    trials = stitch_grid.expand(job, (fingerprint(job_a), fingerprint(job_b)), matches)
+
+def _summary(run: StudyRun) -> dict[str, Any]:
+    g: StitchGrid = run.made["grid"]
+    return {"pairs": [list(p) for p in g.pairs], "matches": g.matches, "failed": run.failed,
+            "trials": {r: sum(t.role == r for t in g.trials)
+                       for roles in stitch_grid.PHASES.values() for r in roles}}
+
+
+def _match(sw: StitchSweep, run: StudyRun) -> dict[int, int] | None:
+    """Each matched A layer's best B layer (a Ray task), its similarity matrix kept on the
+    parent run; None without `stitch.match_layers`."""
+    assert sw.job.stitch is not None
+    if not sw.job.stitch.match_layers:
+        return None
+    match = ray.get(_match_layers.remote(to_dict(sw.job)))
+    run.tracker.log_dict(run.parent, match, "layer_match.json")
+    return {int(k): v for k, v in match["best"].items()}
+
+
+def _grid(sw: StitchSweep, run: StudyRun) -> StitchGrid:
+    assert sw.job.stitch is not None
+    matches = run.made["match"]
+    pairs = stitch_grid.pairs_of(sw.job.stitch, matches)
+    job_a, job_b = stitch_grid.cache_jobs(sw.job, pairs)
+    trials = stitch_grid.expand(sw.job, (fingerprint(job_a), fingerprint(job_b)), matches)
+    return StitchGrid(matches, pairs, (job_a, job_b), trials)
+
+
+def _cache(run: StudyRun) -> dict[str, dict[str, str]]:
+    """A's and B's layers of the pairs, from the same tokens."""
+    g: StitchGrid = run.made["grid"]
+    job_a, job_b = g.jobs
     dirs = {
         "a": {k: str(v) for k, v in cache_activations(job_a).items()},
         "b": {k: str(v) for k, v in cache_activations(job_b).items()},
     }
-    tracker.set_tags(parent, {"raysae.status.cache": "done", "raysae.pairs": str(list(pairs))})
+    run.tag({"raysae.pairs": str(list(g.pairs))})
+    return dirs
 
-    payload = {"job": to_dict(job), "trials": {t.key: dataclasses.asdict(t) for t in trials},
-               "dirs": dirs, "parent": parent}
 
-    def train(phase: str, todo: list[StitchTrial]) -> tuple[Done, Errors]:
-        return run_groups(job, f"{job.name}-{digest}-stitch-{phase}", _groups(job, todo, dirs, parent),
-                          _run_group, {"max_failures": s.max_failures}, s.max_failures,
-                          lambda g: members_of(g[1]), lambda g: {k: (g[0], v) for k, v in alone(g[1]).items()})
+def _phase_trials(phase: str, run: StudyRun) -> list[StitchTrial]:
+    return stitch_grid.phases(run.made["grid"].trials)[phase]
 
-    def per_pair(task: Any, todo: list[StitchTrial]) -> tuple[Done, Errors]:
-        by_pair: dict[str, list[str]] = {}
-        for t in todo:
-            by_pair.setdefault(t.pair, []).append(t.key)
-        return fan_out(task, by_pair, payload, max_retries=s.max_failures)
 
-    run = {"fit": functools.partial(train, "fit"), "zeroshot": functools.partial(per_pair, _zeroshot_pair),
-           "transfer": functools.partial(train, "transfer"), "probes": functools.partial(per_pair, _probes_pair)}
-    phases = [Phase(p, ts, run[p]) for p, ts in stitch_grid.phases(trials).items()]
-    finished, failed = run_phases(phases, tracker, parent)
+def _train(sw: StitchSweep, phase: str, run: StudyRun, todo: list[StitchTrial]) -> tuple[Done, Errors]:
+    s = sw.job.stitch
+    assert s is not None
+    groups = _groups(sw.job, todo, run.made["cache"], run.parent)
+    return run_groups(sw.job, f"{sw.job.name}-{sw.digest}-stitch-{phase}", groups, _run_group,
+                      {"max_failures": s.max_failures}, s.max_failures, _members_of, _alone)
 
-    if job.features is not None:
-        targets = stitch_feature_targets([t for t in trials if t.key in finished])
-        failed |= run_features_phase(job, targets, s.site, task_sets, s.max_failures, tracker, parent)
 
-    _log_stitch_flops(job, trials, finished, tracker)
-    summary = {"pairs": [list(p) for p in pairs], "matches": matches, "failed": failed,
-               "trials": {r: sum(t.role == r for t in trials)
-                          for roles in stitch_grid.PHASES.values() for r in roles}}
-    tracker.log_dict(parent, summary, "stitch_summary.json")
-    tracker.finish(parent, "FINISHED" if not failed else "FAILED")
-    return SweepResult(parent, finished, failed, summary)
+def _members_of(group: tuple[dict, StitchSpec | SAEGroupSpec]) -> list[str]:
+    return members_of(group[1])
+
+
+def _alone(group: tuple[dict, StitchSpec | SAEGroupSpec]) -> dict[str, tuple[dict, Any]]:
+    return {k: (group[0], v) for k, v in alone(group[1]).items()}
+
+
+def _per_pair(task: Any, run: StudyRun, todo: list[StitchTrial]) -> tuple[Done, Errors]:
+    """One Ray task per stitch pair."""
+    assert run.job.stitch is not None
+    by_pair: dict[str, list[str]] = {}
+    for t in todo:
+        by_pair.setdefault(t.pair, []).append(t.key)
+    payload = {"job": to_dict(run.job),
+               "trials": {t.key: dataclasses.asdict(t) for t in run.made["grid"].trials},
+               "dirs": run.made["cache"], "parent": run.parent}
+    return fan_out(task, by_pair, payload, max_retries=run.job.stitch.max_failures)
+
+
+def _feature_targets(run: StudyRun) -> list[FeatureTarget]:
+    return stitch_feature_targets([t for t in run.made["grid"].trials if t.key in run.finished])
+
+
+def _features(sw: StitchSweep, run: StudyRun, targets: list[FeatureTarget]) -> Errors:
+    s = sw.job.stitch
+    assert s is not None
+    return features_phase(sw.job, targets, s.site, sw.task_sets, s.max_failures)[1]
 
 
 def stitch_feature_targets(trials: list[StitchTrial]) -> list[FeatureTarget]:
@@ -153,14 +228,15 @@ def stitch_feature_targets(trials: list[StitchTrial]) -> list[FeatureTarget]:
     return targets
 
 
-def _log_stitch_flops(job: JobConfig, trials: list[StitchTrial], finished: dict, tracker: Tracker) -> None:
+def _log_stitch_flops(run: StudyRun) -> None:
     """Each stitched-init SAE run gets `stitch_flops` and `stitch_flops_dense_equiv`: the
     stitch's FLOPs (its training and its least-squares start), which count against it in the
     FLOPs-to-quality comparison (the small SAE's do not), as run and as a dense implementation
     counts them (the same for a stitch; both kept so every FLOPs metric has its dense twin)."""
+    trials, tracker = run.made["grid"].trials, run.tracker
     by_key = {t.key: t for t in trials}
     for t in trials:
-        if t.role != "transfer" or t.key not in finished:
+        if t.role != "transfer" or t.key not in run.finished:
             continue
         stitch_key = by_key[t.depends_on[0]].depends_on[0]
         stitch_run = tracker.find(stitch_key)
