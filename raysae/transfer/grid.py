@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from raysae.activations import fingerprint
 from raysae.config import (
@@ -378,3 +379,35 @@ def plan(job: JobConfig, cal: Calibration | None = None, slots: int = 1
     saes = planned(job, trials)
     job, why = resolve_source(job, reads=sum(1 for v in saes.values() if v), cal=cal)
     return job, why, plan_phases(job, saes, cal, slots)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lookups: a transfer's references
+
+
+class References(NamedTuple):
+    """Where a transfer SAE_{i<-j} is measured against: the scratch SAE of layer i (normalized
+    CES 1) and SAE_j read zero-shot on layer i (normalized CES 0), by trial key."""
+
+    scratch: dict[int, str]
+    """Target layer -> the key of its scratch trial."""
+    zero_shot: dict[tuple[int, int], str]
+    """(target layer, source layer) -> the key of the source's zero-shot trial there."""
+
+    def of(self, trial: Trial) -> tuple[str | None, str | None]:
+        """(the key of the scratch trial of the trial's layer, the key of its source read
+        zero-shot there); None where the grid has none."""
+        return (self.scratch.get(trial.layer),
+                self.zero_shot.get((trial.layer, trial.source_layer)))  # type: ignore[arg-type]
+
+
+def references(trials: Iterable[Trial]) -> References:
+    """The scratch and zero-shot trials of `trials`, by where they are read."""
+    scratch: dict[int, str] = {}
+    zero_shot: dict[tuple[int, int], str] = {}
+    for t in trials:
+        if t.phase == "scratch":
+            scratch[t.layer] = t.key
+        elif t.phase == "zeroshot":
+            zero_shot[(t.layer, t.source_layer)] = t.key  # type: ignore[index]
+    return References(scratch, zero_shot)
