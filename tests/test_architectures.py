@@ -3,6 +3,7 @@ saved folders and transfer through a stitch (SAELens itself reads them in test_s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,10 +11,18 @@ import pytest
 import torch
 from conftest import perturb
 from safetensors.torch import load_file
-from test_train import build_train_cfg, sparse_batches
+from test_train import D_IN, build_train_cfg, sparse_batches
 
+from raysae.architectures import ARCHITECTURES, ArchitectureSpec, allowed, from_saelens, spec_of
 from raysae.config import ConfigError, SAEConfig
 from raysae.sae import SAE, SAELoadError
+from raysae.sae_kernels import (
+    Kernels,
+    TrainOutput,
+    pre_acts,
+    register_architecture,
+    unregister_architecture,
+)
 from raysae.sae_ops import _batch_topk_indices
 from raysae.stitching.stitch import Stitch, transfer_sae
 from raysae.train import train_sae
@@ -353,3 +362,121 @@ def test_architecture_axis_is_validated() -> None:
     with pytest.raises(ConfigError, match="sweep.architectures: 'matryoshka_batchtopk'.*"
                                           "sae.matryoshka_widths"):
         validate(job, job.sweep)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry: one entry per architecture, the config's values derived from it
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShiftedSpec(ArchitectureSpec):
+    """A toy: f = ReLU(pre - shift), its own config check and its own price."""
+
+    def problems(self, cfg, d_sae, width):
+        if cfg.l1_coefficient > 10:
+            yield "sae.l1_coefficient", cfg.l1_coefficient, "at most 10 for shifted_relu"
+
+    def step_flops_per_token(self, cfg, d_in, d_sae):
+        return 12.0 * d_in * d_sae
+
+
+class _ShiftedKernels(Kernels):
+    """Plain autograd: the training forward is `forward`'s loss."""
+
+    def encode(self, sae, x_BD):
+        return (pre_acts(sae, x_BD) - 0.5).relu()
+
+    def scored_encode(self, sae, x_BD):
+        feats_BF = sae.encode(x_BD)
+        return feats_BF, feats_BF.sum(-1).mean()
+
+    def train_forward(self, sae, x_BD, x_c, w, dead_F, sparsity_coeff):
+        out = sae(x_BD, sparsity_coeff)
+        return TrainOutput(out.loss, out.mse, out.sparsity, (out.feats_BF > 0).any(0))
+
+
+@pytest.fixture
+def shifted_relu():
+    """A sixth architecture registered from the test alone (no other module edited)."""
+    register_architecture(_ShiftedSpec("shifted_relu", "standard", native=False),
+                          _ShiftedKernels())
+    yield "shifted_relu"
+    unregister_architecture("shifted_relu")
+
+
+def test_an_architecture_registered_in_a_test_is_configured_trained_saved_and_priced(
+        shifted_relu, tmp_path: Path) -> None:
+    from test_grid import build_job, build_sweep
+
+    from raysae import plan
+    from raysae.config import from_dict
+    from raysae.transfer.grid import architecture_jobs
+
+    # the config accepts it, in the sae section and on the sweep's architecture axis, and
+    # runs its own check
+    cfg = from_dict(SAEConfig, {"architecture": shifted_relu, "d_sae": 4 * D_IN, "l1_coefficient": 0.1})
+    assert shifted_relu in allowed()
+    job = build_job(sweep=build_sweep(architectures=("relu", shifted_relu)))
+    assert [j.sae.architecture for j in architecture_jobs(job)] == ["relu", shifted_relu]
+    with pytest.raises(ConfigError, match="sae.l1_coefficient: got 20.0, expected at most 10"):
+        SAEConfig(architecture=shifted_relu, l1_coefficient=20.0)
+    # it trains (its kernels, through the loop)
+    sae = SAE(cfg, D_IN, seed=1)
+    before = sae.W_enc.detach().clone()
+    state = train_sae(sae, build_train_cfg(num_tokens=1024, batch_size=256), sparse_batches(256))
+    assert state.step == 4 and not torch.equal(before, sae.W_enc)
+    x = torch.randn(16, D_IN)
+    assert torch.equal(sae.encode(x), ((x - sae.b_dec) @ sae.W_enc + sae.b_enc - 0.5).relu())
+    # it saves under its SAELens name and loads back as itself
+    sae.save(tmp_path / "s")
+    saved = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    assert saved["architecture"] == "standard"
+    back = SAE.load(tmp_path / "s")
+    assert back.cfg == sae.cfg
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(),
+                                                  sae.state_dict().values()))
+    assert torch.equal(back(x).loss, sae(x).loss)
+    # the plan prices it from its spec
+    d, F = D_IN, 4 * D_IN
+    assert plan.sae_step_flops_per_token(cfg, d) == 12.0 * d * F
+    assert plan.sae_memory_bytes(cfg, d, 4) == 16 * (2 * d * F + F + d) + 12 * 4 * F + 8 * F
+    with pytest.raises(KeyError, match="known: relu"):
+        spec_of("not_registered")
+
+
+def test_the_registry_is_the_config_s_set_of_architectures() -> None:
+    from test_grid import build_sweep
+
+    from raysae.config import from_dict
+
+    assert list(ARCHITECTURES) == ["relu", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk"]
+    with pytest.raises(ConfigError, match="expected one of 'relu', 'topk', 'jumprelu', "
+                                          "'batchtopk', 'matryoshka_batchtopk'"):
+        from_dict(SAEConfig, {"architecture": "transcoder"})
+    with pytest.raises(ConfigError, match="sweep.architectures: got 'gated'"):
+        build_sweep(architectures=("relu", "gated"))
+    with pytest.raises(ValueError, match="already registered"):
+        register_architecture(ARCHITECTURES["relu"], Kernels())
+    # SAELens's names, both ways (BatchTopK saved as JumpReLU names its training architecture)
+    assert {n: s.saelens_name for n, s in ARCHITECTURES.items()} == {
+        "relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
+        "matryoshka_batchtopk": "jumprelu"}
+    assert from_saelens("jumprelu", "batchtopk").name == "batchtopk"
+    assert from_saelens("jumprelu", None).name == "jumprelu"
+    assert from_saelens("topk", "batchtopk").name == "topk"
+    assert from_saelens("gated", None) is None
+
+
+@pytest.mark.parametrize("arch", ["relu", "jumprelu", "topk", "batchtopk", "matryoshka_batchtopk"])
+def test_the_plan_prices_each_architecture_by_its_spec(arch: str) -> None:
+    from raysae import plan
+
+    d, F, k = 16, 64, 4
+    cfg = build_sae(arch, d_in=d, d_sae=F, k=k, matryoshka_widths=(8, 20, 64)).cfg
+    dense = not cfg.uses_k
+    assert plan.sae_step_flops_per_token(cfg, d) == (10 * d * F if dense else 2 * d * F + 10 * d * k)
+    extra = F if arch == "jumprelu" else 0
+    assert plan.sae_memory_bytes(cfg, d, 8) == 16 * (2 * d * F + F + d + extra) + 12 * 8 * F + 8 * F
+    aux = dataclasses.replace(cfg, aux_coefficient=0.1)
+    assert plan.sae_step_flops_per_token(aux, d) - plan.sae_step_flops_per_token(cfg, d) == (
+        0 if dense else 4 * d * (d // 2))
