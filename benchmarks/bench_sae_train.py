@@ -72,9 +72,10 @@ def raysae_step(
     """One raysae training step of `name` (an architecture, `+auxk` for the AuxK loss on a
     quarter of the latents held dead; dense=True: the TopK loss through a dense decode)."""
     arch, auxk = name.removesuffix("+auxk"), name.endswith("+auxk")
-    widths = matryoshka_widths(F) if arch == "matryoshka_batchtopk" else ()
-    sae_cfg = SAEConfig(architecture=arch, d_sae=F, k=k, l1_coefficient=5.0,  # type: ignore[arg-type]
-                        matryoshka_widths=widths, aux_coefficient=1 / 32 if auxk else 0.0)
+    # the Matryoshka widths are read by matryoshka_batchtopk only (the others ignore them)
+    sae_cfg = SAEConfig(architecture=arch, d_sae=F, k=k, l1_coefficient=5.0,
+                        matryoshka_widths=matryoshka_widths(F),
+                        aux_coefficient=1 / 32 if auxk else 0.0)
     sae = SAE(sae_cfg, D, device=DEVICE)
     bf16 = DTYPE == torch.bfloat16
     # No warm-ups: step 0 runs at the peak lr and the full sparsity coefficient.
