@@ -20,8 +20,10 @@ $(VENV)/.installed: pyproject.toml
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q --durations=25
 
+# ruff, then the import-linter contract of pyproject.toml (the README's layers).
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 # A Ray head of its own on 127.0.0.1 (free ports, own temp dir; dashboard on 8265 when free),
 # the demo sweep through `ray job submit`, then that head stops; any other Ray on the machine

@@ -2,8 +2,8 @@
 18-22), from the circuit metrics the sweep's feature phase logged on every trained SAE run.
 
 Called by sweep_report.py; reads MLflow only (polars + matplotlib), imports no training code.
-Directions: "scratch" is the paper's "No Transfer" (SAE_i on x_i), "fwd" SAE_{i<-i-1},
-"bwd" SAE_{i<-i+1}.
+Directions, as runs are tagged (`raysae.reference.DIRECTION_LABELS`): "scratch" is the paper's
+"No Transfer" (SAE_i on x_i), "fwd" (forward) SAE_{i<-i-1}, "bwd" (backward) SAE_{i<-i+1}.
 
 Each ratio is averaged over its own list of circuit sizes N (`features.faithfulness_n`, the
 paper's 2%-8% of d_sae; `features.completeness_n`, its 4..100), as logged. A cell is a (layer,

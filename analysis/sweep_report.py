@@ -46,7 +46,8 @@ from common import report_args, to_markdown, tracking_uri  # noqa: E402
 from feature_tables import feature_tables  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from raysae.reference import load as load_reference  # noqa: E402  (data only, no training code)
+from raysae.reference import DIRECTION_LABELS  # noqa: E402  (data only, no training code)
+from raysae.reference import load as load_reference  # noqa: E402
 
 TAG = "tags.raysae."
 REFERENCE = load_reference("layer_transfer")
@@ -185,7 +186,7 @@ def normalized_tables(hist: pl.DataFrame, out: Path, setting: dict) -> dict[str,
     paper's value beside each checkpoint that is the paper's (`paper_checkpoint`); where none
     is, the paper's final value (500M) after the last column, for the same table shape."""
     tables = {}
-    for direction in ("fwd", "bwd"):
+    for direction in DIRECTION_LABELS.values():  # as the runs are tagged
         h = hist.filter(
             (pl.col("metric") == "normalized_ces")
             & (pl.col("phase") == "transfer")
@@ -378,18 +379,17 @@ def paper_table(hist: pl.DataFrame, s: dict | None, setting: dict) -> pl.DataFra
                      r["value"], f"{r['budget']} @{r['tokens']}", n["value"],
                      "yes" if same else "no", n["source"]))
     plans = (s or {}).get("plans", [])
-    short = {"forward": "fwd", "backward": "bwd"}
     fraction = (s or {}).get("plan_budget_fraction")
     for n in paper_numbers("plan_tokens_saved"):
         for plan in plans:
             here = fraction is not None and abs(fraction - n["at"]["fraction"]) < 1e-9
             rows.append((f"plan tokens saved at {n['at']['fraction']:.0%}",
-                         short[plan["direction"]], None, None,
+                         DIRECTION_LABELS[plan["direction"]], None, None,
                          plan["saved_fraction"] if here else None,
                          f"plan at {fraction:.0%}" if here else None, n["value"],
                          "yes" if here and same_setting(n, setting) else "no", n["source"]))
     for n in paper_numbers("steps_saved"):
-        plan = next((p for p in plans if short[p["direction"]] == n["at"]["direction"]), None)
+        plan = next((p for p in plans if DIRECTION_LABELS[p["direction"]] == n["at"]["direction"]), None)
         rows.append(("training steps saved", n["at"]["direction"], None, None,
                      plan["saved_fraction"] if plan else None,
                      f"plan at {fraction:.0%}" if plan else None, n["value"],

@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+DIRECTION_LABELS = {"forward": "fwd", "backward": "bwd"}
+"""How a transfer direction is filed. In code and config a direction is `forward`
+(SAE_{i<-i-1}) or `backward` (SAE_{i<-i+1}); the papers' numbers here (`at.direction`) and every
+run (tag `raysae.direction`, run names like `L3←L2 fwd`) carry these short labels, which the
+reports match up. Stored values: kept as they are, so runs logged before still match."""
 
 
 def load(name: str) -> dict[str, Any]:

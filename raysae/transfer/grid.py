@@ -51,6 +51,7 @@ from raysae.plan import (
     plan_phases,
     resolve_source,
 )
+from raysae.reference import DIRECTION_LABELS
 
 Phase = Literal["scratch", "zeroshot", "transfer", "plan", "budget_plan"]
 PHASES: tuple[Phase, ...] = ("scratch", "zeroshot", "transfer", "plan")
@@ -70,7 +71,8 @@ class Trial:
     source_layer: int | None
     """Layer of the scratch SAE the trial starts from (None for scratch)."""
     direction: str
-    """'scratch', 'self' (zero-shot diagonal), 'fwd' (offset -1), 'bwd' (+1) or 'offset+2' etc."""
+    """'scratch', 'self' (zero-shot diagonal), 'forward' (offset -1), 'backward' (+1) or
+    'offset+2' etc.; runs carry it as its label (`label_of`: 'fwd', 'bwd')."""
     budget: int
     """Training tokens (0 for a zero-shot evaluation)."""
     lr: float | None
@@ -78,7 +80,7 @@ class Trial:
     key: str
     """Stable identity: MLflow run key, Ray run name seed, dependency reference."""
     name: str
-    """Readable run name, e.g. 'L3 scratch', 'L3←L2 fwd', 'L3←L2 fwd 50%'."""
+    """Readable run name, e.g. 'L3 scratch', 'L3←L2 fwd', 'L3←L2 fwd 50%' (the direction's label)."""
     tags: dict[str, str] = field(default_factory=dict)
     """MLflow tags, one per grid axis (`raysae.phase`, `raysae.layer`, ...)."""
     depends_on: tuple[str, ...] = ()
@@ -98,10 +100,16 @@ def base_digest(job: JobConfig, cache_fingerprint: str) -> str:
 
 
 def direction_of(offset: int) -> str:
-    """The direction label of source = target + offset."""
+    """The direction of source = target + offset: `forward` (-1), `backward` (+1), `self` (0)."""
     if offset == 0:
         return "self"
-    return {-1: "fwd", 1: "bwd"}.get(offset, f"offset{offset:+d}")
+    return {-1: "forward", 1: "backward"}.get(offset, f"offset{offset:+d}")
+
+
+def label_of(direction: str) -> str:
+    """The label runs carry for a direction (tag `raysae.direction`, run names): `fwd`, `bwd`
+    (`reference.DIRECTION_LABELS`, the stored values), any other as it is."""
+    return DIRECTION_LABELS.get(direction, direction)
 
 
 def _key(
@@ -146,7 +154,7 @@ def _make(
         "raysae.phase": phase,
         "raysae.layer": str(layer),
         "raysae.source_layer": "" if src is None else str(src),
-        "raysae.direction": direction,
+        "raysae.direction": label_of(direction),
         "raysae.budget": str(budget),
         "raysae.architecture": job.sae.architecture,
         "raysae.site": sweep.site,
@@ -162,7 +170,7 @@ def budget_plan_trials(job: JobConfig, sweep: SweepConfig, base: str, trials: li
     tokens, a run of its own (not a transfer trial, which may stop early)."""
     scratch = {t.layer: t for t in trials if t.phase == "scratch"}
     return [_make(job, sweep, base, "budget_plan", i, scratch[j], n, sweep.finetune_lr,
-                  f"L{i}←L{j} {direction_of(j - i)} plan {format_tokens(n)}")
+                  f"L{i}←L{j} {label_of(direction_of(j - i))} plan {format_tokens(n)}")
             for i, (j, n) in sorted(transfers.items())]
 
 
@@ -274,7 +282,7 @@ def expand(job: JobConfig, sweep: SweepConfig, base: str) -> list[Trial]:
             if i + o not in scratch:
                 continue
             for b in sweep.finetune_budgets:
-                name = f"L{i}←L{i + o} {direction_of(o)}" + (f" {format_tokens(b)}" if many else "")
+                name = f"L{i}←L{i + o} {label_of(direction_of(o))}" + (f" {format_tokens(b)}" if many else "")
                 trials.append(make("transfer", i, scratch[i + o], b, sweep.finetune_lr, name))
 
     if sweep.compute_plan:
@@ -286,7 +294,7 @@ def expand(job: JobConfig, sweep: SweepConfig, base: str) -> list[Trial]:
             for i, s in plan_pairs(sweep, direction)[1]:
                 if plan_checkpoint(job, sweep, transfers, i, s) is not None:
                     continue  # read at a transfer trial's checkpoint: nothing to train
-                name = f"L{i}←L{s} {direction_of(s - i)} {pct}"
+                name = f"L{i}←L{s} {label_of(direction_of(s - i))} {pct}"
                 t = make("plan", i, scratch[s], budget, sweep.finetune_lr, name)
                 if t.key not in seen:
                     trials.append(t)
