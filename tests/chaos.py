@@ -1,19 +1,22 @@
-"""What the Ray tests plug into the engine's worker skeleton (`WorkerHooks`): a per-step trace
-of every worker and a hard kill of one worker, once, mid-run. Shipped to the workers by value
-(`ray.cloudpickle.register_pickle_by_value`), since tests/ is not importable there."""
+"""What the Ray tests plug into a fit: `traced(...)` is the SAE group fit with a per-step trace
+of every worker and, optionally, a hard kill of one worker, once, mid-run. It overrides only
+what a Fit is made of (`build`, `batches`), so the group loop runs as in production. Shipped to
+the workers by value (`ray.cloudpickle.register_pickle_by_value`), since tests/ is not
+importable there."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
-from raysae.distributed.engine import Fit, WorkerHooks
+from raysae.distributed.training import SAEGroupFit, member_config
 
 
 def param_digest(models: dict[str, torch.nn.Module]) -> str:
@@ -28,11 +31,11 @@ def row_digest(row: torch.Tensor) -> str:
     return hashlib.sha256(row.numpy().tobytes()).hexdigest()[:12]
 
 
-@dataclass
-class Trace(WorkerHooks):
-    """Per worker and attempt, `rank<r>-from<step>.json` in `folder`: each step's digest of
-    every member's parameters before the step and the digests of its rows (the first site's),
-    the final digest, the worker's files."""
+@dataclass(frozen=True)
+class Trace:
+    """Per worker and attempt that runs its group to the end, `rank<r>-from<step>.json` in
+    `folder`: each step's digest of every member's parameters before the step and the digests
+    of its rows (the first site's), and the final digest."""
 
     folder: str
     kill_at_tokens: int | None = None
@@ -41,23 +44,51 @@ class Trace(WorkerHooks):
     marker: str | None = None
     kill_rank: int = 0
 
-    def batches(self, batches: Iterator, fit: Fit, models: dict[str, torch.nn.Module],
-                start_step: int) -> Iterator:
-        self.steps: list[dict] = []
-        tokens = start_step * fit.job.train.batch_size
-        for batch in batches:
-            x = next(iter(batch.values()))  # the first site's rows
-            tokens += len(x) * fit.world
-            if (self.kill_at_tokens is not None and fit.rank == self.kill_rank
-                    and tokens > self.kill_at_tokens and not os.path.exists(self.marker)):
-                Path(self.marker).touch()
-                os._exit(1)  # a hard death, not an exception: nothing gets cleaned up
-            self.steps.append({"params_before": param_digest(models),
-                               "rows": [row_digest(r) for r in x]})
-            yield batch
 
-    def finished(self, fit: Fit, models: dict[str, torch.nn.Module], start_step: int) -> None:
-        path = Path(self.folder) / f"rank{fit.rank}-from{start_step}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"steps": self.steps, "final": param_digest(models), "shards": fit.files}
-        path.write_text(json.dumps(record))
+class TracedFit(SAEGroupFit):
+    """The SAE group fit, traced (`Trace`): its members' models kept as they are built, its
+    stream recorded batch by batch, the record written when the stream is closed at the end."""
+
+    trace: ClassVar[Trace]
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.models: dict[str, torch.nn.Module] = {}
+        super().__init__(*args, **kwargs)
+
+    def build(self, member, state):
+        model = super().build(member, state)
+        self.models[member.key] = model
+        return model
+
+    def batches(self, skip_batches: int) -> Generator:
+        trace, steps = self.trace, []
+        tokens = skip_batches * self.job.train.batch_size
+        budget = max(member_config(self.job, m)[1].num_tokens for m in self.spec.members)
+        try:
+            for batch in super().batches(skip_batches):
+                x = next(iter(batch.values()))  # the first site's rows
+                tokens += len(x) * self.world
+                if (trace.kill_at_tokens is not None and self.rank == trace.kill_rank
+                        and tokens > trace.kill_at_tokens and not os.path.exists(trace.marker)):
+                    Path(trace.marker).touch()
+                    os._exit(1)  # a hard death, not an exception: nothing gets cleaned up
+                steps.append({"params_before": param_digest(self.models),
+                              "rows": [row_digest(r) for r in x]})
+                yield batch
+        finally:  # closed by the group loop: written only by a worker that trained to the end
+            if tokens >= budget:
+                path = Path(trace.folder) / f"rank{self.rank}-from{skip_batches}.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"steps": steps, "final": param_digest(self.models)}))
+
+
+def traced(folder: str, **kill) -> type[SAEGroupFit]:
+    """The traced fit writing to `folder` (`kill`: `Trace`'s kill settings)."""
+    return type("TracedFit", (TracedFit,), {"trace": Trace(folder, **kill), "__module__": __name__})
+
+
+def worker_shards(directory: str | Path, rank: int, world: int) -> list[str]:
+    """The shard files worker `rank` of `world` reads: shard i to worker i mod world."""
+    from raysae.shards import ActivationReader
+
+    return [s.file for s in ActivationReader(directory).manifest.shards][rank::world]

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray.cloudpickle
 import torch
 from conftest import TINY_NEOX, build_cfg
 
@@ -16,6 +21,37 @@ from raysae.config import CacheConfig, ConfigError
 from raysae.models import load_lm, run_with_cache
 
 pytestmark = pytest.mark.ray
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # its reader runs in Ray Data
+
+
+def _read_shard_batch(batch: dict[str, np.ndarray], directory: str, verify: bool) -> dict[str, np.ndarray]:
+    manifest = shards.read_manifest(directory)
+    infos = {s.file: s for s in manifest.shards}
+    tables = [shards.load_shard(Path(directory), infos[f], verify) for f in batch["file"]]
+    table = pa.concat_tables(tables)
+    acts = shards.decode_vectors(table.column("acts"), manifest.dtype, manifest.d_model)
+    return {
+        "acts": acts.float().numpy(),
+        "token_id": table.column("token_id").to_numpy(),
+        "position": table.column("position").to_numpy(),
+    }
+
+
+def activation_dataset(directory: str | Path, *, verify: bool = True, seed: int | None = 0,
+                       **expect: Any):
+    """A Ray Dataset of one verified shard set (column `acts`: float32 [d_model] tensors), shard
+    order shuffled by `seed`: the shard format read through Ray Data."""
+    import ray.data
+
+    reader = shards.ActivationReader(directory, verify=verify, **expect)
+    files = [s.file for s in reader.manifest.shards]
+    if seed is not None:
+        files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
+    return ray.data.from_items([{"file": f} for f in files]).map_batches(
+        _read_shard_batch,
+        batch_size=1,
+        fn_kwargs={"directory": str(reader.directory), "verify": verify},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +106,6 @@ def test_rerun_reuses_complete_cache_and_fills_missing(cached, token_file):
 
 
 def test_ray_dataset_reader(cached):
-    from raysae.distributed.caching import activation_dataset
-
     _, dirs = cached
     d = dirs["blocks.0.hook_resid_post"]
     ds = activation_dataset(d, layer=0, d_model=64)

@@ -10,7 +10,7 @@ import chaos
 import pytest
 import ray.cloudpickle
 import torch
-from chaos import Trace, row_digest
+from chaos import row_digest, traced, worker_shards
 from conftest import build_cfg
 from mlflow.tracking import MlflowClient
 
@@ -20,7 +20,7 @@ from raysae.sae import SAE
 from raysae.tracking import RUN_KEY_TAG, tracking_uri
 
 pytestmark = pytest.mark.ray
-ray.cloudpickle.register_pickle_by_value(chaos)  # the hooks run on the Train workers
+ray.cloudpickle.register_pickle_by_value(chaos)  # the traced fit runs on the Train workers
 
 BUDGET = 8192
 
@@ -73,27 +73,28 @@ def mlflow_run(cfg, key):
 
 @pytest.fixture(scope="module")
 def uninterrupted(job, tmp_path_factory):
-    from raysae.distributed.training import train_on_ray
+    from raysae.distributed.engine import fit_on_ray
 
     cfg, directory = job
     debug = tmp_path_factory.mktemp("debug")
-    return train_on_ray(cfg, spec(directory, "plain"), hooks=Trace(str(debug)))["plain"], debug
+    return fit_on_ray(cfg, spec(directory, "plain"), traced(str(debug)))["plain"], debug
 
 
 def test_data_parallel_training_lowers_loss_and_logs(job, uninterrupted):
     cfg, directory = job
     result, debug = uninterrupted
     ranks = [json.loads((debug / f"rank{r}-from0.json").read_text()) for r in (0, 1)]
+    shards_of = [worker_shards(directory, r, 2) for r in (0, 1)]
     # the same SAE on both workers before every step and at the end
     assert len(ranks[0]["steps"]) == len(ranks[1]["steps"]) == BUDGET // 256
     for a, b in zip(ranks[0]["steps"], ranks[1]["steps"]):
         assert a["params_before"] == b["params_before"]
     assert ranks[0]["final"] == ranks[1]["final"]
     # disjoint data: each worker's shards are its own, and it only saw rows from them
-    assert not set(ranks[0]["shards"]) & set(ranks[1]["shards"])
-    for r in ranks:
+    assert not set(shards_of[0]) & set(shards_of[1])
+    for r, own in zip(ranks, shards_of):
         seen = {row for s in r["steps"] for row in s["rows"]}
-        assert seen <= shard_rows(directory, r["shards"])
+        assert seen <= shard_rows(directory, own)
         assert sum(len(s["rows"]) for s in r["steps"]) == BUDGET // 2
 
     client, run = mlflow_run(cfg, "plain")
@@ -112,13 +113,13 @@ def test_data_parallel_training_lowers_loss_and_logs(job, uninterrupted):
 
 
 def test_killed_worker_resumes_from_checkpoint_with_exact_budget(job, uninterrupted, tmp_path):
-    from raysae.distributed.training import train_on_ray
+    from raysae.distributed.engine import fit_on_ray
 
     cfg, directory = job
     marker = tmp_path / "killed"
     debug = tmp_path / "debug"
-    hooks = Trace(str(debug), kill_at_tokens=5000, marker=str(marker), kill_rank=1)
-    result = train_on_ray(cfg, spec(directory, "killed"), hooks=hooks)["killed"]
+    fit = traced(str(debug), kill_at_tokens=5000, marker=str(marker), kill_rank=1)
+    result = fit_on_ray(cfg, spec(directory, "killed"), fit)["killed"]
     assert marker.exists()  # the worker really died once
     # the second attempt started from the 4096-token checkpoint, not from scratch
     resumed = {p.name for p in debug.iterdir()}

@@ -142,33 +142,3 @@ def _shard_write_errors_unwrapped() -> Iterator[None]:
         raise
     finally:
         ctx.raise_original_map_exception = before
-
-
-def _read_shard_batch(batch: dict[str, np.ndarray], directory: str, verify: bool) -> dict[str, np.ndarray]:
-    manifest = shards.read_manifest(directory)
-    infos = {s.file: s for s in manifest.shards}
-    tables = [shards.load_shard(Path(directory), infos[f], verify) for f in batch["file"]]
-    table = pa.concat_tables(tables)
-    acts = shards.decode_vectors(table.column("acts"), manifest.dtype, manifest.d_model)
-    return {
-        "acts": acts.float().numpy(),
-        "token_id": table.column("token_id").to_numpy(),
-        "position": table.column("position").to_numpy(),
-    }
-
-
-def activation_dataset(
-    directory: str | Path, *, verify: bool = True, seed: int | None = 0, **expect: Any
-) -> ray.data.Dataset:
-    """A Ray Dataset of one verified shard set (column `acts`: float32 [d_model] tensors), shard
-    order shuffled by `seed`. Iterate with `iter_torch_batches(batch_size=B,
-    local_shuffle_buffer_size=...)` for shuffled batches of B vectors."""
-    reader = shards.ActivationReader(directory, verify=verify, **expect)
-    files = [s.file for s in reader.manifest.shards]
-    if seed is not None:
-        files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
-    return ray.data.from_items([{"file": f} for f in files]).map_batches(
-        _read_shard_batch,
-        batch_size=1,
-        fn_kwargs={"directory": str(reader.directory), "verify": verify},
-    )

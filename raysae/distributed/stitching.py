@@ -14,7 +14,7 @@ held-out tokens. Resumption, the MLflow run and checkpoint commits are the engin
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -23,12 +23,13 @@ import torch
 
 from raysae.activations import heldout_tokens, special_token_ids
 from raysae.checkpoint import TrainState
-from raysae.config import ConfigError, JobConfig, StitchConfig, flatten
+from raysae.config import JobConfig, StitchConfig, flatten
 from raysae.distributed.engine import (
     Fit,
     FitResult,
     FitSpec,
     RunSpec,
+    StreamSupply,
     fit_on_ray,
     output_dir,
     worker_seed,
@@ -104,27 +105,19 @@ class StitchFit(Fit):
     spec: StitchSpec
 
     @classmethod
-    def check(cls, job: JobConfig, spec: StitchSpec) -> None:
-        workers = job.train.num_workers
-        if job.stitch.batch_size % workers:
-            raise ValueError(
-                f"stitch.batch_size: {job.stitch.batch_size} is not divisible by "
-                f"train.num_workers ({workers})"
-            )
+    def supply(cls, job: JobConfig, spec: StitchSpec) -> StreamSupply:
+        workers, passes = job.train.num_workers, job.train.data_passes
         pairs = aligned_shards(ActivationReader(spec.shards_a), ActivationReader(spec.shards_b))
-        if len(pairs) < workers:
-            raise ValueError(
-                f"{spec.shards_a}: {len(pairs)} shards cannot feed {workers} workers disjoint data"
-            )
-        b, passes = job.stitch.batch_size // workers, job.train.data_passes
-        have = workers * b * min(passes * sum(a.num_tokens for a, _ in pairs[r::workers]) // b
-                                 for r in range(workers))
-        if job.stitch.num_tokens > have:
-            raise ConfigError(
-                f"stitch.num_tokens: a budget of {job.stitch.num_tokens:,} tokens, but the cached "
-                f"pairs give {have:,} in {passes} pass(es); raise data.num_tokens or "
-                "train.data_passes (data is never read again silently)"
-            )
+
+        def tokens() -> int:
+            b = job.stitch.batch_size // workers
+            return workers * b * min(passes * sum(a.num_tokens for a, _ in pairs[r::workers]) // b
+                                     for r in range(workers))
+
+        return StreamSupply(batch=("stitch.batch_size", job.stitch.batch_size),
+                            budget=("stitch.num_tokens", job.stitch.num_tokens),
+                            data="cached data of both models", tokens=tokens,
+                            shards=(spec.shards_a, len(pairs)))
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -135,10 +128,6 @@ class StitchFit(Fit):
         self.baseline: Stitch | None = None  # rank 0: the closed-form start, for comparison
         self._per_token: float | None = None
 
-    @property
-    def files(self) -> list[str]:
-        return [a.file for a, _ in self.mine]
-
     def build(self, member: StitchRun, state: TrainState | None) -> Stitch:
         meta = {"model_a": self.job.model.name, "model_b": self.s.large.name, "site": self.s.site,
                 "layer_a": member.layer_a, "layer_b": member.layer_b, "run_key": member.key}
@@ -147,11 +136,11 @@ class StitchFit(Fit):
             self.baseline = copy.deepcopy(stitch)
         return stitch.to(self.device)
 
-    def batches(self, skip_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, skip_batches: int) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         stream = paired_stream(self.reader_a, self.reader_b, self.s.batch_size // self.world,
                                seed=worker_seed(self.job.train.seed, self.rank), pairs=self.mine,
                                passes=self.job.train.data_passes)
-        return islice(stream, skip_batches, None)
+        yield from islice(stream, skip_batches, None)
 
     def member_batch(self, member: StitchRun, batch: tuple) -> tuple:
         return batch

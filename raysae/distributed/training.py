@@ -14,7 +14,7 @@ commits are the engine's (`raysae.distributed.engine`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,7 +24,6 @@ import torch
 from raysae.activations import fingerprint, heldout_tokens, job_windows, special_token_ids
 from raysae.checkpoint import TrainState
 from raysae.config import (
-    ConfigError,
     JobConfig,
     SAEConfig,
     TrainConfig,
@@ -38,7 +37,7 @@ from raysae.distributed.engine import (
     FitResult,
     FitSpec,
     RunSpec,
-    WorkerHooks,
+    StreamSupply,
     checkpoint_folders,
     fit_on_ray,
     output_dir,
@@ -127,11 +126,11 @@ def checkpoint_saes(job: JobConfig, key: str) -> list[tuple[int, Path]]:
     return checkpoint_folders(job, key, SAEGroupFit.artifact)
 
 
-def train_on_ray(job: JobConfig, spec: SAEGroupSpec, *, max_failures: int = 2,
-                 hooks: WorkerHooks | None = None) -> dict[str, FitResult]:
+def train_on_ray(job: JobConfig, spec: SAEGroupSpec, *, max_failures: int = 2
+                 ) -> dict[str, FitResult]:
     """Train a group of SAEs with Ray Train; idempotent for a given spec (finished members are
     reused). Returns each member's result by key."""
-    return fit_on_ray(job, spec, SAEGroupFit, max_failures=max_failures, hooks=hooks)
+    return fit_on_ray(job, spec, SAEGroupFit, max_failures=max_failures)
 
 
 def sae_groups(job: JobConfig, members: list[SAERun], source: str,
@@ -168,10 +167,7 @@ def run_sae_group(key: str, job: dict, groups: dict[str, SAEGroupSpec],
 
 def member_config(job: JobConfig, m: SAERun) -> tuple[SAEConfig, TrainConfig]:
     """The SAE and training settings of one member: the job's, with its width, budget and lr."""
-    sae = job.sae if m.d_sae is None else dataclasses.replace(job.sae, d_sae=m.d_sae)
-    train = dataclasses.replace(job.train, num_tokens=m.num_tokens or job.train.num_tokens,
-                                lr=m.lr or job.train.lr)
-    return sae, train
+    return job.sae_settings(m.d_sae, m.num_tokens, m.lr)
 
 
 def stream_tokens(job: JobConfig, spec: SAEGroupSpec, world: int) -> int:
@@ -205,31 +201,20 @@ class SAEGroupFit(Fit):
     spec: SAEGroupSpec
 
     @classmethod
-    def check(cls, job: JobConfig, spec: SAEGroupSpec) -> None:
-        tc, world = job.train, job.train.num_workers
-        if tc.batch_size % world:
-            raise ValueError(
-                f"train.batch_size: {tc.batch_size} is not divisible by train.num_workers "
-                f"({world}); each worker takes an equal share of every batch"
-            )
+    def supply(cls, job: JobConfig, spec: SAEGroupSpec) -> StreamSupply:
+        world = job.train.num_workers
+        shards = None
         if spec.source == "cached":
             readers = {h: ActivationReader(d) for h, d in spec.shards.items()}  # verified here
-            shards = len(next(iter(readers.values())).manifest.shards)
-            if shards < world:
-                raise ValueError(
-                    f"{next(iter(spec.shards.values()))}: {shards} shards cannot feed {world} "
-                    "workers disjoint data; lower cache.shard_tokens or train.num_workers"
-                )
-        budget = max(member_config(job, m)[1].num_tokens for m in spec.members)
-        have = stream_tokens(job, spec, world)
-        if budget > have:
-            raise ConfigError(
-                f"train.num_tokens: a budget of {budget:,} tokens, but the {spec.source} data "
-                f"gives {have:,} in {tc.data_passes} pass(es) over data.num_tokens "
-                f"({job.data.num_tokens:,}); raise data.num_tokens or set train.data_passes "
-                f"to {-(-budget * tc.data_passes // max(have, 1))} to read it again (never "
-                "done silently)"
-            )
+            shards = (next(iter(spec.shards.values())),
+                      len(next(iter(readers.values())).manifest.shards))
+        return StreamSupply(
+            batch=("train.batch_size", job.train.batch_size),
+            budget=("train.num_tokens", max(member_config(job, m)[1].num_tokens
+                                            for m in spec.members)),
+            data=f"{spec.source} data", tokens=lambda: stream_tokens(job, spec, world),
+            shards=shards,
+        )
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -239,10 +224,6 @@ class SAEGroupFit(Fit):
         self.lm: torch.nn.Module | None = None
         if spec.source == "cached":
             self.readers = {h: ActivationReader(spec.shards[h]) for h in self.hooks}
-            files = [s.file for s in next(iter(self.readers.values())).manifest.shards]
-            self._files = files[self.rank :: self.world]
-        else:
-            self._files = []
         self._eval: tuple | None = None  # rank 0: see evaluate
         self._b_dec_sample: dict[str, torch.Tensor] | None = None
 
@@ -257,7 +238,7 @@ class SAEGroupFit(Fit):
         return streamed_chunks(lm, lambda: job_windows(job, job.data.num_tokens),
                                _chunk_seqs(job), rank, self.world)
 
-    def batches(self, skip_batches: int) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(self, skip_batches: int) -> Generator[dict[str, torch.Tensor], None, None]:
         tc = self.job.train
         settings = StreamSettings(
             batch_size=tc.batch_size // self.world, rank=self.rank, world=self.world,
@@ -265,10 +246,6 @@ class SAEGroupFit(Fit):
             skip_batches=skip_batches,
         )
         return batches_from_chunks(self._chunks(self.rank), settings)
-
-    @property
-    def files(self) -> list[str]:
-        return self._files
 
     def member_batch(self, member: SAERun, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch[member.hook]

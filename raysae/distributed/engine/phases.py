@@ -1,0 +1,209 @@
+"""A sweep as phases: each `Phase` runs the trials whose dependencies finished (`run_phases`
+skips the dependents of a failed trial), either as one Tune experiment whose trials are groups
+(`tune_phase`: each trial drives one Fit; `run_groups` retries a failed group's members one by
+one) or as plain Ray tasks (`fanout.fan_out`), and reports (done, errors) by trial key."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from raysae.config import JobConfig
+from raysae.distributed import root_cause
+from raysae.distributed.engine.launch import WORKER_CPUS
+from raysae.distributed.engine.specs import FitResult
+from raysae.plan import PhasePlan, plan_report
+from raysae.tracking import Tracker, tracking_uri
+
+log = logging.getLogger("raysae.engine")
+
+TRIAL_CPUS = 0.1
+"""CPUs of a Tune trial, which only drives its Train run (its workers ask for their own)."""
+SQLITE_CONCURRENT_TRIALS = 2
+"""Trials at once against a sqlite MLflow store, which serialises its writers."""
+MEMBER_FAILED = "diverged"
+"""How a phase reports a member that failed on its own while its group went on."""
+
+Done = dict[str, dict[str, float]]
+"""Trial key -> its final metrics."""
+Errors = dict[str, str]
+"""Trial key -> why it did not finish."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One step of a sweep: its trials (each with `.key` and `.depends_on`) and how to run the
+    ones whose dependencies finished: `run(todo) -> (done, errors)`."""
+
+    name: str
+    trials: Sequence[Any]
+    run: Callable[[list[Any]], tuple[Done, Errors]]
+
+
+def run_phases(phases: Sequence[Phase], tracker: Tracker, parent: str) -> tuple[Done, Errors]:
+    """Run the phases in order; a trial whose dependency did not finish is skipped with that
+    reason, the others run. Each phase's tally is a `raysae.status.<phase>` tag on the parent."""
+    finished: Done = {}
+    failed: Errors = {}
+    for phase in phases:
+        todo = []
+        for t in phase.trials:
+            missing = [d for d in t.depends_on if d not in finished]
+            if missing:
+                failed[t.key] = f"skipped: depends on {missing[0]}, which did not finish"
+            else:
+                todo.append(t)
+        done, errors = phase.run(todo) if todo else ({}, {})
+        finished.update(done)
+        failed.update(errors)
+        status = f"{len(done)} done, {len(phase.trials) - len(done)} not done"
+        tracker.set_tags(parent, {f"raysae.status.{phase.name}": status})
+        log.info("phase %s: %s", phase.name, status)
+    return finished, failed
+
+
+def log_plan(tracker: Tracker, parent: str, job: JobConfig, why: str,
+             phases: Sequence[PhasePlan]) -> None:
+    """Print a sweep's plan and keep it on its parent run (`plan.json`, source tags)."""
+    log.info("plan:\n%s", plan_report(job, why, phases))
+    tracker.log_dict(parent, {"source": job.train.source, "why": why,
+                              "phases": [dataclasses.asdict(p) for p in phases]}, "plan.json")
+    tracker.set_tags(parent, {"raysae.source": job.train.source, "raysae.source_why": why[:250]})
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    parent_run: str
+    """MLflow run id of the sweep."""
+    finished: Done
+    """Trial key -> final metrics, for every trial that completed."""
+    failed: Errors
+    """Trial key -> why it did not complete (its error, or the failed trial it needed)."""
+    summary: dict[str, Any]
+    """The sweep's summary (counts, and what each study adds)."""
+
+
+def _tune_trial(config: dict[str, Any], run_group: Callable[..., dict[str, FitResult]],
+                payload: dict) -> None:
+    """A Tune function trainable: one trial drives one Fit (a group) and reports the final
+    metrics of each of its members."""
+    results = run_group(config["key"], **payload)
+    members = {k: {"metrics": r.metrics, "out_dir": str(r.out_dir), "error": r.error}
+               for k, r in results.items()}
+    tune.report({"members": json.dumps(members)})
+
+
+def final_metrics(values: dict[str, Any]) -> dict[str, float]:
+    """What a phase reports of a member's final metrics: the evaluation metrics (a '/' in
+    their name: eval/..., ce/...) and `flops`."""
+    return {k: v for k, v in values.items()
+            if ("/" in k or k == "flops") and isinstance(v, int | float)}
+
+
+def tune_phase(
+    job: JobConfig,
+    experiment: str,
+    groups: dict[str, list[str]],
+    run_group: Callable[..., dict[str, FitResult]],
+    payload: dict[str, Any],
+    max_failures: int,
+) -> tuple[Done, Errors]:
+    """One Tune experiment whose trials are groups (a grid search on the group "key"),
+    restored when it already exists; `run_group(group_key, **payload)` fits a group and returns
+    its members' results. Returns, per member key, the metrics with a '/' in their name
+    (eval/..., ce/...) and `flops`, or the root cause of its group's failure. A group without
+    members (all settled before the phase) is not a trial; restored, it reports nothing; a
+    phase without any runs no Tune experiment."""
+    storage = Path(job.runs_dir).resolve() / "tune"
+    trainable = tune.with_resources(
+        tune.with_parameters(_tune_trial, run_group=run_group, payload=payload), {"CPU": TRIAL_CPUS}
+    )
+    path = storage / experiment
+    todo = [k for k, members in groups.items() if members]
+    if not todo:  # every member settled before the phase: not even a restored experiment to run
+        return {}, {}
+    if tune.Tuner.can_restore(path):
+        log.info("restoring Tune experiment %s", path)
+        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"key": tune.grid_search(todo)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent_fits(job)),
+            run_config=tune.RunConfig(
+                name=experiment,
+                storage_path=str(storage),
+                failure_config=tune.FailureConfig(max_failures=max_failures),
+                verbose=1,
+            ),
+        )
+    done: Done = {}
+    errors: Errors = {}
+    for result in tuner.fit():
+        members = groups.get(result.config["key"], [])
+        if result.error is not None:
+            errors |= {k: f"failed: {root_cause(result.error)}" for k in members}
+        elif result.metrics and "members" in result.metrics:
+            for key, r in json.loads(result.metrics["members"]).items():
+                if r["error"] is not None:
+                    errors[key] = f"{MEMBER_FAILED}: {r['error']}"
+                    continue
+                done[key] = final_metrics(r["metrics"])
+        else:
+            errors |= {k: "failed: the trial reported no result" for k in members}
+    return done, errors
+
+
+def run_groups(
+    job: JobConfig,
+    experiment: str,
+    specs: dict[str, Any],
+    run_group: Callable[..., dict[str, FitResult]],
+    extra: dict[str, Any],
+    max_failures: int,
+    members_of: Callable[[Any], list[str]],
+    alone: Callable[[Any], dict[str, Any]],
+) -> tuple[Done, Errors]:
+    """Run a phase's groups (`tune_phase`, `run_group(key, groups=specs, **extra)`); a group
+    that fails is then split and its members retried one per group, so that a fault in one
+    member's data fails that member only, not the SAEs that shared its stream. (A member that
+    diverged has already left its group, which went on without it: it is not retried.)"""
+    groups = {k: members_of(spec) for k, spec in specs.items()}
+    done, errors = tune_phase(job, experiment, groups, run_group, {"groups": specs, **extra},
+                              max_failures)
+    group_failed = {k for k, e in errors.items() if not e.startswith(MEMBER_FAILED)}
+    retry = {k: single for key, spec in specs.items()
+             if len(groups[key]) > 1 and any(m in group_failed for m in groups[key])
+             for k, single in alone(spec).items()}
+    if retry:
+        log.info("%s: %d group(s) failed; retrying their %d members one by one", experiment,
+                 sum(1 for k in specs if len(groups[k]) > 1 and set(groups[k]) & group_failed),
+                 len(retry))
+        more, still = tune_phase(job, f"{experiment}-alone",
+                                 {k: members_of(spec) for k, spec in retry.items()}, run_group,
+                                 {"groups": retry, **extra}, max_failures)
+        done |= more
+        errors = {k: v for k, v in errors.items() if k not in more} | still
+    return done, errors
+
+
+def concurrent_fits(job: JobConfig) -> int:
+    """Fits at once: as many Train worker groups as the cluster's CPUs (or GPUs) hold, each
+    with its driving trial; at most SQLITE_CONCURRENT_TRIALS against a sqlite MLflow store."""
+    res = ray.cluster_resources()
+    workers = job.train.num_workers
+    if job.train.use_gpu:
+        n = int(res.get("GPU", 0) // workers)
+    else:
+        n = int(res.get("CPU", 1) // (WORKER_CPUS * workers + TRIAL_CPUS))
+    if tracking_uri(job.runs_dir).startswith("sqlite:"):
+        n = min(n, SQLITE_CONCURRENT_TRIALS)
+    return max(1, n)
