@@ -20,11 +20,10 @@ changed settings re-evaluate every checkpoint, and the training runs themselves 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import polars as pl
 import ray
@@ -35,6 +34,7 @@ from raysae.config import ConfigError, JobConfig, digest, from_dict, to_dict
 from raysae.distributed.engine import WORKER_CPUS, fan_out, run_name_for
 from raysae.distributed.training import checkpoint_saes, sae_dir_for
 from raysae.features import circuits, dashboard
+from raysae.features.targets import FeatureTarget
 from raysae.features.tasks import TaskSet, load_tasks
 from raysae.models import hook_name, load_lm, load_tokenizer
 from raysae.sae import SAE
@@ -44,35 +44,6 @@ log = logging.getLogger("raysae.features")
 
 DONE_TAG = "raysae.features"
 CONFIG_TAG = "raysae.features.config"
-
-
-class SAERef(NamedTuple):
-    """A trained SAE found by its training key."""
-
-    label: str
-    """Readable name (dashboard column titles)."""
-    key: str
-    """Its training key."""
-    layer: int
-    """Layer the SAE reads."""
-    large: bool = False
-    """Whether it reads the stitch sweep's large model B."""
-
-
-@dataclasses.dataclass(frozen=True)
-class FeatureTarget:
-    """One trained SAE to evaluate."""
-
-    key: str
-    """Its training key: MLflow run, checkpoints and final SAE folder are found by it."""
-    name: str
-    """Readable name (dashboard titles)."""
-    layer: int
-    """Layer the SAE reads (its site is the sweep's)."""
-    large: bool = False
-    """Whether the SAE reads the stitch sweep's large model B (`stitch.large`), not `model`."""
-    compare: tuple[SAERef, ...] = ()
-    """SAEs transferred from this one, shown beside it feature by feature."""
 
 
 def load_task_sets(job: JobConfig) -> list[TaskSet]:

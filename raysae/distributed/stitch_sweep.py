@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import torch
 
-from raysae.activations import fingerprint, heldout_tokens, job_tokens, special_token_ids
+from raysae.activations import fingerprint
 from raysae.config import ConfigError, JobConfig, from_dict, sweep_digest, to_dict
 from raysae.distributed.caching import cache_activations
 from raysae.distributed.engine import (
@@ -37,12 +36,7 @@ from raysae.distributed.engine import (
     fan_out,
     run_groups,
 )
-from raysae.distributed.features import (
-    FeatureTarget,
-    SAERef,
-    features_phase,
-    load_task_sets,
-)
+from raysae.distributed.features import features_phase, load_task_sets
 from raysae.distributed.stitching import StitchRun, StitchSpec, stitch_dir_for, train_stitch_on_ray
 from raysae.distributed.study import Phase, Study, StudyRun, run_study
 from raysae.distributed.training import (
@@ -55,12 +49,14 @@ from raysae.distributed.training import (
     train_on_ray,
 )
 from raysae.evaluate import evaluate_sae
+from raysae.features.targets import FeatureTarget
 from raysae.features.tasks import TaskSet
-from raysae.models import hook_name, load_lm, load_tokenizer, validate_sites
+from raysae.models import hook_name, load_lm, validate_sites
 from raysae.sae import SAE
 from raysae.stitching import grid as stitch_grid
+from raysae.stitching import pairs
 from raysae.stitching.grid import StitchTrial
-from raysae.stitching.stitch import Stitch, transfer_sae
+from raysae.stitching.stitch import Stitch
 from raysae.stopping import threshold_rule
 from raysae.tracking import Tracker, tracking_uri
 
@@ -145,10 +141,10 @@ def _match(sw: StitchSweep, run: StudyRun) -> dict[int, int] | None:
 def _grid(sw: StitchSweep, run: StudyRun) -> StitchGrid:
     assert sw.job.stitch is not None
     matches = run.made["match"]
-    pairs = stitch_grid.pairs_of(sw.job.stitch, matches)
-    job_a, job_b = stitch_grid.cache_jobs(sw.job, pairs)
+    layer_pairs = stitch_grid.pairs_of(sw.job.stitch, matches)
+    job_a, job_b = stitch_grid.cache_jobs(sw.job, layer_pairs)
     trials = stitch_grid.expand(sw.job, (fingerprint(job_a), fingerprint(job_b)), matches)
-    return StitchGrid(matches, pairs, (job_a, job_b), trials)
+    return StitchGrid(matches, layer_pairs, (job_a, job_b), trials)
 
 
 def _cache(run: StudyRun) -> dict[str, dict[str, str]]:
@@ -196,7 +192,7 @@ def _per_pair(task: Any, run: StudyRun, todo: list[StitchTrial]) -> tuple[Done, 
 
 
 def _feature_targets(run: StudyRun) -> list[FeatureTarget]:
-    return stitch_feature_targets([t for t in run.made["grid"].trials if t.key in run.finished])
+    return pairs.feature_targets([t for t in run.made["grid"].trials if t.key in run.finished])
 
 
 def _features(sw: StitchSweep, run: StudyRun, targets: list[FeatureTarget]) -> Errors:
@@ -205,44 +201,19 @@ def _features(sw: StitchSweep, run: StudyRun, targets: list[FeatureTarget]) -> E
     return features_phase(sw.job, targets, s.site, sw.task_sets, s.max_failures)[1]
 
 
-def stitch_feature_targets(trials: list[StitchTrial]) -> list[FeatureTarget]:
-    """One target per SAE of the sweep (A's, B's scratch, zero-shot and stitched-init ones); an
-    SAE of A is compared with its twins on B: the zero-shot transfer and, per zero-shot, the
-    stitched-init SAE of the largest budget (the same feature indices, carried by the stitch)."""
-    targets = []
-    for t in trials:
-        if t.role not in ("scratch_a", "scratch_b", "zeroshot", "transfer"):
-            continue
-        compare: list[SAERef] = []
-        if t.role == "scratch_a":
-            for z in trials:
-                if z.role == "zeroshot" and t.key in z.depends_on:
-                    compare.append(SAERef(z.name, z.key, z.layer_b, True))
-                    grown = [c for c in trials if c.role == "transfer" and c.depends_on == (z.key,)]
-                    if grown:
-                        c = max(grown, key=lambda c: c.budget)
-                        compare.append(SAERef(c.name, c.key, c.layer_b, True))
-        large = t.role != "scratch_a"
-        layer = t.layer_b if large else t.layer_a
-        targets.append(FeatureTarget(t.key, t.name, layer, large, tuple(compare)))
-    return targets
-
-
 def _log_stitch_flops(run: StudyRun) -> None:
     """Each stitched-init SAE run gets `stitch_flops` and `stitch_flops_dense_equiv`: the
     stitch's FLOPs (its training and its least-squares start), which count against it in the
     FLOPs-to-quality comparison (the small SAE's do not), as run and as a dense implementation
     counts them (the same for a stitch; both kept so every FLOPs metric has its dense twin)."""
-    trials, tracker = run.made["grid"].trials, run.tracker
-    by_key = {t.key: t for t in trials}
-    for t in trials:
-        if t.role != "transfer" or t.key not in run.finished:
+    tracker = run.tracker
+    for key, stitch_key in pairs.stitch_of(run.made["grid"].trials).items():
+        if key not in run.finished:
             continue
-        stitch_key = by_key[t.depends_on[0]].depends_on[0]
         stitch_run = tracker.find(stitch_key)
         logged = tracker.metrics(stitch_run) if stitch_run is not None else {}
         values = {f"stitch_{k}": logged[k] for k in ("flops", "flops_dense_equiv") if k in logged}
-        run_id = tracker.find(t.key)
+        run_id = tracker.find(key)
         if values and run_id is not None:
             tracker.log_metrics(run_id, values, step=0)
 
@@ -276,13 +247,13 @@ def _groups(job: JobConfig, todo: list[StitchTrial], dirs: dict, parent: str
         saes[large].append((t, SAERun(key=t.key, name=t.name, tags=t.tags, parent_run=parent,
                                        hook=hook_name(s.site, layer), init_from=init,
                                        num_tokens=t.budget, d_sae=t.width, stop=stop)))
-    for large, pairs in saes.items():
-        if pairs:
-            model_job = stitch_grid.sae_job(job, pairs[0][0], large)  # the stitch caches both
+    for large, of_model in saes.items():
+        if of_model:
+            model_job = stitch_grid.sae_job(job, of_model[0][0], large)  # the stitch caches both
             model_job = dataclasses.replace(
                 model_job, train=dataclasses.replace(model_job.train, source="cached"))
             shards = dirs["b" if large else "a"]
-            for spec in sae_groups(model_job, [m for _, m in pairs], "cached", shards):
+            for spec in sae_groups(model_job, [m for _, m in of_model], "cached", shards):
                 out[spec.key] = (to_dict(model_job), spec)
     return out
 
@@ -300,16 +271,13 @@ def _run_group(key: str, groups: dict, max_failures: int) -> dict[str, FitResult
 # Evaluations: Ray tasks, one per pair
 
 
-def _heldout(job: JobConfig) -> tuple[torch.Tensor, list[int]]:
-    return heldout_tokens(job), special_token_ids(job.model, load_tokenizer(job.model, job.data))
-
-
 @ray.remote(num_cpus=WORKER_CPUS)
 def _zeroshot_pair(keys: list[str], payload: dict[str, Any]) -> Done:
     """A's SAEs carried to B through the pair's stitch: saved (the stitched initialisation) and
     evaluated on B with every SAE metric."""
     job_cfg = from_dict(JobConfig, payload["job"])
     s = job_cfg.stitch
+    assert s is not None
     tracker = Tracker(tracking_uri(job_cfg.runs_dir), job_cfg.name)
     out: Done = {}
     model_b = tokens = special = None
@@ -322,14 +290,10 @@ def _zeroshot_pair(keys: list[str], payload: dict[str, Any]) -> Done:
             continue
         if model_b is None:
             model_b = load_lm(s.large)
-            tokens, special = _heldout(job_cfg)
+            tokens, special = pairs.heldout(job_cfg)
         stitch_key, sae_key = trial.depends_on
         stitch = Stitch.load(stitch_dir_for(job_cfg, stitch_key))
-        sae = transfer_sae(SAE.load(sae_dir_for(job_cfg, sae_key)), stitch)
-        sae.metadata = dataclasses.replace(
-            sae.metadata, model_name=s.large.name, hook_name=hook_name(s.site, trial.layer_b),
-            extras={**sae.metadata.extras, "stitched_from": sae_key, "stitch": stitch_key},
-        )
+        sae = pairs.carried_sae(job_cfg, SAE.load(sae_dir_for(job_cfg, sae_key)), stitch, trial)
         sae.save(target)
         res = evaluate_sae(model_b, sae, s.site, trial.layer_b, tokens, special)
         values = {f"eval/{k}": v for k, v in res.as_dict().items()}
@@ -343,12 +307,11 @@ def _zeroshot_pair(keys: list[str], payload: dict[str, Any]) -> Done:
 
 @ray.remote(num_cpus=WORKER_CPUS)
 def _probes_pair(keys: list[str], payload: dict[str, Any]) -> Done:
-    """Probes, sparse probes, steering and feature classes of one stitch pair."""
-    from raysae.stitching.feature_classes import class_summary, feature_class_table, load_variants
-    from raysae.stitching.probes import load_labelled, probe_and_steer
-
+    """Probes, sparse probes, steering and feature classes of one stitch pair
+    (`stitching.pairs.pair_analysis`), logged to the pair's run."""
     job_cfg = from_dict(JobConfig, payload["job"])
     s = job_cfg.stitch
+    assert s is not None
     tracker = Tracker(tracking_uri(job_cfg.runs_dir), job_cfg.name)
     (key,) = keys
     done = tracker.finished_metrics(key)
@@ -360,56 +323,17 @@ def _probes_pair(keys: list[str], payload: dict[str, Any]) -> Done:
     for sae_key in trial.depends_on[1:]:
         sae = SAE.load(sae_dir_for(job_cfg, sae_key))
         saes[sae.d_sae] = sae
-    model_a, model_b = load_lm(job_cfg.model), load_lm(s.large)
-    tokenizer = load_tokenizer(job_cfg.model, job_cfg.data)
-    special = special_token_ids(job_cfg.model, tokenizer)
-    la, lb = trial.layer_a, trial.layer_b
-    values: dict[str, float] = {}
     run_id = tracker.open_run(key, trial.name, trial.tags, {}, payload["parent"])
-    if s.probes is not None:
-        data = load_labelled(s.probes, tokenizer, job_cfg.data.context_length)
-        values |= probe_and_steer(model_a, model_b, stitch, s.site, la, lb, data, s.probes, saes, special)
-    if s.variants is not None:
-        tokens, _ = _heldout(job_cfg)
-        special_t = torch.tensor(special, dtype=torch.long)
-        variants = load_variants(s.variants)
-        with tempfile.TemporaryDirectory() as tmp:
-            for width, sae in saes.items():
-                table = feature_class_table(model_a, model_b, sae, stitch, s.site, la, lb, tokens,
-                                      ~torch.isin(tokens, special_t), variants,
-                                      variants_mask_GVT=~torch.isin(variants, special_t))
-                values |= {f"features/w{width}/{k}": v for k, v in class_summary(table).items()}
-                table.write_parquet(Path(tmp) / f"w{width}.parquet")
+    with tempfile.TemporaryDirectory() as tmp:
+        values = pairs.pair_analysis(job_cfg, trial, stitch, saes, Path(tmp))
+        if s.variants is not None:
             tracker.log_artifacts(run_id, tmp, "features")
     tracker.log_metrics(run_id, values, step=0)
     tracker.finish(run_id)
     return {key: values}
 
 
-# ---------------------------------------------------------------------------------------------
-# Layer matching
-
-
 @ray.remote(num_cpus=WORKER_CPUS)
 def _match_layers(job: dict) -> dict[str, Any]:
-    """Similarity of every layer of A with every layer of B at the stitch site, on held-out
-    tokens after the evaluation tokens; the best B layer per matched A layer."""
-    from raysae.stitching.matching import best_matches, layer_similarity
-
-    job_cfg = from_dict(JobConfig, job)
-    s = job_cfg.stitch
-    skip = job_cfg.data.num_tokens + job_cfg.train.eval_tokens
-    tokens = torch.from_numpy(job_tokens(job_cfg, s.match_tokens, skip_tokens=skip)).long()
-    special = special_token_ids(job_cfg.model, load_tokenizer(job_cfg.model, job_cfg.data))
-    mask = ~torch.isin(tokens, torch.tensor(special, dtype=torch.long))
-    model_a, model_b = load_lm(job_cfg.model), load_lm(s.large)
-    sim = layer_similarity(model_a, model_b, tokens, s.site, s.match_method, mask_NT=mask)
-    layers_a, layers_b = list(range(sim.shape[0])), list(range(sim.shape[1]))
-    best = best_matches(sim, layers_a, layers_b)
-    return {
-        "method": s.match_method,
-        "layers_a": layers_a,
-        "layers_b": layers_b,
-        "matrix": sim.tolist(),
-        "best": {str(a): best[a] for a in s.match_layers},
-    }
+    """The layer match (`stitching.pairs.match_layers`), on a worker."""
+    return pairs.match_layers(from_dict(JobConfig, job))

@@ -32,16 +32,12 @@ from raysae.activations import fingerprint, heldout_tokens, special_token_ids
 from raysae.config import ConfigError, JobConfig, from_dict, sweep_digest, to_dict
 from raysae.distributed.caching import cache_activations
 from raysae.distributed.engine import STOP_TAG, WORKER_CPUS, Done, Errors, SweepResult, fan_out
-from raysae.distributed.features import (
-    FeatureTarget,
-    SAERef,
-    features_phase,
-    load_task_sets,
-)
+from raysae.distributed.features import features_phase, load_task_sets
 from raysae.distributed.study import Phase, Study, StudyRun, run_study, train_saes
 from raysae.distributed.training import SAERun, sae_dir_for, zero_ablations_path
 from raysae.evaluate import evaluate_saes_kept
 from raysae.features.attribution import final_norm_frame
+from raysae.features.targets import FeatureTarget
 from raysae.features.tasks import TaskSet
 from raysae.models import hook_name, load_lm, load_tokenizer, model_dims
 from raysae.sae import SAE
@@ -212,7 +208,7 @@ def _derive(s: TransferSweep, run: StudyRun) -> None:
 def _feature_targets(s: TransferSweep, run: StudyRun) -> list[FeatureTarget]:
     planned = run.trials.get("budget_plan", [])
     trained = {t.key: t for t in [*s.trials, *planned] if t.trains and t.key in run.finished}
-    return feature_targets(list(trained.values()))
+    return grid.feature_targets(list(trained.values()))
 
 
 def _features(s: TransferSweep, run: StudyRun, targets: list[FeatureTarget]) -> Errors:
@@ -299,22 +295,6 @@ def _zeroshot_layer(keys: list[str], payload: dict[str, Any]) -> Done:
         tracker.finish(run_id)
         out[key] = values
     return out
-
-
-def feature_targets(trials: list[grid.Trial]) -> list[FeatureTarget]:
-    """One target per trained SAE; a scratch SAE is compared with the SAEs transferred from it
-    (the largest budget per direction), the paper's Figure 23."""
-    targets = []
-    for t in trials:
-        children: dict[str, grid.Trial] = {}
-        for c in trials:
-            if c.phase == "transfer" and c.depends_on == (t.key,):
-                best = children.get(c.direction)
-                if best is None or c.budget > best.budget:
-                    children[c.direction] = c
-        compare = tuple(SAERef(c.name, c.key, c.layer) for c in children.values())
-        targets.append(FeatureTarget(t.key, t.name, t.layer, compare=compare))
-    return targets
 
 
 # ---------------------------------------------------------------------------------------------

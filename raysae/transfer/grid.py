@@ -42,6 +42,7 @@ from raysae.config import (
     digest,
     to_dict,
 )
+from raysae.features.targets import FeatureTarget, SAERef
 from raysae.models import hook_name
 from raysae.plan import (
     Calibration,
@@ -419,3 +420,18 @@ def references(trials: Iterable[Trial]) -> References:
         elif t.phase == "zeroshot":
             zero_shot[(t.layer, t.source_layer)] = t.key  # type: ignore[index]
     return References(scratch, zero_shot)
+
+def feature_targets(trials: list[Trial]) -> list[FeatureTarget]:
+    """The feature phase's targets: one per trained SAE of `trials`; a scratch SAE is compared
+    with the SAEs transferred from it (the largest budget per direction), the paper's Figure 23."""
+    targets = []
+    for t in trials:
+        children: dict[str, Trial] = {}
+        for c in trials:
+            if c.phase == "transfer" and c.depends_on == (t.key,):
+                best = children.get(c.direction)
+                if best is None or c.budget > best.budget:
+                    children[c.direction] = c
+        compare = tuple(SAERef(c.name, c.key, c.layer) for c in children.values())
+        targets.append(FeatureTarget(t.key, t.name, t.layer, compare=compare))
+    return targets
