@@ -421,6 +421,7 @@ def references(trials: Iterable[Trial]) -> References:
             zero_shot[(t.layer, t.source_layer)] = t.key  # type: ignore[index]
     return References(scratch, zero_shot)
 
+
 def feature_targets(trials: list[Trial]) -> list[FeatureTarget]:
     """The feature phase's targets: one per trained SAE of `trials`; a scratch SAE is compared
     with the SAEs transferred from it (the largest budget per direction), the paper's Figure 23."""
