@@ -104,6 +104,15 @@ class StitchFit(Fit):
     output_kind = STITCHES
     spec: StitchSpec
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.s: StitchConfig = self.job.stitch
+        self.reader_a = ActivationReader(self.spec.shards_a)
+        self.reader_b = ActivationReader(self.spec.shards_b)
+        self.mine = aligned_shards(self.reader_a, self.reader_b)[self.rank :: self.world]
+        self.baseline: Stitch | None = None  # rank 0: the closed-form start, for comparison
+        self._per_token: float | None = None
+
     @classmethod
     def supply(cls, job: JobConfig, spec: StitchSpec) -> StreamSupply:
         workers, passes = job.train.num_workers, job.train.data_passes
@@ -118,15 +127,6 @@ class StitchFit(Fit):
                             budget=("stitch.num_tokens", job.stitch.num_tokens),
                             data="cached data of both models", tokens=tokens,
                             shards=(spec.shards_a, len(pairs)))
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.s: StitchConfig = self.job.stitch
-        self.reader_a = ActivationReader(self.spec.shards_a)
-        self.reader_b = ActivationReader(self.spec.shards_b)
-        self.mine = aligned_shards(self.reader_a, self.reader_b)[self.rank :: self.world]
-        self.baseline: Stitch | None = None  # rank 0: the closed-form start, for comparison
-        self._per_token: float | None = None
 
     def build(self, member: StitchRun, state: TrainState | None) -> Stitch:
         meta = {"model_a": self.job.model.name, "model_b": self.s.large.name, "site": self.s.site,

@@ -81,6 +81,8 @@ def log_plan(tracker: Tracker, parent: str, job: JobConfig, why: str,
 
 @dataclass(frozen=True)
 class SweepResult:
+    """What a sweep gives its caller once its phases have run."""
+
     parent_run: str
     """MLflow run id of the sweep."""
     finished: Done
