@@ -178,27 +178,31 @@ def evaluate_saes(
     zero_ablations.update({k: (ce, kl) for k, (ce, kl) in new_zero.items()})
 
     per_target = max(n_targets, 1)
-    out = {}
-    for key, (sae, site, layer) in saes.items():
-        r = sums[key]
-        ce_zero, kl_zero = (v / per_target for v in zero_ablations[(site, layer)])
-        mean = dict(ce_clean=ce_clean / per_target, ce_spliced=r.ce / per_target, ce_zero=ce_zero,
-                    kl_spliced=r.kl / per_target, kl_zero=kl_zero)
-        out[key] = EvalResult(
-            **mean,
-            ces=metrics.ces(mean["ce_clean"], mean["ce_spliced"], ce_zero),
-            kl_score=metrics.kl_score(mean["kl_spliced"], kl_zero),
-            mse=r.sq_err / max(r.n * sae.d_in, 1),
-            l2=r.sq_err / max(r.n, 1),
-            explained_variance=r.ev.compute(),
-            l0=r.l0 / max(r.n, 1),
-            l1=r.l1 / max(r.n, 1),
-            dead_fraction=metrics.dead_fraction_from_counts(r.fire_counts_F),
-            dense_fraction=metrics.dense_fraction(r.fire_counts_F, r.n, dense_threshold),
-            num_tokens=r.n,
-            prefixes=_prefix_metrics(sae, r),
-        )
-    return out
+    return {key: _result(sae, sums[key], ce_clean / per_target, zero_ablations[(site, layer)],
+                         per_target, dense_threshold)
+            for key, (sae, site, layer) in saes.items()}
+
+
+def _result(sae: SAE, r: _Recon, ce_clean: float, zero: tuple[float, float], per_target: int,
+            dense_threshold: float) -> EvalResult:
+    """One SAE's `EvalResult` from its pass's sums (CE and KL sums are per target token)."""
+    ce_zero, kl_zero = (v / per_target for v in zero)
+    mean = dict(ce_clean=ce_clean, ce_spliced=r.ce / per_target, ce_zero=ce_zero,
+                kl_spliced=r.kl / per_target, kl_zero=kl_zero)
+    return EvalResult(
+        **mean,
+        ces=metrics.ces(mean["ce_clean"], mean["ce_spliced"], ce_zero),
+        kl_score=metrics.kl_score(mean["kl_spliced"], kl_zero),
+        mse=r.sq_err / max(r.n * sae.d_in, 1),
+        l2=r.sq_err / max(r.n, 1),
+        explained_variance=r.ev.compute(),
+        l0=r.l0 / max(r.n, 1),
+        l1=r.l1 / max(r.n, 1),
+        dead_fraction=metrics.dead_fraction_from_counts(r.fire_counts_F),
+        dense_fraction=metrics.dense_fraction(r.fire_counts_F, r.n, dense_threshold),
+        num_tokens=r.n,
+        prefixes=_prefix_metrics(sae, r),
+    )
 
 
 def _prefix_metrics(sae: SAE, r: _Recon) -> dict[str, float]:

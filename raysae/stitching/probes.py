@@ -182,53 +182,21 @@ def load_labelled(cfg: ProbeConfig, tokenizer: Any | None, context_length: int) 
                 f"probes: {role} {name!r} is not a column of {cfg.source!r}; expected a column of "
                 f"integer classes (per token beside input_ids, or one per text); columns: {columns}"
             )
-
-    pad = _pad_id(tokenizer)
-    special = set(getattr(tokenizer, "all_special_ids", None) or [])
-    if "input_ids" in columns:
-        token_rows = [list(r["input_ids"])[:context_length] for r in rows]
-    elif cfg.text_column in columns:
-        if tokenizer is None:
-            raise ValueError(f"probes: {cfg.source!r} holds text, so a tokenizer is needed")
-        token_rows = [
-            tokenizer(r[cfg.text_column], truncation=True, max_length=context_length)["input_ids"]
-            for r in rows
-        ]
-    else:
-        raise ValueError(
-            f"probes.text_column: neither input_ids nor {cfg.text_column!r} is a column of "
-            f"{cfg.source!r}; expected token ids or texts; columns: {columns}"
-        )
+    token_rows = _token_rows(cfg, rows, columns, tokenizer, context_length)
     width = max(1, max(len(t) for t in token_rows))
-    ids_NS = _pad_rows(token_rows, width, pad)
+    ids_NS = _pad_rows(token_rows, width, _pad_id(tokenizer))
     lengths_N = torch.tensor([len(t) for t in token_rows], dtype=torch.long)
-    real_NS = torch.arange(width) < lengths_N[:, None]
-    is_toy = "pos" in columns and "sent_pos" in columns
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    last_N = _last_real_positions(ids_NS, lengths_N, special)
 
     labels: dict[str, Tensor] = {}
     n_classes: dict[str, int] = {}
     class_values: dict[str, list[Any]] = {}
-    last_N: Tensor | None = None
     for name in wanted:
         if isinstance(rows[0][name], list | tuple):
-            if "input_ids" not in columns:
-                raise ValueError(f"probes: label column {name!r} holds one label per token, "
-                                 "which needs an input_ids column to align with")
-            raw_NS = _pad_rows([list(r[name])[:width] for r in rows], width, -1)
-            raw_NS = torch.where(real_NS, raw_NS, -1)
-            if is_toy:
-                raw_NS = _toy_rules(name, raw_NS, rows, width)
-            classes_NS, values = _classes_of_tokens(raw_NS)
+            classes_NS, values = _token_labels(name, rows, columns, lengths_N, width)
         else:
-            if last_N is None:
-                last_N = _last_real_positions(ids_NS, lengths_N, special)
-            per_row = [r[name] if _is_labelled(r[name]) else None for r in rows]
-            values = sorted({v for v in per_row if v is not None})
-            index = {v: i for i, v in enumerate(values)}
-            classes_NS = torch.full_like(ids_NS, -1)
-            for i, (v, j) in enumerate(zip(per_row, last_N.tolist())):
-                if v is not None and j >= 0:
-                    classes_NS[i, j] = index[v]
+            classes_NS, values = _row_labels(name, rows, ids_NS, last_N)
         if len(values) < 2:
             raise ValueError(
                 f"probes: label column {name!r} of {cfg.source!r} has {len(values)} class(es) "
@@ -236,6 +204,49 @@ def load_labelled(cfg: ProbeConfig, tokenizer: Any | None, context_length: int) 
             )
         labels[name], n_classes[name], class_values[name] = classes_NS, len(values), values
     return LabelledTokens(ids_NS, labels, n_classes, class_values, lengths_N)
+
+
+def _token_rows(cfg: ProbeConfig, rows: list[dict], columns: list[str], tokenizer: Any | None,
+                context_length: int) -> list[list[int]]:
+    """Each row's token ids: its `input_ids`, or its text tokenized, cut to `context_length`."""
+    if "input_ids" in columns:
+        return [list(r["input_ids"])[:context_length] for r in rows]
+    if cfg.text_column in columns:
+        if tokenizer is None:
+            raise ValueError(f"probes: {cfg.source!r} holds text, so a tokenizer is needed")
+        return [tokenizer(r[cfg.text_column], truncation=True, max_length=context_length)["input_ids"]
+                for r in rows]
+    raise ValueError(
+        f"probes.text_column: neither input_ids nor {cfg.text_column!r} is a column of "
+        f"{cfg.source!r}; expected token ids or texts; columns: {columns}"
+    )
+
+
+def _token_labels(name: str, rows: list[dict], columns: list[str], lengths_N: Tensor,
+                  width: int) -> tuple[Tensor, list[Any]]:
+    """A list column: one label per token, aligned with `input_ids` (-1 past each row's end)."""
+    if "input_ids" not in columns:
+        raise ValueError(f"probes: label column {name!r} holds one label per token, "
+                         "which needs an input_ids column to align with")
+    real_NS = torch.arange(width) < lengths_N[:, None]
+    raw_NS = _pad_rows([list(r[name])[:width] for r in rows], width, -1)
+    raw_NS = torch.where(real_NS, raw_NS, -1)
+    if "pos" in columns and "sent_pos" in columns:  # the toy corpus
+        raw_NS = _toy_rules(name, raw_NS, rows, width)
+    return _classes_of_tokens(raw_NS)
+
+
+def _row_labels(name: str, rows: list[dict], ids_NS: Tensor, last_N: Tensor
+                ) -> tuple[Tensor, list[Any]]:
+    """A scalar column: one label per row, on the row's last real token."""
+    per_row = [r[name] if _is_labelled(r[name]) else None for r in rows]
+    values = sorted({v for v in per_row if v is not None})
+    index = {v: i for i, v in enumerate(values)}
+    classes_NS = torch.full_like(ids_NS, -1)
+    for i, (v, j) in enumerate(zip(per_row, last_N.tolist())):
+        if v is not None and j >= 0:
+            classes_NS[i, j] = index[v]
+    return classes_NS, values
 
 
 # ---------------------------------------------------------------------------------------------
