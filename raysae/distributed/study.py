@@ -48,8 +48,6 @@ from raysae.tracking import Tracker
 log = logging.getLogger("raysae.study")
 
 Kind = Literal["cache", "train", "fan_out", "derive", "features"]
-TRIAL_KINDS: tuple[Kind, ...] = ("train", "fan_out")
-"""The kinds whose trials enter the study's finished and failed trials."""
 
 
 @dataclass
@@ -60,10 +58,10 @@ class StudyRun:
     job: JobConfig
     tracker: Tracker
     parent: str
+    """The parent run's id."""
     finished: Done = field(default_factory=dict)
-    """Trial key -> its final metrics, for every trial that completed."""
     failed: Errors = field(default_factory=dict)
-    """Trial key -> why it did not complete (its error, or the failed trial it needed)."""
+    """As in the `SweepResult` the study returns (the features' failures as `features:<key>`)."""
     trials: dict[str, list[Any]] = field(default_factory=dict)
     """Phase name -> its trials (or feature targets), as it ran them."""
     done: dict[str, Done] = field(default_factory=dict)
@@ -96,19 +94,18 @@ class Phase:
 
 @dataclass(frozen=True)
 class Study:
-    """A study's declaration: its parent run, its plan, its phases and its summary."""
+    """A study's declaration: the job its phases run under; its parent run (a stable `key`
+    with the study's digest in it, a `name`, `tags`, the job's params); its `plan` (the job as
+    planned, why its activation source, the cost of every phase); its phases; and its
+    `summary`, read off what ran and logged as `summary_file` on the parent run."""
 
     job: JobConfig
-    """The job its phases run under (its params are the parent run's)."""
     key: str
-    """The parent run's stable key (the study's digest in it)."""
     name: str
     tags: dict[str, str]
     plan: tuple[JobConfig, str, Sequence[PhasePlan]]
-    """(the job as planned, why its activation source, the cost of every phase)."""
     phases: Sequence[Phase]
     summary: Callable[[StudyRun], dict[str, Any]]
-    """The summary from what ran (logged as `summary_file` on the parent run)."""
     summary_file: str
 
 
