@@ -325,7 +325,7 @@ def train_config_for(job: JobConfig, trial: Trial) -> TrainConfig:
     """The job's training settings with the trial's budget and learning rate."""
     if not trial.trains or trial.lr is None:
         raise ValueError(f"trial {trial.name!r} is an evaluation, it has no training config")
-    return dataclasses.replace(job.train, num_tokens=trial.budget, lr=trial.lr)
+    return job.sae_settings(num_tokens=trial.budget, lr=trial.lr)[1]
 
 
 def plan_token_summary(job: JobConfig, sweep: SweepConfig, trials: list[Trial]) -> dict[str, Any]:

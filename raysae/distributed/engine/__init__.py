@@ -36,13 +36,11 @@ from raysae.distributed.engine.phases import (
     MEMBER_FAILED,
     Done,
     Errors,
-    Phase,
     SweepResult,
     concurrent_fits,
     final_metrics,
     log_plan,
     run_groups,
-    run_phases,
     tune_phase,
 )
 from raysae.distributed.engine.specs import FitResult, FitSpec, RunSpec
@@ -50,9 +48,9 @@ from raysae.distributed.engine.tags import ERROR_TAG, NODES_TAG, STOP_RULE_TAG, 
 
 __all__ = [
     "ERROR_TAG", "MEMBER_FAILED", "NODES_TAG", "STOP_RULE_TAG", "STOP_TAG", "WORKER_CPUS",
-    "Done", "Errors", "Fit", "FitResult", "FitSpec", "Phase", "RunSpec", "StreamSupply",
+    "Done", "Errors", "Fit", "FitResult", "FitSpec", "RunSpec", "StreamSupply",
     "SweepResult", "check_stream", "checkpoint_folders", "checkpoints_dir", "concurrent_fits",
     "fan_out", "final_metrics", "fit_on_ray", "log_plan", "output_dir", "run_groups",
-    "run_name_for", "run_phases", "stop_state_dir", "train_runs_dir", "tune_phase",
+    "run_name_for", "stop_state_dir", "train_runs_dir", "tune_phase",
     "worker_scaling", "worker_seed",
 ]

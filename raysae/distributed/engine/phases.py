@@ -1,7 +1,7 @@
-"""A sweep as phases: each `Phase` runs the trials whose dependencies finished (`run_phases`
-skips the dependents of a failed trial), either as one Tune experiment whose trials are groups
-(`tune_phase`: each trial drives one Fit; `run_groups` retries a failed group's members one by
-one) or as plain Ray tasks (`fanout.fan_out`), and reports (done, errors) by trial key."""
+"""A phase's training on Ray: one Tune experiment whose trials are groups (`tune_phase`: each
+trial drives one Fit; `run_groups` retries a failed group's members one by one), the plan a
+sweep logs, and its result. The order of phases and their dependencies are the study's
+(`distributed/study.py`); a phase reports (done, errors) by trial key."""
 
 from __future__ import annotations
 
@@ -36,38 +36,6 @@ Done = dict[str, dict[str, float]]
 """Trial key -> its final metrics."""
 Errors = dict[str, str]
 """Trial key -> why it did not finish."""
-
-
-@dataclass(frozen=True)
-class Phase:
-    """One step of a sweep: its trials (each with `.key` and `.depends_on`) and how to run the
-    ones whose dependencies finished: `run(todo) -> (done, errors)`."""
-
-    name: str
-    trials: Sequence[Any]
-    run: Callable[[list[Any]], tuple[Done, Errors]]
-
-
-def run_phases(phases: Sequence[Phase], tracker: Tracker, parent: str) -> tuple[Done, Errors]:
-    """Run the phases in order; a trial whose dependency did not finish is skipped with that
-    reason, the others run. Each phase's tally is a `raysae.status.<phase>` tag on the parent."""
-    finished: Done = {}
-    failed: Errors = {}
-    for phase in phases:
-        todo = []
-        for t in phase.trials:
-            missing = [d for d in t.depends_on if d not in finished]
-            if missing:
-                failed[t.key] = f"skipped: depends on {missing[0]}, which did not finish"
-            else:
-                todo.append(t)
-        done, errors = phase.run(todo) if todo else ({}, {})
-        finished.update(done)
-        failed.update(errors)
-        status = f"{len(done)} done, {len(phase.trials) - len(done)} not done"
-        tracker.set_tags(parent, {f"raysae.status.{phase.name}": status})
-        log.info("phase %s: %s", phase.name, status)
-    return finished, failed
 
 
 def log_plan(tracker: Tracker, parent: str, job: JobConfig, why: str,
