@@ -5,6 +5,9 @@ and no checkpoint lost beyond the last committed one."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -63,6 +66,19 @@ def training_nodes(runs: Path) -> dict[str, set[str]]:
         if 0 < r.data.metrics.get("tokens_seen", 0) < 2048:
             busy.setdefault(r.data.tags.get("raysae.nodes", "").split(",")[-1], set()).add(r.info.run_id)
     return busy
+
+
+def lose(c, node) -> None:
+    """A lost machine: every process of the node dies at once. The raylet killed alone leaves
+    its workers (its children) running for a moment, long enough to finish a short training
+    on a node already removed, so they are killed first."""
+    for raylet in node.all_processes["raylet"]:
+        kids = subprocess.run(["pgrep", "-P", str(raylet.process.pid)], capture_output=True,
+                              text=True).stdout.split()
+        for pid in kids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+    c.remove_node(node, allow_graceful=False)
 
 
 def test_sweep_survives_a_lost_node(cluster, tmp_path, token_file):
