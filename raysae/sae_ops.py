@@ -190,6 +190,16 @@ class _SparseEncode(torch.autograd.Function):
         return None, g_b_dec_D, g_W_FD.t(), g_b_enc_F, None
 
 
+def _centred_with_ones(x_BD: Tensor, b_dec_D: Tensor) -> Tensor:
+    """[x - b_dec, 1] in one buffer [B, D + 1]: the encoder's weights and bias then ride in one
+    matmul, and its backward gives both gradients in one."""
+    B, D = x_BD.shape
+    xc_BD1 = x_BD.new_empty(B, D + 1)
+    torch.sub(x_BD, b_dec_D, out=xc_BD1[:, :D])
+    xc_BD1[:, D] = 1.0
+    return xc_BD1
+
+
 class _ReluTrain(torch.autograd.Function):
     """The ReLU SAE's training forward with a hand-fused backward.
 
@@ -210,9 +220,7 @@ class _ReluTrain(torch.autograd.Function):
         ctx: Any, x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, W_dec_FD: Tensor, b_dec_D: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         B, D = x_BD.shape
-        xc_BD1 = x_BD.new_empty(B, D + 1)
-        torch.sub(x_BD, b_dec_D, out=xc_BD1[:, :D])
-        xc_BD1[:, D] = 1.0
+        xc_BD1 = _centred_with_ones(x_BD, b_dec_D)
         f_BF = (xc_BD1 @ torch.cat([W_enc_DF, b_enc_F[None]])).relu_()
         recon_BD = torch.addmm(b_dec_D, f_BF, W_dec_FD)
         colsum_F = x_BD.new_ones(B) @ f_BF
@@ -269,9 +277,7 @@ class _JumpReLUTrain(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         B, D = x_BD.shape
         theta_F = theta_F.clamp_min(1e-12)  # exp(log θ) underflowing to 0 would divide by 0
-        xc_BD1 = x_BD.new_empty(B, D + 1)
-        torch.sub(x_BD, b_dec_D, out=xc_BD1[:, :D])
-        xc_BD1[:, D] = 1.0
+        xc_BD1 = _centred_with_ones(x_BD, b_dec_D)
         q_BF = xc_BD1 @ torch.cat([W_enc_DF, b_enc_F[None]]).div_(theta_F)
         r_F = (bandwidth / 2) / theta_F
         window_BF = q_BF > 1 - r_F
