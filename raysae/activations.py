@@ -1,4 +1,4 @@
-"""From a token source to activation shards, without Ray: the token stream, the cache plan
+"""From a token source to activation shards, without Ray: the token stream, the cache status
 (which shard directories a job needs and which already exist), and the per-batch work an LM
 actor does (one truncated forward, one shard per hooked site). `distributed/caching.py` runs
 the same `ShardCacher` inside Ray Data actors.
@@ -155,7 +155,7 @@ def special_token_ids(model: ModelConfig, tokenizer: Any | None) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The plan
+# The cache status
 
 
 def fingerprint(job: JobConfig) -> str:
@@ -171,7 +171,7 @@ def fingerprint(job: JobConfig) -> str:
 
 
 @dataclass(frozen=True)
-class CachePlan:
+class CacheStatus:
     """Where each requested site's shards live, and which must still be computed."""
 
     fingerprint: str
@@ -182,7 +182,7 @@ class CachePlan:
     """(site, layer) pairs with no complete shard set yet"""
 
 
-def plan_cache(job: JobConfig) -> CachePlan:
+def cache_status(job: JobConfig) -> CacheStatus:
     """Validate the sites against the model (cheap: config only) and find what is missing."""
     d_model = validate_sites(job.model, job.cache.sites, job.cache.layers)
     fp = fingerprint(job)
@@ -198,26 +198,26 @@ def plan_cache(job: JobConfig) -> CachePlan:
             except shards.ShardError:
                 pass
             missing.append((site, layer))
-    return CachePlan(fp, d_model, dirs, tuple(missing))
+    return CacheStatus(fp, d_model, dirs, tuple(missing))
 
 
-def prepare_dirs(plan: CachePlan) -> None:
+def prepare_dirs(status: CacheStatus) -> None:
     """Empty the directories about to be (re)computed so no stale shard survives."""
-    for site, layer in plan.missing:
-        d = plan.dirs[hook_name(site, layer)]
+    for site, layer in status.missing:
+        d = status.dirs[hook_name(site, layer)]
         if d.exists():
             shutil.rmtree(d)
         d.mkdir(parents=True)
 
 
-def write_manifests(job: JobConfig, plan: CachePlan, results: Iterable[dict[str, Any]]) -> None:
+def write_manifests(job: JobConfig, status: CacheStatus, results: Iterable[dict[str, Any]]) -> None:
     """Write each computed directory's manifest, last, from the shard records of the actors."""
     by_hook: dict[str, list[shards.ShardInfo]] = {}
     for r in results:
         by_hook.setdefault(r["hook_name"], []).append(
             shards.ShardInfo(r["file"], int(r["num_tokens"]), int(r["num_bytes"]), r["sha256"])
         )
-    for site, layer in plan.missing:
+    for site, layer in status.missing:
         name = hook_name(site, layer)
         infos = tuple(sorted(by_hook.get(name, []), key=lambda s: s.file))
         manifest = shards.Manifest(
@@ -226,16 +226,16 @@ def write_manifests(job: JobConfig, plan: CachePlan, results: Iterable[dict[str,
             site=site,
             layer=layer,
             hook_name=name,
-            d_model=plan.d_model,
+            d_model=status.d_model,
             dtype=job.cache.dtype,
             context_length=job.data.context_length,
             dataset=job.data.source,
-            fingerprint=plan.fingerprint,
+            fingerprint=status.fingerprint,
             num_tokens=sum(s.num_tokens for s in infos),
             shards=infos,
             exclude_special=job.cache.exclude_special,
         )
-        shards.write_manifest(plan.dirs[name], manifest)
+        shards.write_manifest(status.dirs[name], manifest)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 A spec holds everything about an architecture that is not tensor maths: its name (the value
 `sae.architecture` takes), the architecture SAELens saves and loads it as and the cfg.json
 fields that go with it (both ways), whether `k` sets its sparsity, its config checks, and the
-FLOPs and memory per token that `raysae.plan` prices it at. Its tensor maths (encoders, fused
+FLOPs and memory per token that `raysae.costs` prices it at. Its tensor maths (encoders, fused
 training steps) are registered against the same name in `raysae.sae_kernels`; adding an
 architecture is one spec here (or `register` from anywhere) plus its kernels there.
 

@@ -12,10 +12,10 @@ from typing import Any
 
 from raysae.activations import check_source
 from raysae.config import ConfigError, JobConfig, load_config
+from raysae.costs import Calibration, PhaseCost, train_costs
 from raysae.distributed import init_ray
 from raysae.features.tasks import check_task_source
 from raysae.models import hook_name, model_dims, parse_hook_name, pretrained_name, validate_sites
-from raysae.plan import Calibration, PhasePlan, train_plan
 from raysae.stitching import grid as stitch_grid
 from raysae.tracking import ui_hint
 from raysae.transfer import grid as transfer_grid
@@ -104,15 +104,15 @@ def cmd_check(cfg: JobConfig) -> None:
     print(f"{cfg.name}: config OK ({cfg.model.name}, layers {list(cfg.cache.layers)})")
 
 
-def job_plan(job: JobConfig, cal: Calibration | None = None, slots: int = 1
-             ) -> tuple[JobConfig, str, list[PhasePlan]]:
-    """The plan of the job's study: the stitch sweep, the layer-transfer sweep, or a plain
-    training (here, above the studies: the cost model in `plan` knows none of them)."""
+def job_costs(job: JobConfig, cal: Calibration | None = None, slots: int = 1
+             ) -> tuple[JobConfig, str, list[PhaseCost]]:
+    """The costs of the job's study: the stitch sweep, the layer-transfer sweep, or a plain
+    training (here, above the studies: the cost model in `costs` knows none of them)."""
     if job.stitch is not None:
-        return stitch_grid.plan(job, cal, slots)
+        return stitch_grid.sweep_costs(job, cal, slots)
     if job.sweep is not None:
-        return transfer_grid.plan(job, cal, slots)
-    return train_plan(job, cal, slots)
+        return transfer_grid.sweep_costs(job, cal, slots)
+    return train_costs(job, cal, slots)
 
 
 def cmd_plan(cfg: JobConfig, calibrate: bool = True, slots: int = 1,
@@ -122,15 +122,15 @@ def cmd_plan(cfg: JobConfig, calibrate: bool = True, slots: int = 1,
     With a target: the cheapest scratch/transfer plan from the config's finished sweep."""
     import torch
 
-    from raysae import plan
+    from raysae import costs
 
     if target is not None:  # read from MLflow: no Ray
         from raysae.tracking import Tracker, tracking_uri
-        from raysae.transfer.pilot import pilot_plan, sweep_trials
+        from raysae.transfer.pilot import budget_plan_report, sweep_trials
 
         try:
             trials = sweep_trials(cfg)
-            print(pilot_plan(cfg, target, trials, Tracker(tracking_uri(cfg.runs_dir), cfg.name)))
+            print(budget_plan_report(cfg, target, trials, Tracker(tracking_uri(cfg.runs_dir), cfg.name)))
         except ConfigError as e:
             print(f"raysae: {e}", file=sys.stderr)
             return 2
@@ -142,13 +142,13 @@ def cmd_plan(cfg: JobConfig, calibrate: bool = True, slots: int = 1,
 
         device = "cuda" if torch.cuda.is_available() and cfg.train.use_gpu else "cpu"
         # as a training worker runs: Ray gives it torch threads for its whole CPUs, at least 1
-        cal = plan.calibrate(cfg, device, threads=None if device == "cuda" else max(1, int(WORKER_CPUS)))
+        cal = costs.calibrate(cfg, device, threads=None if device == "cuda" else max(1, int(WORKER_CPUS)))
     try:
-        job, why, phases = job_plan(cfg, cal, slots)
+        job, why, phases = job_costs(cfg, cal, slots)
     except ConfigError as e:
         print(f"raysae: {e}", file=sys.stderr)
         return 2
-    print(plan.plan_report(job, why, phases, cal))
+    print(costs.cost_report(job, why, phases, cal))
     return 0
 
 
@@ -163,6 +163,7 @@ def cmd_cache(cfg: JobConfig) -> None:
 def cmd_train(cfg: JobConfig) -> int:
     """Train and evaluate one scratch SAE per site of `cache`, all from one activation stream
     (cached first, or streamed: see `raysae plan`)."""
+    from raysae.costs import resolve_source
     from raysae.distributed.caching import cache_activations
     from raysae.distributed.training import (
         SAEGroupSpec,
@@ -171,7 +172,6 @@ def cmd_train(cfg: JobConfig) -> int:
         train_on_ray,
         training_key,
     )
-    from raysae.plan import resolve_source
 
     cfg, why = resolve_source(cfg, reads=1)
     print(f"activation source: {why}")

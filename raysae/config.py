@@ -263,8 +263,8 @@ class CacheConfig:
 
 Architecture = str
 """A name registered in `raysae.architectures.ARCHITECTURES` (checked where a config is built)."""
-PlanDirection = Literal["forward", "backward"]
-PlanSource = Literal["checkpoint", "run"]
+ComputePlanDirection = Literal["forward", "backward"]
+ComputePlanSource = Literal["checkpoint", "run"]
 BDecInit = Literal["mean", "geometric_median", "zeros"]
 
 
@@ -551,12 +551,12 @@ class SweepConfig:
     """Add the Appendix B.1 plan: scratch on alternate layers, transfer to the rest."""
     compute_plan_budget_fraction: float = 0.5
     """Fraction of the scratch budget the plan's transfers train for (paper: 10% and 50%)."""
-    compute_plan_directions: tuple[PlanDirection, ...] = ("forward", "backward")
+    compute_plan_directions: tuple[ComputePlanDirection, ...] = ("forward", "backward")
     """The plans of Appendix B.1, each counted on its own: `forward` (scratch on the 1st, 3rd,
     ... layer of `layers`, SAE_{i<-i-1} on each other one) and `backward`, its mirror (scratch
     counted from the last layer, SAE_{i<-i+1} on the rest): on 12 layers, scratch on the even
     layers and on the odd ones."""
-    compute_plan_from: PlanSource = "checkpoint"
+    compute_plan_from: ComputePlanSource = "checkpoint"
     """Where a plan transfer's SAE comes from: `checkpoint` reads it at the plan's budget from
     the transfer trial of the same pair (the smallest fine-tuning budget with a checkpoint
     there), as the paper's 10% point is the 100M checkpoint of its 500M runs, and trains a run

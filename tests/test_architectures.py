@@ -330,7 +330,7 @@ def test_transfer_through_a_stitch_keeps_threshold_and_batch_selection(arch: str
 def test_architecture_axis_gives_each_architecture_its_own_grid() -> None:
     from test_grid import build_job, build_sweep
 
-    from raysae.transfer.grid import architecture_jobs, base_digest, expand, planned
+    from raysae.transfer.grid import architecture_jobs, base_digest, expand, sae_costs
 
     job = build_job(sae=SAEConfig(architecture="topk", k=8),
                     sweep=build_sweep(architectures=("topk", "batchtopk")))
@@ -347,7 +347,7 @@ def test_architecture_axis_gives_each_architecture_its_own_grid() -> None:
     assert [t.key for t in expand(single, single.sweep, base_digest(single, "fp"))] == [
         t.key for t in grids[0]]
     # the plan counts every architecture's trainings
-    by_phase = planned(job, grids[0])
+    by_phase = sae_costs(job, grids[0])
     assert [p.sae.architecture for p in by_phase["scratch"]] == ["topk", "batchtopk"] * 4
 
 
@@ -408,7 +408,7 @@ def test_an_architecture_registered_in_a_test_is_configured_trained_saved_and_pr
         shifted_relu, tmp_path: Path) -> None:
     from test_grid import build_job, build_sweep
 
-    from raysae import plan
+    from raysae import costs
     from raysae.config import from_dict
     from raysae.transfer.grid import architecture_jobs
 
@@ -438,8 +438,8 @@ def test_an_architecture_registered_in_a_test_is_configured_trained_saved_and_pr
     assert torch.equal(back(x).loss, sae(x).loss)
     # the plan prices it from its spec
     d, F = D_IN, 4 * D_IN
-    assert plan.sae_step_flops_per_token(cfg, d) == 12.0 * d * F
-    assert plan.sae_memory_bytes(cfg, d, 4) == 16 * (2 * d * F + F + d) + 12 * 4 * F + 8 * F
+    assert costs.sae_step_flops_per_token(cfg, d) == 12.0 * d * F
+    assert costs.sae_memory_bytes(cfg, d, 4) == 16 * (2 * d * F + F + d) + 12 * 4 * F + 8 * F
     with pytest.raises(KeyError, match="known: relu"):
         spec_of("not_registered")
 
@@ -468,15 +468,15 @@ def test_the_registry_is_the_config_s_set_of_architectures() -> None:
 
 
 @pytest.mark.parametrize("arch", ["relu", "jumprelu", "topk", "batchtopk", "matryoshka_batchtopk"])
-def test_the_plan_prices_each_architecture_by_its_spec(arch: str) -> None:
-    from raysae import plan
+def test_the_cost_model_prices_each_architecture_by_its_spec(arch: str) -> None:
+    from raysae import costs
 
     d, F, k = 16, 64, 4
     cfg = build_sae(arch, d_in=d, d_sae=F, k=k, matryoshka_widths=(8, 20, 64)).cfg
     dense = not cfg.uses_k
-    assert plan.sae_step_flops_per_token(cfg, d) == (10 * d * F if dense else 2 * d * F + 10 * d * k)
+    assert costs.sae_step_flops_per_token(cfg, d) == (10 * d * F if dense else 2 * d * F + 10 * d * k)
     extra = F if arch == "jumprelu" else 0
-    assert plan.sae_memory_bytes(cfg, d, 8) == 16 * (2 * d * F + F + d + extra) + 12 * 8 * F + 8 * F
+    assert costs.sae_memory_bytes(cfg, d, 8) == 16 * (2 * d * F + F + d + extra) + 12 * 8 * F + 8 * F
     aux = dataclasses.replace(cfg, aux_coefficient=0.1)
-    assert plan.sae_step_flops_per_token(aux, d) - plan.sae_step_flops_per_token(cfg, d) == (
+    assert costs.sae_step_flops_per_token(aux, d) - costs.sae_step_flops_per_token(cfg, d) == (
         0 if dense else 4 * d * (d // 2))

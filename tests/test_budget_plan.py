@@ -10,8 +10,8 @@ import pytest
 
 from raysae.transfer.budget_plan import (
     _price,
-    cheapest_plan,
-    fixed_plan,
+    cheapest_budget_plan,
+    price_compute_plan,
     tokens_to_target,
     transfer_costs,
 )
@@ -28,16 +28,16 @@ def test_known_cheapest_plan_on_four_layers():
     scratch = dict.fromkeys(range(4), 100)
     costs = {(1, 0): 10, (0, 1): 50, (2, 1): 80, (2, 3): 20, (3, 2): 10, (1, 2): 15}
     # {0, 2}: 200 + 1<-0 (10) + 3<-2 (10) = 220; {0, 3}: 230; {1, 3}: 270; {1, 2}: 260
-    plan = cheapest_plan(scratch, costs)
+    plan = cheapest_budget_plan(scratch, costs)
     assert plan.scratch == (0, 2) and plan.transfers == {1: (0, 10), 3: (2, 10)}
     assert plan.tokens == 220 and plan.scratch_everywhere == 400
     assert plan.saving == pytest.approx(0.45)
 
 
 def test_a_layer_no_transfer_reaches_is_trained_from_scratch():
-    plan = cheapest_plan(dict.fromkeys(range(3), 100), {(1, 0): 10})
+    plan = cheapest_budget_plan(dict.fromkeys(range(3), 100), {(1, 0): 10})
     assert plan.scratch == (0, 2) and plan.transfers == {1: (0, 10)}
-    assert cheapest_plan(dict.fromkeys(range(3), 100), {}).scratch == (0, 1, 2)
+    assert cheapest_budget_plan(dict.fromkeys(range(3), 100), {}).scratch == (0, 1, 2)
 
 
 def _brute(scratch, costs):
@@ -55,7 +55,7 @@ def test_chain_programme_equals_every_subset(seed):
     scratch = {i: rng.randint(50, 150) for i in range(n)}
     costs = {(i, j): rng.randint(1, 120) for i in range(n) for j in (i - 1, i + 1)
              if 0 <= j < n and rng.random() < 0.8}
-    plan = cheapest_plan(scratch, costs)
+    plan = cheapest_budget_plan(scratch, costs)
     assert plan.tokens == _brute(scratch, costs)
     # and the plan is what it says: every transfer from a scratch layer at its cost
     assert set(plan.scratch) | set(plan.transfers) == set(range(n))
@@ -67,16 +67,16 @@ def test_chain_programme_equals_every_subset(seed):
 def test_other_offsets_search_every_subset():
     scratch = dict.fromkeys(range(5), 100)
     costs = {(i, j): 5 for i in range(5) for j in range(5) if i != j and abs(i - j) <= 2}
-    plan = cheapest_plan(scratch, costs)  # one scratch layer in the middle reaches all within 2
+    plan = cheapest_budget_plan(scratch, costs)  # one scratch layer in the middle reaches all within 2
     assert plan.scratch == (2,) and plan.tokens == 120
 
 
 def test_fixed_plan_is_priced_at_its_budget():
     scratch = dict.fromkeys(range(4), 100)
     curves = {(1, 0): [[(10, 0.8), (50, 0.97)]], (3, 2): [[(10, 0.9), (50, 0.93)]]}
-    tokens, worst = fixed_plan([0, 1, 2, 3], scratch, curves, [0, 2], {1: 0, 3: 2}, 50)
+    tokens, worst = price_compute_plan([0, 1, 2, 3], scratch, curves, [0, 2], {1: 0, 3: 2}, 50)
     assert tokens == 300 and worst == pytest.approx(0.93)
-    assert math.isnan(fixed_plan([0, 1, 2, 3], scratch, curves, [0, 2], {1: 0, 3: 2}, 30)[1])
+    assert math.isnan(price_compute_plan([0, 1, 2, 3], scratch, curves, [0, 2], {1: 0, 3: 2}, 30)[1])
 
 
 def test_plan_target_before_the_sweep_ran_names_what_is_missing(tmp_path, token_file, capsys):

@@ -16,7 +16,7 @@ import torch
 from conftest import TINY_NEOX, build_cfg
 
 from raysae import shards
-from raysae.activations import plan_cache
+from raysae.activations import cache_status
 from raysae.config import CacheConfig, ConfigError
 from raysae.models import load_lm, run_with_cache
 
@@ -94,12 +94,12 @@ def test_rerun_reuses_complete_cache_and_fills_missing(cached, token_file):
 
     cfg, dirs = cached
     mtimes = {k: os.path.getmtime(v / shards.MANIFEST) for k, v in dirs.items()}
-    assert plan_cache(cfg).missing == ()
+    assert cache_status(cfg).missing == ()
     assert cache_activations(cfg) == dirs
     assert {k: os.path.getmtime(v / shards.MANIFEST) for k, v in dirs.items()} == mtimes
     # a half-written set (no manifest) is computed again, the complete ones are left alone
     (dirs["blocks.2.hook_resid_pre"] / shards.MANIFEST).unlink()
-    assert plan_cache(cfg).missing == (("resid_pre", 2),)
+    assert cache_status(cfg).missing == (("resid_pre", 2),)
     cache_activations(cfg)
     assert os.path.getmtime(dirs["blocks.0.hook_resid_post"] / shards.MANIFEST) == mtimes["blocks.0.hook_resid_post"]
     shards.ActivationReader(dirs["blocks.2.hook_resid_pre"])
@@ -164,4 +164,4 @@ def test_a_full_disk_under_the_actors_is_the_drivers_clean_error(ray_local, tmp_
                                                          r"\(\d+ bytes; \d+ bytes free there\)"):
             cache_activations(cfg)
         assert not list(disk.rglob(shards.MANIFEST)) and leftovers(disk) == []
-        assert plan_cache(cfg).missing == (("resid_post", 0), ("resid_post", 2))
+        assert cache_status(cfg).missing == (("resid_post", 0), ("resid_post", 2))

@@ -21,8 +21,8 @@ from conftest import build_cfg
 from raysae import shards
 from raysae.activations import (
     ShardCacher,
+    cache_status,
     job_tokens,
-    plan_cache,
     prepare_dirs,
     special_token_ids,
     write_manifests,
@@ -101,7 +101,7 @@ def cache_in_process(job: JobConfig) -> dict[str, Path]:
     """What `distributed.caching.cache_activations` does, with one in-process ShardCacher in
     place of the Ray Data actor pool: the plan, emptied directories, one shard per batch of
     sequences and site, the manifests last."""
-    plan = plan_cache(job)
+    plan = cache_status(job)
     prepare_dirs(plan)
     tokens_NT = job_tokens(job, job.data.num_tokens)
     per_shard = job.cache.shard_tokens // job.data.context_length
@@ -133,11 +133,11 @@ def test_caching_onto_a_full_disk_fails_cleanly_and_a_rerun_redoes_it(
         assert not list(disk.rglob(shards.MANIFEST))  # no set looks complete
         for f in disk.rglob("shard-*.arrow"):  # the shards that made it are whole files
             assert pa.ipc.open_file(f).read_all().num_rows > 0
-        assert plan_cache(job).missing == (("resid_post", 0), ("resid_post", 2))
+        assert cache_status(job).missing == (("resid_post", 0), ("resid_post", 2))
 
         resize(disk, "2m")
         dirs = cache_in_process(job)
-        assert plan_cache(job).missing == ()
+        assert cache_status(job).missing == ()
         for d in dirs.values():
             reader = shards.ActivationReader(d, d_model=64)  # checks every shard's size
             assert len(reader.manifest.shards) == 4

@@ -22,10 +22,10 @@ from raysae.config import (
 from raysae.transfer.grid import (
     base_digest,
     budget_plan_trials,
+    compute_plan_pairs,
+    compute_plan_summary,
     expand,
     phases,
-    plan_pairs,
-    plan_token_summary,
     references,
     train_config_for,
 )
@@ -161,9 +161,9 @@ def test_plan_dedupes_against_transfer_and_summary():
         sweep = build_sweep(finetune_budgets=(500_000,), compute_plan_from=source)
         trials = grid(sweep=sweep)
         assert phases(trials)["plan"] == []
-        summary = plan_token_summary(build_job(), sweep, trials)
+        summary = compute_plan_summary(build_job(), sweep, trials)
         assert summary["scratch_everywhere_tokens"] == 4_000_000
-        assert summary["plan_budget"] == 500_000
+        assert summary["compute_plan_budget"] == 500_000
         fwd, bwd = summary["plans"]
         assert (fwd["direction"], bwd["direction"]) == ("forward", "backward")
         for plan in (fwd, bwd):
@@ -182,7 +182,7 @@ def test_plan_dedupes_against_transfer_and_summary():
         ]
     # 10% of the budget: 45% fewer tokens (Appendix B.1), both directions
     s = build_sweep(compute_plan_budget_fraction=0.1)
-    plans = plan_token_summary(build_job(), s, grid(sweep=s))["plans"]
+    plans = compute_plan_summary(build_job(), s, grid(sweep=s))["plans"]
     assert [p["saved_fraction"] for p in plans] == pytest.approx([0.45, 0.45])
 
 
@@ -195,7 +195,7 @@ def test_plan_reads_the_checkpoint_of_a_longer_fine_tuning():
     trials = grid(job, sweep)
     assert phases(trials)["plan"] == []
     index = {t.key: t for t in trials}
-    for plan in plan_token_summary(job, sweep, trials)["plans"]:
+    for plan in compute_plan_summary(job, sweep, trials)["plans"]:
         read = [(index[m["key"]].name, m["tokens"], m["from"]) for m in plan["members"]
                 if m["from"] != "scratch"]
         names = {"forward": ["L1←L0 fwd 1M", "L3←L2 fwd 1M"],
@@ -230,11 +230,11 @@ def test_plan_trains_its_own_transfers_with_stop_at():
         assert [t.key for t in trials if t.phase != "plan"] == [t.key for t in fixed]
         assert len({t.key for t in trials}) == len(trials)  # none is a transfer trial's
         index = {t.key: t for t in trials}
-        for p in plan_token_summary(job, sweep, trials)["plans"]:
+        for p in compute_plan_summary(job, sweep, trials)["plans"]:
             read = [(index[m["key"]].phase, m["tokens"], m["from"]) for m in p["members"]
                     if m["from"] != "scratch"]
             assert read == [("plan", 500_000, "run")] * 2
-        for p in plan_token_summary(job, build_sweep(finetune_budgets=budgets), fixed)["plans"]:
+        for p in compute_plan_summary(job, build_sweep(finetune_budgets=budgets), fixed)["plans"]:
             assert {m["from"] for m in p["members"]} == {
                 "scratch", "checkpoint" if budgets[-1] > 500_000 else "run"}
 
@@ -266,14 +266,14 @@ def test_plan_pairs_forward_and_backward():
     """Appendix B.1 on the paper's 12 layers: scratch on the even layers with SAE_{i<-i-1} on
     the odd ones, and scratch on the odd layers with SAE_{i<-i+1} on the even ones."""
     twelve = build_sweep(layers=tuple(range(12)))
-    scratch, pairs = plan_pairs(twelve, "forward")
+    scratch, pairs = compute_plan_pairs(twelve, "forward")
     assert scratch == (0, 2, 4, 6, 8, 10) and pairs == tuple((i, i - 1) for i in range(1, 12, 2))
-    scratch, pairs = plan_pairs(twelve, "backward")
+    scratch, pairs = compute_plan_pairs(twelve, "backward")
     assert scratch == (1, 3, 5, 7, 9, 11) and pairs == tuple((i, i + 1) for i in range(0, 11, 2))
     # an odd count: backward is forward's mirror, so every transfer stays SAE_{i<-i+1}
     five = build_sweep(layers=(0, 1, 2, 3, 4))
-    assert plan_pairs(five, "forward") == ((0, 2, 4), ((1, 0), (3, 2)))
-    assert plan_pairs(five, "backward") == ((0, 2, 4), ((1, 2), (3, 4)))
+    assert compute_plan_pairs(five, "forward") == ((0, 2, 4), ((1, 0), (3, 2)))
+    assert compute_plan_pairs(five, "backward") == ((0, 2, 4), ((1, 2), (3, 4)))
     # the layers of the sweep, not block indices: the neighbour is the adjacent sweep layer
     s = build_sweep(layers=(0, 2, 4), offsets=(2,), finetune_budgets=(200_000,))
     trials = grid(job=build_job(cache=CacheConfig(layers=(0, 2, 4))), sweep=s)

@@ -23,8 +23,8 @@ from raysae.config import (
 )
 from raysae.transfer import grid
 from raysae.transfer.pilot import (
-    pilot_plan,
-    plan_run_summary,
+    budget_plan_report,
+    budget_plan_run_summary,
     read_pilot,
     sweep_trials,
     undefined_pairs,
@@ -92,7 +92,7 @@ def test_pilot_finds_the_cheapest_plan_on_the_runs():
     # scratch on 1 and 0<-1 at 500 tokens (2,500) beats scratch on 0 and 1<-0 at 1,000 (3,000)
     assert pilot.best.scratch == (1,) and pilot.best.transfers == {0: (1, 500)}
     assert pilot.best.tokens == 2500 and pilot.best.scratch_everywhere == 4000
-    text = pilot_plan(job, 0.95, trials, runs)
+    text = budget_plan_report(job, 0.95, trials, runs)
     assert "  scratch on [1]; L0<-L1 500" in text
     assert "| cheapest for the target | 2,500 | 38% | >= 0.95 |" in text
     assert "| scratch everywhere | 4,000 | 0% | 1 |" in text
@@ -107,7 +107,7 @@ def test_a_pair_whose_zero_shot_beats_scratch_is_not_used():
     assert undefined_pairs(trials, runs) == [(1, 0)]
     pilot = read_pilot(job, 0.95, trials, runs)
     assert (1, 0) not in pilot.curves and pilot.undefined == [(1, 0)]
-    text = pilot_plan(job, 0.95, trials, runs)
+    text = budget_plan_report(job, 0.95, trials, runs)
     assert "not used (normalized CES undefined" in text and "L1<-L0" in text
     assert "| B.1 forward, 1k fine-tuning | 3,000 | 25% | undefined at L1<-L0 |" in text
 
@@ -128,7 +128,7 @@ def test_plan_run_summary_reads_each_planned_run_at_its_tokens():
     planned = grid.budget_plan_trials(job, job.sweep, "fp", trials, pilot.best.transfers)
     assert [(t.layer, t.source_layer, t.budget) for t in planned] == [(0, 1, 500)]
     runs.add(planned[0].key, history={"normalized_ces": [(250, 0.5), (500, 0.93)]})
-    out = plan_run_summary(runs, pilot, planned)
+    out = budget_plan_run_summary(runs, pilot, planned)
     assert out["transfers"] == [{"layer": 0, "source": 1, "tokens": 500, "key": planned[0].key,
                                  "normalized_ces": 0.93, "meets": False}]
     assert not out["all_met"] and out["tokens"] == 2500 and out["scratch_layers"] == [1]

@@ -382,11 +382,11 @@ def test_adaptive_sweep_stops_each_transfer_at_its_target(adaptive):
     assert "| cheapest for the target |" in stdout and "| B.1 forward, 1024 fine-tuning |" in stdout
     # `raysae plan --target` prints the same plan, read back from MLflow
     from raysae.tracking import Tracker, tracking_uri
-    from raysae.transfer.pilot import pilot_plan, sweep_trials
+    from raysae.transfer.pilot import budget_plan_report, sweep_trials
 
     job = dataclasses.replace(load_config(cfg_path), runs_dir=str(runs))
     pilot_runs = Tracker(tracking_uri(job.runs_dir), job.name)
-    assert pilot_plan(job, target, sweep_trials(job), pilot_runs) in stdout
+    assert budget_plan_report(job, target, sweep_trials(job), pilot_runs) in stdout
 
     # the plan run as a phase: each planned transfer a run of exactly its planned tokens, its
     # normalized CES at the end reported as MLflow has it

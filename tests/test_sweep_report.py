@@ -69,7 +69,7 @@ def fabricate(client: MlflowClient, root: Path, name: str, model: str, budget: i
     params = {**PAPER, "model.name": model, "sweep.finetune_budgets": json.dumps([budget]),
               "sweep.layers": "[0, 1]"}
     P = scratch // 10
-    summary = {"scratch_everywhere_tokens": 2 * scratch, "plan_budget": P,
+    summary = {"scratch_everywhere_tokens": 2 * scratch, "compute_plan_budget": P,
                "plan_budget_fraction": 0.1, "plan_from": "checkpoint", "plans": [
                    {"direction": d, "scratch_layers": [s], "transfers": [[t, s]],
                     "tokens": scratch + P, "saved_fraction": 1 - (scratch + P) / (2 * scratch),

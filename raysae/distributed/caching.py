@@ -23,10 +23,10 @@ from ray.data import ActorPoolStrategy
 
 from raysae import shards
 from raysae.activations import (
-    CachePlan,
+    CacheStatus,
     ShardCacher,
+    cache_status,
     job_tokens,
-    plan_cache,
     prepare_dirs,
     special_token_ids,
     write_manifests,
@@ -64,32 +64,32 @@ def sequences_dataset(tokens_NT: np.ndarray, seqs_per_shard: int) -> ray.data.Da
 
 def cache_activations(job: JobConfig) -> dict[str, Path]:
     """Cache every (site, layer) of the job; reuse complete shard sets. Returns hook -> dir."""
-    plan = plan_cache(job)  # raises on bad layers before any Ray work
-    if not plan.missing:
-        log.info("activation cache %s is complete; reusing it", plan.fingerprint)
-        return plan.dirs
+    status = cache_status(job)  # raises on bad layers before any Ray work
+    if not status.missing:
+        log.info("activation cache %s is complete; reusing it", status.fingerprint)
+        return status.dirs
     cache, data = job.cache, job.data
     tokenizer = load_tokenizer(job.model, data)
     tokens_NT = job_tokens(job, data.num_tokens)
     seqs_per_shard = max(1, cache.shard_tokens // data.context_length)
-    prepare_dirs(plan)
+    prepare_dirs(status)
     log.info(
         "caching %d sites x %d tokens into %d shards each under %s",
-        len(plan.missing),
+        len(status.missing),
         tokens_NT.size,
         -(-len(tokens_NT) // seqs_per_shard),
-        next(iter(plan.dirs.values())).parent,
+        next(iter(status.dirs.values())).parent,
     )
     t0 = time.perf_counter()
     with _shard_write_errors_unwrapped():
-        records = _run_actors(job, plan, tokens_NT, seqs_per_shard, tokenizer)
-    write_manifests(job, plan, records)
+        records = _run_actors(job, status, tokens_NT, seqs_per_shard, tokenizer)
+    write_manifests(job, status, records)
     dt = time.perf_counter() - t0
     log.info("cached %d tokens in %.1f s (%.0f tokens/s)", tokens_NT.size, dt, tokens_NT.size / dt)
-    return plan.dirs
+    return status.dirs
 
 
-def _run_actors(job: JobConfig, plan: CachePlan, tokens_NT: np.ndarray, seqs_per_shard: int,
+def _run_actors(job: JobConfig, status: CacheStatus, tokens_NT: np.ndarray, seqs_per_shard: int,
                 tokenizer: Any) -> list[dict[str, Any]]:
     """The LM actor pool over every shard's sequences; returns the shards' manifest records."""
     cache = job.cache
@@ -105,8 +105,8 @@ def _run_actors(job: JobConfig, plan: CachePlan, tokens_NT: np.ndarray, seqs_per
             fn_constructor_kwargs=dict(
                 model=to_dict(job.model),
                 threads=max(1, round(cache.actor_cpus)),
-                sites=list(plan.missing),
-                dirs={k: str(v) for k, v in plan.dirs.items()},
+                sites=list(status.missing),
+                dirs={k: str(v) for k, v in status.dirs.items()},
                 dtype=cache.dtype,
                 batch_size=cache.batch_size,
                 special_ids=special_token_ids(job.model, tokenizer) if cache.exclude_special else [],

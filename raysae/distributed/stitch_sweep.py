@@ -117,7 +117,7 @@ def declare(sw: StitchSweep) -> Study:
     tags = {"raysae.phase": "sweep", "raysae.role": "stitch_sweep",
             "raysae.sweep_kind": stitch_grid.SWEEP_KIND}
     return Study(job, f"stitch_sweep:{sw.digest}", f"{job.name} stitch sweep", tags,
-                 stitch_grid.plan(job), phases, _summary, "stitch_summary.json")
+                 stitch_grid.sweep_costs(job), phases, _summary, "stitch_summary.json")
 
 
 def _summary(run: StudyRun) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 on the one runner both sweeps share (`run_study`).
 
 A study (the layer-transfer sweep, the stitching sweep) is a `Study`: its parent MLflow run
-(key, name, tags), its plan, its phases and how its summary is read off what ran. `run_study`
-opens (or finds again) the parent run, logs the plan, runs the phases in order and writes each
+(key, name, tags), its costs, its phases and how its summary is read off what ran. `run_study`
+opens (or finds again) the parent run, logs its costs, runs the phases in order and writes each
 phase's status tag (`raysae.status.<phase>`), then the summary, and finishes the parent run.
 A phase is one of five kinds:
 
@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from raysae.config import JobConfig, flatten, to_dict
-from raysae.distributed.engine import Done, Errors, SweepResult, log_plan, run_groups
+from raysae.costs import PhaseCost
+from raysae.distributed.engine import Done, Errors, SweepResult, log_costs, run_groups
 from raysae.distributed.redecide import going_on_groups, redecide_members
 from raysae.distributed.training import (
     SAEGroupSpec,
@@ -42,7 +43,6 @@ from raysae.distributed.training import (
     run_sae_group,
     sae_groups,
 )
-from raysae.plan import PhasePlan
 from raysae.tracking import Tracker
 
 log = logging.getLogger("raysae.study")
@@ -95,15 +95,15 @@ class Phase:
 @dataclass(frozen=True)
 class Study:
     """A study's declaration: the job its phases run under; its parent run (a stable `key`
-    with the study's digest in it, a `name`, `tags`, the job's params); its `plan` (the job as
-    planned, why its activation source, the cost of every phase); its phases; and its
+    with the study's digest in it, a `name`, `tags`, the job's params); its `costs` (the job with
+    its source decided, why its activation source, the cost of every phase); its phases; and its
     `summary`, read off what ran and logged as `summary_file` on the parent run."""
 
     job: JobConfig
     key: str
     name: str
     tags: dict[str, str]
-    plan: tuple[JobConfig, str, Sequence[PhasePlan]]
+    costs: tuple[JobConfig, str, Sequence[PhaseCost]]
     phases: Sequence[Phase]
     summary: Callable[[StudyRun], dict[str, Any]]
     summary_file: str
@@ -114,7 +114,7 @@ def run_study(study: Study) -> SweepResult:
     job = study.job
     tracker = Tracker.for_runs_dir(job.runs_dir, job.name)
     parent = tracker.open_run(study.key, study.name, study.tags, flatten(job))
-    log_plan(tracker, parent, *study.plan)
+    log_costs(tracker, parent, *study.costs)
     run = StudyRun(job, tracker, parent)
     for phase in study.phases:
         if all(run.all_finished(p) for p in phase.needs):

@@ -32,6 +32,7 @@ from raysae.config import (
     from_dict,
     to_dict,
 )
+from raysae.costs import pack_saes
 from raysae.distributed.engine import (
     Fit,
     FitResult,
@@ -45,7 +46,6 @@ from raysae.distributed.engine import (
 )
 from raysae.evaluate import evaluate_saes_kept
 from raysae.models import load_lm, load_tokenizer, model_dims, parse_hook_name
-from raysae.plan import pack_saes
 from raysae.sae import SAE, SAEMetadata
 from raysae.shards import ActivationReader
 from raysae.sources import (
@@ -136,7 +136,7 @@ def train_on_ray(job: JobConfig, spec: SAEGroupSpec, *, max_failures: int = 2
 def sae_groups(job: JobConfig, members: list[SAERun], source: str,
                shards: dict[str, str] | None) -> list[SAEGroupSpec]:
     """The members packed into groups that fit a worker (`train.worker_memory_gb`, the stream
-    included) and `train.max_group_saes`, in order (`plan.pack_saes`)."""
+    included) and `train.max_group_saes`, in order (`costs.pack_saes`)."""
     saes = [(member_config(job, m)[0], m.hook) for m in members]
     out = []
     for idx in pack_saes(job, job.model, saes, source == "streamed").groups:

@@ -45,7 +45,7 @@ from raysae.stopping import NoTarget, StopRule, transfer_rule
 from raysae.tracking import Tracker, tracking_uri
 from raysae.transfer import grid, scores
 from raysae.transfer.derived import heldout_sites, new_normalized_ces, transfer_scores
-from raysae.transfer.pilot import pilot_plan, plan_run_summary, read_pilot
+from raysae.transfer.pilot import budget_plan_report, budget_plan_run_summary, read_pilot
 
 log = logging.getLogger("raysae.sweep")
 
@@ -73,7 +73,7 @@ def run_sweep(job: JobConfig) -> SweepResult:
     trials = grid.expand(job, sweep, grid.base_digest(job, fingerprint(job)))
     grid.phases(trials)  # every dependency in an earlier phase
     task_sets = load_task_sets(job)  # task files checked and tokenised before any work
-    job, why, costs = grid.plan(job)  # the source decided; a cache that cannot fit is refused
+    job, why, costs = grid.sweep_costs(job)  # the source decided; a cache that cannot fit is refused
     return run_study(declare(TransferSweep(job, digest, trials, task_sets), why, costs))
 
 
@@ -89,7 +89,7 @@ def declare(s: TransferSweep, why: str, costs: Sequence[Any]) -> Study:
     if sweep.run_budget_plan:  # the cheapest plan for the target, run as a phase
         phases += [Phase("pilot", "derive", functools.partial(_pilot, s), needs=("scratch",)),
                    Phase("budget_plan", "train", functools.partial(_train, s, "budget_plan"),
-                         functools.partial(_planned, s), needs=("scratch",))]
+                         functools.partial(_budget_plan_trials, s), needs=("scratch",))]
     phases.append(Phase("derive", "derive", functools.partial(_derive, s)))
     if job.features is not None:
         phases.append(Phase("features", "features", functools.partial(_features, s),
@@ -106,20 +106,20 @@ def _summary(s: TransferSweep, run: StudyRun) -> dict[str, Any]:
     summary = {
         "trials": {p: len(ts) for p, ts in grid.phases(s.trials).items()},
         "failed": run.failed,
-        **grid.plan_token_summary(job, sweep, s.trials),
+        **grid.compute_plan_summary(job, sweep, s.trials),
     }
     if sweep.stop_at is not None:
         transfers = [t for t in _derived(run) if t.phase == "transfer"]
         summary["early_stopping"] = _stop_summary(run.tracker, transfers)
         if sweep.stop_at.normalized_ces is not None and run.all_finished("scratch"):
-            summary["budget_plan"] = pilot_plan(job, sweep.stop_at.normalized_ces, s.trials,
+            summary["budget_plan"] = budget_plan_report(job, sweep.stop_at.normalized_ces, s.trials,
                                                 run.tracker)
             log.info("%s", summary["budget_plan"])
     pilot = run.made.get("pilot")
     if pilot is not None:
         planned = run.trials["budget_plan"]
         summary["trials"]["budget_plan"] = len(planned)
-        summary["budget_plan_run"] = plan_run_summary(run.tracker, pilot, planned)
+        summary["budget_plan_run"] = budget_plan_run_summary(run.tracker, pilot, planned)
         log.info("%s", summary["budget_plan_run"]["text"])
     return summary
 
@@ -189,7 +189,7 @@ def _pilot(s: TransferSweep, run: StudyRun) -> Any:
     return read_pilot(s.job, sweep.stop_at.normalized_ces, s.trials, run.tracker)
 
 
-def _planned(s: TransferSweep, run: StudyRun) -> list[grid.Trial]:
+def _budget_plan_trials(s: TransferSweep, run: StudyRun) -> list[grid.Trial]:
     """The pilot's plan as trials: each planned transfer a run of its planned tokens."""
     job = s.job
     assert job.sweep is not None

@@ -16,15 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from raysae.config import ConfigError, JobConfig, StitchConfig, TrainConfig, digest, to_dict
-from raysae.models import hook_name, model_dims
-from raysae.plan import (
+from raysae.costs import (
     Calibration,
-    PhasePlan,
-    PlannedSAE,
+    PhaseCost,
+    SAECost,
     cache_phase,
     format_tokens,
-    plan_phases,
+    phase_costs,
 )
+from raysae.models import hook_name, model_dims
 from raysae.stitching.stitch import lstsq_flops
 
 Role = Literal["stitch", "scratch_a", "scratch_b", "zeroshot", "transfer", "probes"]
@@ -210,20 +210,20 @@ def cache_jobs(job: JobConfig, pairs: tuple[tuple[int, int], ...]) -> tuple[JobC
     return a, b
 
 
-def planned(job: JobConfig, trials: list[StitchTrial]
-            ) -> tuple[dict[str, list[PlannedSAE]], dict[str, float]]:
+def sae_costs(job: JobConfig, trials: list[StitchTrial]
+            ) -> tuple[dict[str, list[SAECost]], dict[str, float]]:
     """The SAE trainings of each training phase and the stitches' FLOPs (20 d_A d_B per
     token, `stitch.stitch_flops_per_token`, plus the least-squares start, `stitch.lstsq_flops`),
-    for `raysae.plan`."""
+    for `raysae.costs`."""
     s = job.stitch
     assert s is not None
     d_a, d_b = model_dims(job.model)[1], model_dims(s.large)[1]
-    saes: dict[str, list[PlannedSAE]] = {"fit": [], "transfer": []}
+    saes: dict[str, list[SAECost]] = {"fit": [], "transfer": []}
     for t in trials:
         if t.role in ("scratch_a", "scratch_b", "transfer"):
             large = t.role != "scratch_a"
             layer = t.layer_b if large else t.layer_a
-            saes[t.phase].append(PlannedSAE(s.large if large else job.model,
+            saes[t.phase].append(SAECost(s.large if large else job.model,
                                             hook_name(s.site, layer),
                                             dataclasses.replace(job.sae, d_sae=t.width), t.budget))
     stitches = sum(t.role == "stitch" for t in trials)
@@ -231,11 +231,11 @@ def planned(job: JobConfig, trials: list[StitchTrial]
     return saes, {"fit": stitches * (20.0 * d_a * d_b * s.num_tokens + lstsq)}
 
 
-def plan(job: JobConfig, cal: Calibration | None = None, slots: int = 1
-         ) -> tuple[JobConfig, str, list[PhasePlan]]:
-    """The stitch sweep's plan: always cached (a stitch reads both models' activations of the
+def sweep_costs(job: JobConfig, cal: Calibration | None = None, slots: int = 1
+         ) -> tuple[JobConfig, str, list[PhaseCost]]:
+    """The stitch sweep's costs: always cached (a stitch reads both models' activations of the
     same tokens), A's and B's caches, and every training phase. Matched layers' B partners are
-    unknown before the matching runs: the plan covers the explicit pairs and, for each matched
+    unknown before the matching runs: the costs cover the explicit pairs and, for each matched
     A layer, B's layer of the same relative depth."""
     s = job.stitch
     assert s is not None
@@ -246,9 +246,9 @@ def plan(job: JobConfig, cal: Calibration | None = None, slots: int = 1
     pairs = pairs_of(s, matches)
     job_a, job_b = cache_jobs(job, pairs)
     trials = expand(job, ("plan", "plan"), matches)
-    saes, flops = planned(job, trials)
+    saes, flops = sae_costs(job, trials)
     job = dataclasses.replace(job, train=dataclasses.replace(job.train, source="cached"))
     caches = [dataclasses.replace(cache_phase(j, cal, slots), name=f"cache {m}")
               for j, m in ((job_a, "A"), (job_b, "B"))]
-    trainings = plan_phases(job, saes, cal, slots, flops, with_cache=False)
+    trainings = phase_costs(job, saes, cal, slots, flops, with_cache=False)
     return job, "cached: a stitch reads both models' activations of the same tokens", caches + trainings

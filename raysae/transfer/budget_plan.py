@@ -63,7 +63,7 @@ def transfer_costs(curves: dict[tuple[int, int], list[Curve]], target: float
     return out
 
 
-def cheapest_plan(scratch: dict[int, int], costs: dict[tuple[int, int], int]) -> BudgetPlan:
+def cheapest_budget_plan(scratch: dict[int, int], costs: dict[tuple[int, int], int]) -> BudgetPlan:
     """The plan of least tokens (ties: fewer scratch layers, then lower layers scratch)."""
     layers = sorted(scratch)
     if all(abs(j - i) == 1 for i, j in costs):
@@ -82,7 +82,7 @@ def cheapest_plan(scratch: dict[int, int], costs: dict[tuple[int, int], int]) ->
     return best
 
 
-def fixed_plan(layers: list[int], scratch: dict[int, int], curves: dict[tuple[int, int], list[Curve]],
+def price_compute_plan(layers: list[int], scratch: dict[int, int], curves: dict[tuple[int, int], list[Curve]],
                scratch_layers: list[int], sources: dict[int, int], tokens: int) -> tuple[int, float]:
     """A fixed plan (Appendix B.1): scratch on `scratch_layers`, each other layer i fine-tuned
     for `tokens` from `sources[i]`. Returns (its tokens, the worst normalized CES of its

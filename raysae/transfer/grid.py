@@ -34,24 +34,24 @@ from typing import Any, Literal, NamedTuple
 
 from raysae.activations import fingerprint
 from raysae.config import (
+    ComputePlanDirection,
     ConfigError,
     JobConfig,
-    PlanDirection,
     SweepConfig,
     TrainConfig,
     digest,
     to_dict,
 )
-from raysae.features.targets import FeatureTarget, SAERef
-from raysae.models import hook_name
-from raysae.plan import (
+from raysae.costs import (
     Calibration,
-    PhasePlan,
-    PlannedSAE,
+    PhaseCost,
+    SAECost,
     format_tokens,
-    plan_phases,
+    phase_costs,
     resolve_source,
 )
+from raysae.features.targets import FeatureTarget, SAERef
+from raysae.models import hook_name
 from raysae.reference import DIRECTION_LABELS
 
 Phase = Literal["scratch", "zeroshot", "transfer", "plan", "budget_plan"]
@@ -148,7 +148,7 @@ def _make(
     direction = "scratch" if src is None else direction_of(src - layer)
     kind = "eval" if phase == "zeroshot" else "train"
     if phase in ("plan", "budget_plan") and sweep.stop_at is not None:
-        # not the transfer trial of the same budget: that one may stop before it (`plan_checkpoint`);
+        # not the transfer trial of the same budget: that one may stop before it (`compute_plan_checkpoint`);
         # a B.1 plan trial and a budget-plan trial of one setting are the same run
         kind = "plan"
     tags = {
@@ -220,21 +220,21 @@ def validate(job: JobConfig, sweep: SweepConfig, n_layers: int | None = None) ->
             f"sweep.finetune_budgets: got {small}, expected budgets >= train.batch_size "
             f"({job.train.batch_size})"
         )
-    if sweep.compute_plan and plan_budget(job, sweep) < job.train.batch_size:
+    if sweep.compute_plan and compute_plan_budget(job, sweep) < job.train.batch_size:
         raise ConfigError(
             f"sweep.compute_plan_budget_fraction: got {sweep.compute_plan_budget_fraction}, "
-            f"which leaves {plan_budget(job, sweep)} tokens, below train.batch_size "
+            f"which leaves {compute_plan_budget(job, sweep)} tokens, below train.batch_size "
             f"({job.train.batch_size})"
         )
 
 
-def plan_budget(job: JobConfig, sweep: SweepConfig) -> int:
+def compute_plan_budget(job: JobConfig, sweep: SweepConfig) -> int:
     """Tokens of each transfer trial of the compute plan."""
     return round(sweep.compute_plan_budget_fraction * job.train.num_tokens)
 
 
-def plan_pairs(
-    sweep: SweepConfig, direction: PlanDirection = "forward"
+def compute_plan_pairs(
+    sweep: SweepConfig, direction: ComputePlanDirection = "forward"
 ) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
     """One compute plan of Appendix B.1: (scratch layers, (target, source) pairs), sorted.
     Forward: scratch on the 1st, 3rd, ... layer of the sweep, every other layer from the one
@@ -246,7 +246,7 @@ def plan_pairs(
     return tuple(sorted(layers[::2])), tuple(sorted(pairs))
 
 
-def plan_checkpoint(
+def compute_plan_checkpoint(
     job: JobConfig, sweep: SweepConfig, trials: list[Trial], target: int, source: int
 ) -> Trial | None:
     """The transfer trial whose checkpoint at the plan's budget P is the plan's
@@ -257,7 +257,7 @@ def plan_checkpoint(
     be there, and the plan's transfers are trained runs of their own."""
     if sweep.compute_plan_from != "checkpoint" or sweep.stop_at is not None:
         return None
-    P, every = plan_budget(job, sweep), job.train.checkpoint_every_tokens
+    P, every = compute_plan_budget(job, sweep), job.train.checkpoint_every_tokens
     fits = [t for t in trials if t.phase == "transfer" and t.layer == target
             and t.source_layer == source and t.lr == sweep.finetune_lr
             and (t.budget == P or (t.budget > P and P % every == 0))]
@@ -288,12 +288,12 @@ def expand(job: JobConfig, sweep: SweepConfig, base: str) -> list[Trial]:
 
     if sweep.compute_plan:
         seen = {t.key for t in trials}
-        budget = plan_budget(job, sweep)
+        budget = compute_plan_budget(job, sweep)
         pct = f"{sweep.compute_plan_budget_fraction * 100:g}%"
         transfers = list(trials)
         for direction in sweep.compute_plan_directions:
-            for i, s in plan_pairs(sweep, direction)[1]:
-                if plan_checkpoint(job, sweep, transfers, i, s) is not None:
+            for i, s in compute_plan_pairs(sweep, direction)[1]:
+                if compute_plan_checkpoint(job, sweep, transfers, i, s) is not None:
                     continue  # read at a transfer trial's checkpoint: nothing to train
                 name = f"L{i}←L{s} {label_of(direction_of(s - i))} {pct}"
                 t = make("plan", i, scratch[s], budget, sweep.finetune_lr, name)
@@ -328,25 +328,25 @@ def train_config_for(job: JobConfig, trial: Trial) -> TrainConfig:
     return job.sae_settings(num_tokens=trial.budget, lr=trial.lr)[1]
 
 
-def plan_token_summary(job: JobConfig, sweep: SweepConfig, trials: list[Trial]) -> dict[str, Any]:
+def compute_plan_summary(job: JobConfig, sweep: SweepConfig, trials: list[Trial]) -> dict[str, Any]:
     """Total training tokens of each compute plan (`sweep.compute_plan_directions`) against
     scratch on every layer (Appendix B.1), with its members: the trial (key) and the tokens at
     which its SAE is read (a scratch SAE at its budget; a plan transfer at the plan's budget,
     of the transfer trial whose checkpoint it is, or of its own run; a plan trial that
     duplicates a transfer trial is that transfer trial, but with `sweep.stop_at`, where it is a
     run of its own). Members not in `trials` are left out."""
-    S, budget = job.train.num_tokens, plan_budget(job, sweep)
+    S, budget = job.train.num_tokens, compute_plan_budget(job, sweep)
     # a plan trial of its own (`sweep.stop_at`) over the transfer trial of the same setting
     index = {(t.layer, t.source_layer, t.budget, t.lr): t.key
              for t in sorted(trials, key=lambda t: t.phase == "plan") if t.trains}
     everywhere = S * len(sweep.layers)
     plans = []
     for direction in sweep.compute_plan_directions:
-        scratch_layers, pairs = plan_pairs(sweep, direction)
+        scratch_layers, pairs = compute_plan_pairs(sweep, direction)
         members = [{"key": index.get((i, None, S, job.train.lr)), "layer": i, "tokens": S,
                     "from": "scratch"} for i in scratch_layers]
         for i, s in pairs:
-            ckpt = plan_checkpoint(job, sweep, trials, i, s)
+            ckpt = compute_plan_checkpoint(job, sweep, trials, i, s)
             key = ckpt.key if ckpt else index.get((i, s, budget, sweep.finetune_lr))
             members.append({"key": key, "layer": i, "tokens": budget,
                             "from": "checkpoint" if ckpt and ckpt.budget > budget else "run"})
@@ -361,33 +361,33 @@ def plan_token_summary(job: JobConfig, sweep: SweepConfig, trials: list[Trial]) 
         })
     return {
         "scratch_everywhere_tokens": everywhere,
-        "plan_budget": budget,
+        "compute_plan_budget": budget,
         "plan_budget_fraction": sweep.compute_plan_budget_fraction,
         "plan_from": sweep.compute_plan_from,
         "plans": plans,
     }
 
 
-def planned(job: JobConfig, trials: list[Trial]) -> dict[str, list[PlannedSAE]]:
-    """The SAE trainings of each training phase, for `raysae.plan`."""
+def sae_costs(job: JobConfig, trials: list[Trial]) -> dict[str, list[SAECost]]:
+    """The SAE trainings of each training phase, for `raysae.costs`."""
     assert job.sweep is not None
     saes = [j.sae for j in architecture_jobs(job)]  # every architecture runs the same grid
     return {
-        phase: [PlannedSAE(job.model, hook_name(job.sweep.site, t.layer), sae, t.budget)
+        phase: [SAECost(job.model, hook_name(job.sweep.site, t.layer), sae, t.budget)
                 for t in trials if t.phase == phase for sae in saes]
         for phase in PHASES if phase != "zeroshot"
     }
 
 
-def plan(job: JobConfig, cal: Calibration | None = None, slots: int = 1
-         ) -> tuple[JobConfig, str, list[PhasePlan]]:
-    """The sweep's plan: the job with its activation source decided (each training phase reads
+def sweep_costs(job: JobConfig, cal: Calibration | None = None, slots: int = 1
+         ) -> tuple[JobConfig, str, list[PhaseCost]]:
+    """The sweep's costs: the job with its activation source decided (each training phase reads
     the activations once), why, and the cost of every phase."""
     assert job.sweep is not None
     trials = expand(job, job.sweep, base_digest(job, fingerprint(job)))
-    saes = planned(job, trials)
+    saes = sae_costs(job, trials)
     job, why = resolve_source(job, reads=sum(1 for v in saes.values() if v), cal=cal)
-    return job, why, plan_phases(job, saes, cal, slots)
+    return job, why, phase_costs(job, saes, cal, slots)
 
 
 # ---------------------------------------------------------------------------------------------

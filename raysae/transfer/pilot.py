@@ -90,11 +90,11 @@ def read_pilot(job: JobConfig, target: float, trials: list[grid.Trial], runs: Ru
         elif (t.layer, t.source_layer) not in undefined:
             curve = sorted(dict(runs.history(run_id, "normalized_ces")).items())
             curves.setdefault((t.layer, t.source_layer), []).append(curve)  # type: ignore[arg-type]
-    best = budget_plan.cheapest_plan(scratch, budget_plan.transfer_costs(curves, target))
+    best = budget_plan.cheapest_budget_plan(scratch, budget_plan.transfer_costs(curves, target))
     return Pilot(target, scratch, curves, undefined, best)
 
 
-def pilot_plan(job: JobConfig, target: float, trials: list[grid.Trial], runs: RunReader) -> str:
+def budget_plan_report(job: JobConfig, target: float, trials: list[grid.Trial], runs: RunReader) -> str:
     """`raysae plan CONFIG --target T`: the cheapest plan for the target (`read_pilot`) from the
     runs of the job's finished sweep (`trials`: its trials), against scratch everywhere and the
     fixed Appendix B.1 plans on the same curves."""
@@ -115,18 +115,18 @@ def pilot_plan(job: JobConfig, target: float, trials: list[grid.Trial], runs: Ru
              "|---|---|---|---|",
              f"| cheapest for the target | {best.tokens:,} | {best.saving:.0%} | >= {target:g} |",
              f"| scratch everywhere | {everywhere:,} | 0% | 1 |"]
-    return "\n".join(lines + _fixed_plan_rows(job, pilot))
+    return "\n".join(lines + _compute_plan_rows(job, pilot))
 
 
-def _fixed_plan_rows(job: JobConfig, pilot: Pilot) -> list[str]:
+def _compute_plan_rows(job: JobConfig, pilot: Pilot) -> list[str]:
     """The Appendix B.1 plans priced on the pilot's curves, a table row each."""
     sweep = job.sweep
     assert sweep is not None
     rows = []
     for direction in ("forward", "backward"):
-        layers, pairs = grid.plan_pairs(sweep, direction)
-        for budget in sorted({*sweep.finetune_budgets, grid.plan_budget(job, sweep)}):
-            tokens, worst = budget_plan.fixed_plan(list(sweep.layers), pilot.scratch, pilot.curves,
+        layers, pairs = grid.compute_plan_pairs(sweep, direction)
+        for budget in sorted({*sweep.finetune_budgets, grid.compute_plan_budget(job, sweep)}):
+            tokens, worst = budget_plan.price_compute_plan(list(sweep.layers), pilot.scratch, pilot.curves,
                                                    list(layers), dict(pairs), budget)
             bad = [f"L{i}<-L{j}" for i, j in pairs if (i, j) in pilot.undefined]
             meets = (f"undefined at {', '.join(bad)}" if bad else
@@ -138,7 +138,7 @@ def _fixed_plan_rows(job: JobConfig, pilot: Pilot) -> list[str]:
     return rows
 
 
-def plan_run_summary(runs: RunReader, pilot: Pilot, planned: list[grid.Trial]) -> dict[str, Any]:
+def budget_plan_run_summary(runs: RunReader, pilot: Pilot, planned: list[grid.Trial]) -> dict[str, Any]:
     """The plan run as a phase (`sweep.run_budget_plan`): each planned transfer's normalized
     CES at the end of its own run of the planned tokens, against the target its plan was read
     for (off checkpoints of longer runs, whose schedules differ)."""

@@ -39,7 +39,7 @@ from raysae.distributed.engine.phases import (
     SweepResult,
     concurrent_fits,
     final_metrics,
-    log_plan,
+    log_costs,
     run_groups,
     tune_phase,
 )
@@ -50,7 +50,7 @@ __all__ = [
     "ERROR_TAG", "MEMBER_FAILED", "NODES_TAG", "STOP_RULE_TAG", "STOP_TAG", "WORKER_CPUS",
     "Done", "Errors", "Fit", "FitResult", "FitSpec", "RunSpec", "StreamSupply",
     "SweepResult", "check_stream", "checkpoint_folders", "checkpoints_dir", "concurrent_fits",
-    "fan_out", "final_metrics", "fit_on_ray", "log_plan", "output_dir", "run_groups",
+    "fan_out", "final_metrics", "fit_on_ray", "log_costs", "output_dir", "run_groups",
     "run_name_for", "stop_state_dir", "train_runs_dir", "tune_phase",
     "worker_scaling", "worker_seed",
 ]

@@ -17,10 +17,10 @@ import ray
 from ray import tune
 
 from raysae.config import JobConfig
+from raysae.costs import PhaseCost, cost_report
 from raysae.distributed import root_cause
 from raysae.distributed.engine.launch import WORKER_CPUS
 from raysae.distributed.engine.specs import FitResult
-from raysae.plan import PhasePlan, plan_report
 from raysae.tracking import Tracker, tracking_uri
 
 log = logging.getLogger("raysae.engine")
@@ -38,10 +38,11 @@ Errors = dict[str, str]
 """Trial key -> why it did not finish."""
 
 
-def log_plan(tracker: Tracker, parent: str, job: JobConfig, why: str,
-             phases: Sequence[PhasePlan]) -> None:
-    """Print a sweep's plan and keep it on its parent run (`plan.json`, source tags)."""
-    log.info("plan:\n%s", plan_report(job, why, phases))
+def log_costs(tracker: Tracker, parent: str, job: JobConfig, why: str,
+             phases: Sequence[PhaseCost]) -> None:
+    """Print a sweep's costs (the table `raysae plan` prints) and keep them on its parent run
+    (`plan.json`, source tags)."""
+    log.info("plan:\n%s", cost_report(job, why, phases))
     tracker.log_dict(parent, {"source": job.train.source, "why": why,
                               "phases": [dataclasses.asdict(p) for p in phases]}, "plan.json")
     tracker.set_tags(parent, {"raysae.source": job.train.source, "raysae.source_why": why[:250]})

@@ -34,9 +34,9 @@ from raysae.models import model_dims, parse_hook_name
 GiB = 1 << 30
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 DISK_MARGIN = 0.9
+"""A cache may use at most this share of the free space of its filesystem."""
 FIT_STARTUP_S = 20.0
 """Ray Train's fixed cost per fit (worker group start, health checks; RAY_NOTES: 15-20 s)."""
-"""A cache may use at most this share of the free space of its filesystem."""
 
 
 def lm_flops_per_token(d_model: int, blocks: int) -> float:
@@ -120,7 +120,7 @@ class Calibration:
 
 
 @dataclass(frozen=True)
-class PlannedSAE:
+class SAECost:
     """One SAE training as the plan sees it."""
 
     model: ModelConfig
@@ -131,7 +131,7 @@ class PlannedSAE:
 
 
 @dataclass(frozen=True)
-class PhasePlan:
+class PhaseCost:
     name: str
     groups: int
     saes: int
@@ -152,7 +152,7 @@ class PhasePlan:
     throughputs, each group's Ray Train start-up and its checkpoint evaluations."""
 
 
-def cache_phase(job: JobConfig, cal: Calibration | None, slots: int) -> PhasePlan:
+def cache_phase(job: JobConfig, cal: Calibration | None, slots: int) -> PhaseCost:
     """The caching pass: one forward of `data.num_tokens` tokens up to the deepest cached
     layer, every cached site written."""
     blocks, d = model_dims(job.model)
@@ -161,14 +161,14 @@ def cache_phase(job: JobConfig, cal: Calibration | None, slots: int) -> PhasePla
     secs = None
     if cal is not None:
         secs = job.data.num_tokens / cal.forward_tokens_per_s / max(job.cache.num_actors, 1)
-    return PhasePlan("cache", 0, 0, job.data.num_tokens, 0, flops, 0, shard_bytes(job), 0, secs)
+    return PhaseCost("cache", 0, 0, job.data.num_tokens, 0, flops, 0, shard_bytes(job), 0, secs)
 
 
-def training_phase(job: JobConfig, name: str, saes: Sequence[PlannedSAE], streamed: bool,
-                   cal: Calibration | None, slots: int, extra_flops: float = 0.0) -> PhasePlan:
+def training_phase(job: JobConfig, name: str, saes: Sequence[SAECost], streamed: bool,
+                   cal: Calibration | None, slots: int, extra_flops: float = 0.0) -> PhaseCost:
     """A phase of SAE trainings: grouped per model as the sweep groups them, each group one
     stream (its forward when streamed) feeding its SAEs."""
-    by_model: dict[str, list[PlannedSAE]] = {}
+    by_model: dict[str, list[SAECost]] = {}
     for x in saes:
         by_model.setdefault(x.model.name, []).append(x)
     groups = stream = lm = sae_flops = sae_tokens = memory = 0
@@ -202,11 +202,11 @@ def training_phase(job: JobConfig, name: str, saes: Sequence[PlannedSAE], stream
     if cal is not None:
         # groups run `slots` at a time; a phase lasts at least its longest group
         secs = max(sum(busy) / max(min(slots, len(busy)), 1), max(busy, default=0.0))
-    return PhasePlan(name, groups, len(saes), stream, sae_tokens, lm, sae_flops + extra_flops,
+    return PhaseCost(name, groups, len(saes), stream, sae_tokens, lm, sae_flops + extra_flops,
                      0, memory, secs)
 
 
-def plan_table(phases: Sequence[PhasePlan]) -> str:
+def cost_table(phases: Sequence[PhaseCost]) -> str:
     """The plan as a markdown table."""
     head = ("| phase | groups | SAEs | stream tokens | SAE tokens | LM FLOPs | SAE FLOPs | shards "
             "| memory / worker | predicted |\n|---|---|---|---|---|---|---|---|---|---|")
@@ -315,10 +315,10 @@ def format_flops(x: float) -> str:
     return f"{x / 10**e:.2f}e{e}"
 
 
-def plan_phases(job: JobConfig, sae_phases: dict[str, list[PlannedSAE]],
+def phase_costs(job: JobConfig, sae_phases: dict[str, list[SAECost]],
                 cal: Calibration | None = None, slots: int = 1,
                 extra_flops: dict[str, float] | None = None,
-                with_cache: bool = True) -> list[PhasePlan]:
+                with_cache: bool = True) -> list[PhaseCost]:
     """The cache phase (a cached source, `with_cache`) and every training phase of a job whose
     `train.source` is decided (`resolve_source`)."""
     streamed = job.train.source == "streamed"
@@ -400,21 +400,21 @@ def _calibrate(job: JobConfig, device: str, rate: Callable[[Callable[[], object]
     return Calibration(forward, step, reads)
 
 
-def train_plan(job: JobConfig, cal: Calibration | None = None, slots: int = 1
-               ) -> tuple[JobConfig, str, list[PhasePlan]]:
+def train_costs(job: JobConfig, cal: Calibration | None = None, slots: int = 1
+               ) -> tuple[JobConfig, str, list[PhaseCost]]:
     """The plan of `raysae train`: one scratch SAE per cached site, read once."""
     from raysae.models import hook_name
 
     job, why = resolve_source(job, reads=1, cal=cal)
-    saes = [PlannedSAE(job.model, hook_name(site, layer), job.sae, job.train.num_tokens)
+    saes = [SAECost(job.model, hook_name(site, layer), job.sae, job.train.num_tokens)
             for layer in job.cache.layers for site in job.cache.sites]
-    return job, why, plan_phases(job, {"train": saes}, cal, slots)
+    return job, why, phase_costs(job, {"train": saes}, cal, slots)
 
 
-def plan_report(job: JobConfig, why: str, phases: Sequence[PhasePlan],
+def cost_report(job: JobConfig, why: str, phases: Sequence[PhaseCost],
                 cal: Calibration | None = None) -> str:
     """What `raysae plan` prints and a sweep logs at its start."""
-    lines = [f"{job.name}: activation source {why}", "", plan_table(phases), ""]
+    lines = [f"{job.name}: activation source {why}", "", cost_table(phases), ""]
     total = sum(p.seconds or 0.0 for p in phases)
     flops = sum(p.lm_flops + p.sae_flops for p in phases)
     disk = sum(p.disk_bytes for p in phases)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import build_cfg
 
-from raysae import plan
-from raysae.cli import job_plan, main
+from raysae import costs
+from raysae.cli import job_costs, main
 from raysae.config import ConfigError, DataConfig, ModelConfig, SAEConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +36,7 @@ def test_shipped_configs_build_the_real_architectures(name, params):
 
 def test_paper_plan_matches_the_closed_forms(tmp_path):
     job = dataclasses.replace(load_config(PAPER), runs_dir=str(tmp_path))
-    job, why, phases = job_plan(job)
+    job, why, phases = job_costs(job)
     assert job.train.source == "streamed" and "as the config says" in why
     by = {p.name: p for p in phases}
     # streamed: no cache phase; both compute plans read the 500M runs' 100M checkpoints
@@ -49,42 +49,42 @@ def test_paper_plan_matches_the_closed_forms(tmp_path):
     transfer = by["transfer"]
     assert (transfer.groups, transfer.saes, transfer.stream_tokens) == (1, 22, B // 2)
     assert transfer.sae_tokens == 22 * B // 2
-    assert transfer.memory_per_worker < job.train.worker_memory_gb * plan.GiB
+    assert transfer.memory_per_worker < job.train.worker_memory_gb * costs.GiB
 
 
 def test_groups_split_to_fit_the_worker_memory(tmp_path):
     job = dataclasses.replace(load_config(PAPER), runs_dir=str(tmp_path))
     small = dataclasses.replace(job, train=dataclasses.replace(job.train, worker_memory_gb=12))
-    _, _, phases = job_plan(small)
+    _, _, phases = job_costs(small)
     scratch = phases[0]
-    assert scratch.groups > 1 and scratch.memory_per_worker <= 12 * plan.GiB
+    assert scratch.groups > 1 and scratch.memory_per_worker <= 12 * costs.GiB
     capped = dataclasses.replace(job, train=dataclasses.replace(job.train, max_group_saes=5))
-    assert job_plan(capped)[2][0].groups == 3  # 12 SAEs, at most 5 a group
-    assert plan.pack([3, 3, 3, 9, 1], capacity=7) == [[0, 1], [2], [3], [4]]
-    assert plan.pack([1, 1, 1], capacity=100, max_count=2) == [[0, 1], [2]]
+    assert job_costs(capped)[2][0].groups == 3  # 12 SAEs, at most 5 a group
+    assert costs.pack([3, 3, 3, 9, 1], capacity=7) == [[0, 1], [2], [3], [4]]
+    assert costs.pack([1, 1, 1], capacity=100, max_count=2) == [[0, 1], [2]]
 
 
 def test_auto_source_and_a_cache_beyond_the_disk(tmp_path, token_file):
     job = build_cfg(tmp_path, token_file)
-    free = plan.free_bytes(tmp_path)
-    assert plan.choose_source(job, 10**6, reads=2, free=free)[0] == "cached"
-    assert plan.choose_source(job, 10**6, reads=1, free=free)[0] == "streamed"
-    source, why = plan.choose_source(job, 10 * free, reads=3, free=free)
+    free = costs.free_bytes(tmp_path)
+    assert costs.choose_source(job, 10**6, reads=2, free=free)[0] == "cached"
+    assert costs.choose_source(job, 10**6, reads=1, free=free)[0] == "streamed"
+    source, why = costs.choose_source(job, 10 * free, reads=3, free=free)
     assert source == "streamed" and "free in runs_dir" in why
     huge = dataclasses.replace(job, data=DataConfig(source=str(token_file), context_length=16,
                                                     num_tokens=10**15))
     cached = dataclasses.replace(huge, train=dataclasses.replace(huge.train, source="cached"))
-    need = plan.shard_bytes(cached)
+    need = costs.shard_bytes(cached)
     assert need == 10**15 * 64 * 4 * 2  # tokens x d_model x float32 x 2 sites
     with pytest.raises(ConfigError, match=rf"cached needs {need:,} bytes .* set train.source: streamed"):
-        plan.resolve_source(cached, reads=3)
-    assert plan.resolve_source(huge, reads=3)[0].train.source == "streamed"
+        costs.resolve_source(cached, reads=3)
+    assert costs.resolve_source(huge, reads=3)[0].train.source == "streamed"
 
 
 def test_memory_of_an_sae_by_hand():
     sae = SAEConfig(architecture="relu", d_sae=100)
     params = 2 * 10 * 100 + 100 + 10
-    assert plan.sae_memory_bytes(sae, 10, 8) == 16 * params + 12 * 8 * 100 + 8 * 100
+    assert costs.sae_memory_bytes(sae, 10, 8) == 16 * params + 12 * 8 * 100 + 8 * 100
 
 
 def test_plan_command_prints_the_table(tmp_path, capsys):
