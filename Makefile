@@ -17,8 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
+# Two pytest-xdist workers, each module's tests on one of them (tests/conftest.py: the modules
+# that start Ray first); one worker alone leaves this 2-core machine idle a quarter of the time.
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 # ruff, then the import-linter contract of pyproject.toml (the README's layers).
 lint: $(VENV)/.installed

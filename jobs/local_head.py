@@ -28,6 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+STOP_GRACE_S = 3.0
+"""How long the head's processes get to exit on SIGTERM before SIGKILL. Its dashboard and
+workers exit within a second; gcs_server, the raylet and the agents were still running 8 s
+after SIGTERM (measured here), so a longer wait only delays the kill. The jobs have ended and
+written what they write by then."""
 
 
 def free_port(preferred: int | None = None) -> int:
@@ -112,7 +117,7 @@ def local_head(dashboard_port: int | None = None, *ray_args: str,
         yield head
     finally:
         kill_session(proc.pid, signal.SIGTERM)  # the session outlives `ray start` itself
-        deadline = time.time() + 15
+        deadline = time.time() + STOP_GRACE_S
         while kill_session(proc.pid, 0) and time.time() < deadline:
             time.sleep(0.2)
         kill_session(proc.pid)  # whatever did not stop by itself

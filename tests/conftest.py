@@ -25,6 +25,8 @@ from local_head import kill_session, local_head  # noqa: E402  (jobs/ is not a p
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# no spot nodes here: one actor process less per Ray Train run (its start-up is ~1.3 s of CPU)
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test reaches a hub: fail at once, not after retries
 
 TINY_NEOX = dict(
@@ -39,6 +41,14 @@ TINY_NEOX = dict(
     eos_token_id=1,
     pad_token_id=2,
 )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The modules that start Ray first, in their order: under pytest-xdist (`make test` runs
+    two workers, `--dist loadfile`: a module's tests, and so its module fixtures, on one worker)
+    the long ones are then not left for the end."""
+    heavy = {i.module.__name__ for i in items if i.get_closest_marker("ray") is not None}
+    items.sort(key=lambda i: i.module.__name__ not in heavy)  # stable: each module's order kept
 
 
 @pytest.fixture(autouse=True)
@@ -101,11 +111,19 @@ def toy_pair(tmp_path_factory: pytest.TempPathFactory):
     """The toy language and model pair of the "test" preset, built once per session.
 
     Set RAYSAE_TOY_ROOT to a directory to keep the build between sessions (it is then reused).
+    Under xdist the workers share one build: the first builds it, the others wait on a lock.
     """
+    from filelock import FileLock
+
     from raysae.toy import ensure_toy_pair, preset
 
-    root = os.environ.get("RAYSAE_TOY_ROOT") or tmp_path_factory.mktemp("toy")
-    return ensure_toy_pair(preset("test"), root=root)
+    # one build for all xdist workers: the base temp's parent is theirs in common
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
+    root = Path(os.environ.get("RAYSAE_TOY_ROOT") or shared / "toy")
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):
+        return ensure_toy_pair(preset("test"), root=root)
 
 
 def driver_env(**extra: str) -> dict[str, str]:
@@ -114,7 +132,8 @@ def driver_env(**extra: str) -> dict[str, str]:
     send the sweep to another test's store)."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return {**env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local",
-            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", **extra}
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+            **extra}
 
 
 def kill_when(cmd: list[str], env: dict[str, str], ready: Callable[[], bool], settle_s: float,

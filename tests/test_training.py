@@ -155,14 +155,35 @@ def group(directory, *members, source="cached"):
     return SAEGroupSpec(key=group_key(members), members=members, source=source, shards=shards)
 
 
-def test_group_members_share_one_stream_and_keep_their_own_runs(job, uninterrupted):
-    from raysae.distributed.training import SAERun, checkpoint_saes, train_on_ray
+@pytest.fixture(scope="module")
+def shared(job):
+    """One group of seven SAEs on one stream, two workers, one Ray Train run: each test below
+    reads its own members (a group's members are independent, so they can share it)."""
+    from raysae.distributed.training import SAERun, train_on_ray
+    from raysae.stopping import StopRule
 
     cfg, directory = job
     hook = "blocks.1.hook_resid_post"
-    twin = SAERun(key="twin", name="twin", hook=hook)  # the settings of the solo "plain" run
-    short = SAERun(key="short", name="short", hook=hook, num_tokens=BUDGET // 2, lr=1e-3)
-    results = train_on_ray(cfg, group(directory, twin, short))
+    members = {
+        "twin": SAERun(key="twin", name="twin", hook=hook),  # the settings of the solo "plain" run
+        "short": SAERun(key="short", name="short", hook=hook, num_tokens=BUDGET // 2, lr=1e-3),
+        "steady": SAERun(key="steady", name="steady", hook=hook),
+        "wild": SAERun(key="wild", name="wild", hook=hook, lr=1e30),
+        "keeps": SAERun(key="keeps", name="keeps", hook=hook),
+        "stops": SAERun(key="stops", name="stops", hook=hook,
+                        stop=StopRule("eval/ces", -1e9, "any CES", every_tokens=1024)),
+        "never": SAERun(key="never", name="never", hook=hook,
+                        stop=StopRule("eval/ces", 1e9, "an unreachable CES", every_tokens=1024)),
+    }
+    return members, train_on_ray(cfg, group(directory, *members.values()))
+
+
+def test_group_members_share_one_stream_and_keep_their_own_runs(job, uninterrupted, shared):
+    from raysae.distributed.training import checkpoint_saes
+
+    cfg, directory = job
+    hook = "blocks.1.hook_resid_post"
+    _, results = shared
     # one stream, each member exactly what it would be alone: the twin equals the solo run
     plain, _ = uninterrupted
     a, b = SAE.load(plain.out_dir), SAE.load(results["twin"].out_dir)
@@ -212,18 +233,15 @@ def test_a_budget_beyond_the_data_is_refused_before_any_work(job):
     assert not list((Path(cfg.runs_dir).resolve() / "ray_train").glob("too-long*"))
 
 
-def test_a_diverged_member_fails_alone_and_its_group_goes_on(job):
+def test_a_diverged_member_fails_alone_and_its_group_goes_on(job, shared):
     """An SAE whose learning rate makes it diverge stops at the first check after the bad step,
     on both workers at once; its run is FAILED with the cause (run, step, tokens), no checkpoint
     of it holds a non-finite value, and the SAE sharing its stream finishes at its budget."""
     from raysae.distributed.engine import ERROR_TAG
-    from raysae.distributed.training import SAERun, checkpoint_saes, train_on_ray
+    from raysae.distributed.training import checkpoint_saes
 
-    cfg, directory = job
-    hook = "blocks.1.hook_resid_post"
-    steady = SAERun(key="steady", name="steady", hook=hook)
-    wild = SAERun(key="wild", name="wild", hook=hook, lr=1e30)
-    results = train_on_ray(cfg, group(directory, steady, wild))
+    cfg, _ = job
+    _, results = shared
     assert results["wild"].error is not None
     assert results["wild"].error.startswith("wild: training diverged: non-finite loss or gradient at step")
     assert results["steady"].error is None and results["steady"].metrics["tokens_seen"] == BUDGET
@@ -237,24 +255,19 @@ def test_a_diverged_member_fails_alone_and_its_group_goes_on(job):
         assert all(torch.isfinite(p).all() for p in sae.parameters())
 
 
-def test_a_member_that_reaches_its_target_leaves_the_group(job, uninterrupted):
-    """Three SAEs on one stream, two workers: one whose target holds at its first check stops
+def test_a_member_that_reaches_its_target_leaves_the_group(job, uninterrupted, shared):
+    """Three SAEs of the shared group, two workers: one whose target holds at its first check stops
     there (between checkpoints), one whose target never holds runs its budget checked every
     1,024 tokens and says so, one without a rule equals the solo run: the stop decision (taken
     on rank 0, which evaluates) reached both workers at the same step. The stopped one, gone on
     from its kept state without a rule, ends equal to the solo run."""
     from raysae.distributed.engine import STOP_TAG
     from raysae.distributed.training import SAERun, checkpoint_saes, train_on_ray
-    from raysae.stopping import StopRule
 
     cfg, directory = job
     hook = "blocks.1.hook_resid_post"
-    keeps = SAERun(key="keeps", name="keeps", hook=hook)
-    stops = SAERun(key="stops", name="stops", hook=hook,
-                   stop=StopRule("eval/ces", -1e9, "any CES", every_tokens=1024))
-    never = SAERun(key="never", name="never", hook=hook,
-                   stop=StopRule("eval/ces", 1e9, "an unreachable CES", every_tokens=1024))
-    results = train_on_ray(cfg, group(directory, keeps, stops, never))
+    members, results = shared
+    stops = members["stops"]
     assert results["stops"].metrics["tokens_seen"] == 1024
     client, run = mlflow_run(cfg, "stops")
     assert run.info.status == "FINISHED" and run.data.tags["raysae.tokens_seen"] == "1024"

@@ -13,8 +13,9 @@ indices, the paper's Figure 23); both are kept under `<runs_dir>/dashboards/` an
 run's `dashboard/` and `dashboard_compare/` artifacts.
 
 Resumable at checkpoint granularity: a checkpoint's metrics are logged in one batch, those
-already logged are skipped, and a run tagged `raysae.features=done` is not visited again while
-the `features` settings are unchanged (their digest is the `raysae.features.config` tag);
+already logged are skipped, and a run tagged `raysae.features=done` is settled on the driver,
+with no task started, while the `features` settings are unchanged (their digest is the
+`raysae.features.config` tag);
 changed settings re-evaluate every checkpoint, and the training runs themselves are untouched.
 """
 
@@ -77,11 +78,32 @@ def features_phase(
     fc = job.features
     if fc is None or not targets:
         return {}, {}
+    tracker = Tracker(tracking_uri(job.runs_dir), job.name)
+    settled = {t.key: m for t in targets if (m := _settled(tracker, t.key, job)) is not None}
+    todo = [t for t in targets if t.key not in settled]
+    if settled:
+        log.info("features: %d SAEs evaluated under these settings already, %d to evaluate",
+                 len(settled), len(todo))
+    if not todo:  # a re-submitted sweep: no task to start
+        return settled, {}
     gpu = 1 if job.train.use_gpu else 0
-    groups = {t.key: [t.key] for t in targets}
-    return fan_out(_evaluate_sae, groups, to_dict(job), {t.key: t for t in targets}, site,
-                   ray.put(task_sets), max_retries=max_retries, error_prefix="features failed",
-                   num_gpus=gpu)
+    groups = {t.key: [t.key] for t in todo}
+    done, errors = fan_out(_evaluate_sae, groups, to_dict(job), {t.key: t for t in todo}, site,
+                           ray.put(task_sets), max_retries=max_retries,
+                           error_prefix="features failed", num_gpus=gpu)
+    return {**settled, **done}, errors
+
+
+def _settled(tracker: Tracker, key: str, job: JobConfig) -> dict[str, float] | None:
+    """The final `circuit/mean/...` metrics of a run whose features were evaluated under these
+    `features` settings (tags `raysae.features=done`, `raysae.features.config`); else None."""
+    run_id = tracker.find(key)
+    if run_id is None:
+        return None
+    tags = tracker.tags(run_id)
+    if tags.get(CONFIG_TAG) != digest(to_dict(job.features)) or tags.get(DONE_TAG) != "done":
+        return None
+    return {k: v for k, v in tracker.metrics(run_id).items() if k.startswith("circuit/mean/")}
 
 
 @ray.remote(num_cpus=WORKER_CPUS)
@@ -95,12 +117,10 @@ def _evaluate_sae(
     run_id = tracker.find(target.key)
     if run_id is None:
         raise RuntimeError(f"no MLflow run carries the key {target.key!r}")
-    tags = tracker.tags(run_id)
+    if (settled := _settled(tracker, target.key, job)) is not None:  # a retried task
+        return {key: settled}
     settings = digest(to_dict(job.features))
-    fresh = tags.get(CONFIG_TAG) != settings  # first visit, or the features settings changed
-    if not fresh and tags.get(DONE_TAG) == "done":
-        return {key: {k: v for k, v in tracker.metrics(run_id).items()
-                      if k.startswith("circuit/mean/")}}
+    fresh = tracker.tags(run_id).get(CONFIG_TAG) != settings  # first visit, or new settings
     tracker.set_tags(run_id, {CONFIG_TAG: settings, DONE_TAG: "running"})
     return {key: FeatureEvaluation(job, site, task_sets, tracker).run(target, run_id, redo=fresh)}
 
