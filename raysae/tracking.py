@@ -32,11 +32,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import requests
-from mlflow.entities import Metric, Param, Run, RunTag, ViewType
-from mlflow.tracking import MlflowClient
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
 
 log = logging.getLogger("raysae.tracking")
 T = TypeVar("T")
@@ -147,6 +148,10 @@ class Tracker:
         `wait_s`: how long each call retries an unreachable server (default `wait_seconds()`)."""
         self.uri = uri
         self.wait_s = wait_seconds() if wait_s is None else wait_s
+        # mlflow loads here, not at import: a process that only asks for the URI (a Tune trial,
+        # a Train worker) does not spend its 1.3 s of CPU on it
+        from mlflow.tracking import MlflowClient
+
         self._client = MlflowClient(uri)
         artifacts = None
         if uri.startswith("sqlite:") and artifact_root is not None:
@@ -200,12 +205,14 @@ class Tracker:
                             time.monotonic() - start, what)
             return result
 
-    def _runs_with_key(self, key: str, view: int = ViewType.ACTIVE_ONLY) -> list[Run]:
-        """The live runs carrying the key (`view`: or the deleted ones too), oldest first
+    def _runs_with_key(self, key: str, view: str = "ACTIVE_ONLY") -> list[Run]:
+        """The live runs carrying the key (`view` "ALL": the deleted ones too), oldest first
         (start time, then id: the same order in every process)."""
+        from mlflow.entities import ViewType
+
         runs = self._client.search_runs(
             [self.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=50,
-            run_view_type=view,
+            run_view_type=getattr(ViewType, view),
         )
         return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
@@ -233,6 +240,8 @@ class Tracker:
             all_tags[PARENT_TAG] = parent
         run_id = self._retry(f"create the run of {key!r}",
                              lambda: self._create_once(key, name, all_tags))
+        from mlflow.entities import Param
+
         items = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
         for s in range(0, len(items), _MAX_BATCH):
             chunk = items[s : s + _MAX_BATCH]
@@ -256,7 +265,7 @@ class Tracker:
 
     def every_run(self, key: str) -> list[RunRecord]:
         """Every run that carried the key, the deleted (superseded) ones included, oldest first."""
-        runs = self._retry(f"find the runs of {key!r}", lambda: self._runs_with_key(key, ViewType.ALL))
+        runs = self._retry(f"find the runs of {key!r}", lambda: self._runs_with_key(key, "ALL"))
         return [RunRecord.of(r) for r in runs]
 
     def copy_run(self, run_id: str, up_to: int, parent: str | None,
@@ -272,6 +281,8 @@ class Tracker:
             tags[PARENT_TAG] = parent
         new = self._retry(f"copy run {run_id}", lambda: self._client.create_run(
             self.experiment_id, tags=tags, run_name=run.name).info.run_id)
+        from mlflow.entities import Metric, Param
+
         params = [Param(k, v) for k, v in run.params.items()]
         metrics = [Metric(m.key, m.value, m.timestamp, m.step) for key in run.metrics
                    for m in self._retry(f"read the history of {key!r} in run {run_id}",
@@ -321,12 +332,16 @@ class Tracker:
         """Metrics at one step (raysae uses tokens seen as the step). The timestamp is taken
         once, so a batch sent again after a lost answer is the same rows, which the store keeps
         once."""
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, int(step)) for k, v in values.items()]
         self._retry(f"log metrics at step {step} of run {run_id}",
                     lambda: self._client.log_batch(run_id, metrics=batch))
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
         batch = [RunTag(k, str(v)) for k, v in tags.items()]
         self._retry(f"set tags of run {run_id}", lambda: self._client.log_batch(run_id, tags=batch))
 

@@ -133,7 +133,7 @@ def driver_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return {**env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local",
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-            **extra}
+            "RAYSAE_LOCAL_DASHBOARD": "0", **extra}
 
 
 def kill_when(cmd: list[str], env: dict[str, str], ready: Callable[[], bool], settle_s: float,

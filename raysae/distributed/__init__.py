@@ -13,7 +13,12 @@ def init_ray() -> None:
     dashboard ray.init binds to 127.0.0.1 by default). One process may run several commands
     (jobs/demo.py runs one per config): it joins once. Ray is imported here, not at the top, so
     that importing this package for `root_cause` stays light."""
+    import os
+
     import ray
 
     if not ray.is_initialized():
-        ray.init()
+        # RAYSAE_LOCAL_DASHBOARD=0: a local instance without its dashboard (the test suite: its
+        # processes cost ~5 s of CPU per start); ignored when joining a running cluster
+        dashboard = os.environ.get("RAYSAE_LOCAL_DASHBOARD", "1") != "0"
+        ray.init(include_dashboard=None if dashboard else False)
