@@ -27,6 +27,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # no spot nodes here: one actor process less per Ray Train run (its start-up is ~1.3 s of CPU)
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# a local Ray a raysae command starts leaves its dashboard out (~5 s of CPU per start)
+os.environ.setdefault("RAYSAE_LOCAL_DASHBOARD", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test reaches a hub: fail at once, not after retries
 
 TINY_NEOX = dict(
@@ -131,9 +133,7 @@ def driver_env(**extra: str) -> dict[str, str]:
     MLFLOW_TRACKING_URI (mlflow.set_tracking_uri, used by the checks, exports it, which would
     send the sweep to another test's store)."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return {**env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local",
-            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-            "RAYSAE_LOCAL_DASHBOARD": "0", **extra}
+    return {**env, "RAY_ADDRESS": "local", **extra}  # the settings above come with os.environ
 
 
 def kill_when(cmd: list[str], env: dict[str, str], ready: Callable[[], bool], settle_s: float,

@@ -79,7 +79,9 @@ def features_phase(
     if fc is None or not targets:
         return {}, {}
     tracker = Tracker(tracking_uri(job.runs_dir), job.name)
-    settled = {t.key: m for t in targets if (m := _settled(tracker, t.key, job)) is not None}
+    settings = digest(to_dict(fc))
+    settled = {t.key: m for t in targets
+               if (m := _settled(tracker, tracker.find(t.key), settings)) is not None}
     todo = [t for t in targets if t.key not in settled]
     if settled:
         log.info("features: %d SAEs evaluated under these settings already, %d to evaluate",
@@ -94,14 +96,13 @@ def features_phase(
     return {**settled, **done}, errors
 
 
-def _settled(tracker: Tracker, key: str, job: JobConfig) -> dict[str, float] | None:
+def _settled(tracker: Tracker, run_id: str | None, settings: str) -> dict[str, float] | None:
     """The final `circuit/mean/...` metrics of a run whose features were evaluated under these
     `features` settings (tags `raysae.features=done`, `raysae.features.config`); else None."""
-    run_id = tracker.find(key)
     if run_id is None:
         return None
     tags = tracker.tags(run_id)
-    if tags.get(CONFIG_TAG) != digest(to_dict(job.features)) or tags.get(DONE_TAG) != "done":
+    if tags.get(CONFIG_TAG) != settings or tags.get(DONE_TAG) != "done":
         return None
     return {k: v for k, v in tracker.metrics(run_id).items() if k.startswith("circuit/mean/")}
 
@@ -117,9 +118,9 @@ def _evaluate_sae(
     run_id = tracker.find(target.key)
     if run_id is None:
         raise RuntimeError(f"no MLflow run carries the key {target.key!r}")
-    if (settled := _settled(tracker, target.key, job)) is not None:  # a retried task
-        return {key: settled}
     settings = digest(to_dict(job.features))
+    if (settled := _settled(tracker, run_id, settings)) is not None:  # a retried task
+        return {key: settled}
     fresh = tracker.tags(run_id).get(CONFIG_TAG) != settings  # first visit, or new settings
     tracker.set_tags(run_id, {CONFIG_TAG: settings, DONE_TAG: "running"})
     return {key: FeatureEvaluation(job, site, task_sets, tracker).run(target, run_id, redo=fresh)}

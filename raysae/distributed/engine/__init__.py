@@ -19,8 +19,8 @@ folders of their own (`<runs_dir>/checkpoints/<run>/tokens_<n>/`), for the evalu
 follow a training.
 
 The names the studies use are re-exported here, each loaded on first use: a Train worker, which
-runs only the group loop, then imports neither Ray Tune nor the pandas it brings (1.1 s of CPU
-per worker process).
+runs only the group loop, then does not import Ray Tune (its share of the 1.3 s of CPU this and
+the lazy mlflow of `raysae.tracking` save in every worker process).
 """
 
 import importlib
