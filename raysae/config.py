@@ -162,6 +162,9 @@ def _fail(path: str, value: Any, expected: str) -> None:
 
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+NAME_MAX = 255 - len("-0123456789abcdef-stitch-transfer")
+"""The longest job name: its Tune folders (`<name>-<digest>-<phase>`, the longest phase a stitch
+sweep's) must fit a file system's 255-byte path component."""
 _PATH_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json", ".csv", ".txt")
 
 
@@ -472,6 +475,10 @@ class JobConfig:
         # The name is a folder and Tune experiment name: nothing that could leave runs_dir.
         if not _SAFE_NAME.fullmatch(self.name):
             _fail("name", self.name, "letters, digits, '.', '_' and '-', not starting with '.' or '-'")
+        if len(self.name) > NAME_MAX:
+            _fail("name", f"{len(self.name)} characters",
+                  f"at most {NAME_MAX} (its Tune folders add up to {255 - NAME_MAX} to a "
+                  "255-byte path component)")
 
     def sae_settings(self, d_sae: int | None = None, num_tokens: int | None = None,
                      lr: float | None = None) -> tuple[SAEConfig, TrainConfig]:

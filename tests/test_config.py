@@ -214,6 +214,20 @@ def test_job_name_must_be_a_safe_folder_name(name):
     assert f"name: got {name!r}, expected letters, digits, '.', '_' and '-'" in str(e.value)
 
 
+def test_job_name_too_long_for_a_folder_is_refused_by_check(tmp_path, checked, capsys):
+    """Its longest Tune folder (`<name>-<digest>-stitch-transfer`) must fit 255 bytes."""
+    from raysae.config import NAME_MAX
+
+    assert check(tmp_path, {**checked, "name": "n" * NAME_MAX}, capsys) == ""
+    err = check(tmp_path, {**checked, "name": "n" * (NAME_MAX + 1)}, capsys)
+    assert f"name: got '{NAME_MAX + 1} characters', expected at most {NAME_MAX}" in err
+    assert "Traceback" not in err
+    long_folder = tmp_path / ("n" * NAME_MAX + "-0123456789abcdef-stitch-transfer")
+    long_folder.mkdir()  # the longest it allows is a folder this file system makes
+    with pytest.raises(OSError):
+        (tmp_path / (long_folder.name + "x")).mkdir()
+
+
 def test_job_name_accepts_plain_names():
     for name in ("pythia160m-layer-transfer", "run_1.2", "A"):
         assert from_dict(JobConfig, {**BASE, "name": name}).name == name
