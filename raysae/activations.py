@@ -6,8 +6,11 @@ the same `ShardCacher` inside Ray Data actors.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import shutil
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from raysae import shards
 from raysae.config import ConfigError, JobConfig, ModelConfig, digest, local_path, to_dict
@@ -141,9 +146,42 @@ def job_tokens(job: JobConfig, num_tokens: int, skip_tokens: int = 0) -> np.ndar
 
 def heldout_tokens(job: JobConfig) -> torch.Tensor:
     """The evaluation windows [N, T] (int64): `train.eval_tokens` tokens right after the cached
-    ones, never trained on."""
-    tokens = job_tokens(job, job.train.eval_tokens, skip_tokens=job.data.num_tokens)
-    return torch.from_numpy(tokens).long()
+    ones, never trained on. Reaching them reads `data.num_tokens` tokens of the corpus first
+    (1B at the paper configs), so that is done once per runs dir: the first reader (the job's
+    driver, before any work) keeps them at `heldout_path`, written whole under a temporary name
+    with the digest of their bytes; every group, zero-shot and feature task, on any node, reads
+    that file and checks the digest."""
+    path = heldout_path(job)
+    if not path.exists():
+        keep_heldout(job, job_tokens(job, job.train.eval_tokens, skip_tokens=job.data.num_tokens))
+    with safe_open(path, "pt") as f:
+        tokens, want = f.get_tensor("tokens"), (f.metadata() or {}).get("sha256")
+    if _sha256(tokens) != want:
+        raise ValueError(f"{path}: the held-out windows do not match their digest {want}; "
+                         "delete the file to read them from the corpus again")
+    return tokens.long()
+
+
+def keep_heldout(job: JobConfig, tokens_NT: np.ndarray) -> None:
+    """Keep the job's held-out windows at `heldout_path` (see `heldout_tokens`)."""
+    path = heldout_path(job)
+    tokens = torch.from_numpy(np.ascontiguousarray(tokens_NT))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    save_file({"tokens": tokens}, tmp, metadata={"sha256": _sha256(tokens)})
+    os.replace(tmp, path)
+
+
+def heldout_path(job: JobConfig) -> Path:
+    """Where the job's held-out windows are kept: beside the activation cache, named by what
+    they depend on (the model's tokenizer, the data settings, `train.eval_tokens`)."""
+    key = digest({"model": to_dict(job.model), "data": to_dict(job.data),
+                  "eval_tokens": job.train.eval_tokens})
+    return Path(job.runs_dir) / job.cache.out_dir / "heldout" / f"{key}.safetensors"
+
+
+def _sha256(tokens: torch.Tensor) -> str:
+    return hashlib.sha256(tokens.contiguous().numpy().tobytes()).hexdigest()
 
 
 def special_token_ids(model: ModelConfig, tokenizer: Any | None) -> list[int]:

@@ -10,13 +10,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from raysae.activations import check_source
+from raysae.activations import check_source, heldout_tokens
 from raysae.config import ConfigError, JobConfig, load_config
 from raysae.costs import Calibration, PhaseCost, train_costs
 from raysae.distributed import init_ray
 from raysae.features.tasks import check_task_source
 from raysae.models import hook_name, model_dims, parse_hook_name, pretrained_name, validate_sites
+from raysae.sources import check_budgets
 from raysae.stitching import grid as stitch_grid
+from raysae.stitching.probes import check_probe_columns
 from raysae.tracking import ui_hint
 from raysae.transfer import grid as transfer_grid
 
@@ -89,6 +91,9 @@ def check_job(cfg: JobConfig) -> None:
         validate_sites(cfg.model, [s.site], s.match_layers, "stitch.match_layers")
         validate_sites(cfg.model, [s.site], [a for a, _ in s.pairs], "stitch.pairs")
         validate_sites(s.large, [s.site], [b for _, b in s.pairs], "stitch.pairs")
+    check_budgets(cfg)
+    if cfg.features is not None:
+        check_feature_counts(cfg, s.widths if s else [sae.width(d_model) for sae in saes])
     for source in cfg.features.tasks if cfg.features else ():
         check_task_source(source)
     if cfg.data.tokenizer:
@@ -98,6 +103,21 @@ def check_job(cfg: JobConfig) -> None:
     for name, source in sources.items():
         if source:
             check_source(source, name)
+    if s is not None and s.probes is not None:
+        check_probe_columns(s.probes)
+
+
+def check_feature_counts(cfg: JobConfig, widths: list[int]) -> None:
+    """Circuit sizes given as feature counts must fit every SAE the feature phase reads."""
+    assert cfg.features is not None
+    for name in ("faithfulness_n", "completeness_n"):
+        over = [int(v) for v in getattr(cfg.features, name) if v >= 1 and v > min(widths)]
+        if over:
+            raise ConfigError(
+                f"features.{name}: got feature counts {over}, expected at most the smallest SAE "
+                f"width ({min(widths)}, of the widths {sorted(set(widths))}); or give fractions of "
+                "d_sae in (0, 1)"
+            )
 
 
 def cmd_check(cfg: JobConfig) -> None:
@@ -179,6 +199,8 @@ def cmd_train(cfg: JobConfig) -> int:
     shards = None
     if cfg.train.source == "cached":
         shards = {k: str(v) for k, v in cache_activations(cfg).items()}
+    else:
+        heldout_tokens(cfg)  # read once, here, not by every worker
     hooks = [hook_name(s, i) for i in cfg.cache.layers for s in cfg.cache.sites]
     members = tuple(
         SAERun(key=training_key(cfg, h, None), name=f"L{layer} {site} scratch", hook=h)

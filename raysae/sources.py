@@ -17,6 +17,10 @@ modes. Rows left over at the end of a buffer (fewer than B) open the next batch;
 the last pass they are dropped. A second pass is logged; a budget that needs more rows than the
 passes give runs out, and the training loop names both numbers.
 
+What a stream can give is known before it runs: `check_stream` refuses a budget beyond it (the
+driver's `Fit.check`, from the cached data), and `check_budgets` the same from the config alone
+(`raysae check`, before any work).
+
 Resuming at batch s costs no recomputation of what was consumed before: a chunk's row count is
 known without loading it (the manifest, or the special-token mask of its token ids), so whole
 buffers before s are only counted, and only the buffer holding batch s is loaded again.
@@ -34,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from raysae.config import ConfigError, JobConfig
 from raysae.models import run_with_cache
 from raysae.shards import ActivationReader, ShardError, ShardInfo
 
@@ -212,3 +217,92 @@ def streamed_chunks(lm: LMActivations, windows: Callable[[], Iterator[np.ndarray
             c += 1
 
     return chunks
+
+
+# ---------------------------------------------------------------------------------------------
+# What a stream can give, from the data alone or from the config alone
+
+
+@dataclass(frozen=True)
+class StreamSupply:
+    """What a fit's data can give its workers, read from the data alone on the driver."""
+
+    batch: tuple[str, int]
+    """The setting that sizes a step's batch over every worker, and its value."""
+    budget: tuple[str, int]
+    """The setting that sizes the longest member's training, and its value in tokens."""
+    data: str
+    """What the stream reads, as the message names it (`cached data`, `cached pairs`)."""
+    tokens: Callable[[], int]
+    """Tokens the stream gives over every worker and pass (called once the batch splits)."""
+    shards: tuple[str, int] | None = None
+    """A shard folder and its shard count, where each worker needs shards of its own."""
+
+
+def batched_tokens(per_worker: list[int], batch_size: int, passes: int) -> int:
+    """Tokens in whole batches of `batch_size` over every worker and pass: each worker takes
+    an equal share of every batch, so the one with the fewest rows ends the stream."""
+    b = batch_size // len(per_worker)
+    return len(per_worker) * b * min(passes * rows // b for rows in per_worker)
+
+
+def check_stream(job: JobConfig, supply: StreamSupply) -> None:
+    """Raise unless every worker gets an equal share of every batch, shards of its own, and
+    the longest budget fits the stream without reading the data more often than asked."""
+    world, passes = job.train.num_workers, job.train.data_passes
+    setting, batch = supply.batch
+    if batch % world:
+        raise ConfigError(f"{setting}: {batch} is not divisible by train.num_workers ({world}); "
+                         "each worker takes an equal share of every batch")
+    if supply.shards is not None and supply.shards[1] < world:
+        folder, n = supply.shards
+        raise ConfigError(f"{folder}: {n} shards cannot feed {world} workers disjoint data; "
+                         "lower cache.shard_tokens or train.num_workers")
+    setting, budget = supply.budget
+    have = supply.tokens()
+    if budget > have:
+        raise ConfigError(
+            f"{setting}: a budget of {budget:,} tokens, but the {supply.data} gives {have:,} in "
+            f"{passes} pass(es) over data.num_tokens ({job.data.num_tokens:,}); raise "
+            f"data.num_tokens or set train.data_passes to {-(-budget * passes // max(have, 1))} "
+            "to read it again (never done silently)"
+        )
+
+
+def window_tokens(job: JobConfig, world: int) -> list[int]:
+    """Each worker's tokens of the data's windows (chunk c to worker c mod world), from the
+    config alone: what the streamed source reads, and at least what a cache of them holds."""
+    T = job.data.context_length
+    windows = -(-job.data.num_tokens // T)
+    chunk = chunk_seqs(job)
+    chunks = [min(chunk, windows - c * chunk) for c in range(-(-windows // chunk))]
+    return [sum(chunks[r::world]) * T for r in range(world)]
+
+
+def check_budgets(job: JobConfig) -> None:
+    """Before any work (`raysae check`): raise ConfigError on a budget that the data's windows
+    cannot give in `train.data_passes` passes, a batch that does not split over the workers, or
+    fewer shards than workers. The run checks the cached data itself again (`Fit.check`)."""
+    t, world = job.train, job.train.num_workers
+    budgets = [("train.num_tokens", t.num_tokens, "train.batch_size", t.batch_size)]
+    if job.sweep is not None and job.sweep.finetune_budgets:
+        budgets.append(("sweep.finetune_budgets", max(job.sweep.finetune_budgets),
+                        "train.batch_size", t.batch_size))
+    if job.stitch is not None:
+        s = job.stitch
+        if s.budgets:
+            budgets.append(("stitch.budgets", max(s.budgets), "train.batch_size", t.batch_size))
+        budgets.append(("stitch.num_tokens", s.num_tokens, "stitch.batch_size", s.batch_size))
+    per_worker = window_tokens(job, world)
+    chunks = -(-job.data.num_tokens // (job.data.context_length * chunk_seqs(job)))
+    for setting, budget, batch_setting, batch in budgets:
+        cached = t.source == "cached" or batch_setting.startswith("stitch")
+        check_stream(job, StreamSupply(
+            batch=(batch_setting, batch), budget=(setting, budget), data="data",
+            tokens=lambda batch=batch: batched_tokens(per_worker, batch, t.data_passes),
+            shards=("the cache", chunks) if cached else None))
+
+
+def chunk_seqs(job: JobConfig) -> int:
+    """Sequences per chunk: a shard's worth, so both sources split the data alike."""
+    return max(1, job.cache.shard_tokens // job.data.context_length)

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raysae.config import CacheConfig, DataConfig, JobConfig, ModelConfig
+from raysae.config import CacheConfig, DataConfig, JobConfig, ModelConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "jobs"))
@@ -85,6 +85,7 @@ def build_cfg(tmp: Path, token_file: Path, **overrides: object) -> JobConfig:
         model=ModelConfig(name="tiny-neox", from_config=TINY_NEOX),
         data=DataConfig(source=str(token_file), context_length=16, num_tokens=512),
         cache=CacheConfig(layers=(0, 2), sites=("resid_post",), shard_tokens=128, out_dir=str(tmp / "acts")),
+        train=TrainConfig(eval_tokens=256),  # held out after the 512 cached, within the file's 2,048
         runs_dir=str(tmp),
     )
     parts.update(overrides)

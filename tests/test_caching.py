@@ -142,6 +142,7 @@ def test_cli_commands_join_the_running_ray_instead_of_starting_another(
         "name": "cli-twice", "model": {"name": "tiny", "from_config": TINY_NEOX},
         "data": {"source": str(token_file), "context_length": 16, "num_tokens": 256},
         "cache": {"layers": [0], "shard_tokens": 128},
+        "train": {"num_tokens": 256, "batch_size": 64, "eval_tokens": 256},
     }))
     args = ["cache", str(cfg), "--runs-dir", str(tmp_path / "runs")]
     assert ray_local.is_initialized()

@@ -60,7 +60,9 @@ def test_resolve_n() -> None:
     assert circuits.resolve_n([0.02, 0.04, 0.06, 0.08], 6144) == [123, 246, 369, 492]
     # the paper's own counts (its §2.3 says 368 for 6%) pass through as counts
     assert circuits.resolve_n([123, 246, 368, 492], 6144) == [123, 246, 368, 492]
-    assert circuits.resolve_n([4, 36, 0.5, 10_000], 100) == [4, 36, 50, 100]
+    assert circuits.resolve_n([4, 36, 0.5, 100], 100) == [4, 36, 50, 100]
+    with pytest.raises(ValueError, match=r"circuit size 101: a feature count above d_sae \(100\)"):
+        circuits.resolve_n([4, 101], 100)  # never cut to d_sae
     assert circuits.resolve_n([0.001], 100) == [1]
     # half up, not Python's half-to-even: 6.5 -> 7, 2.5 -> 3
     assert circuits.resolve_n([0.05, 0.025], 130) == [3, 7]

@@ -136,7 +136,8 @@ def test_bad_task_source_is_caught_by_check_before_any_work(tmp_path, capsys) ->
     from raysae.cli import main
 
     cfg = tmp_path / "job.yaml"
-    cfg.write_text(yaml.safe_dump({**BASE, "features": {"tasks": ["ioi", "nosuchtask"]}}))
+    cfg.write_text(yaml.safe_dump({**BASE, "train": {"num_tokens": 960, "batch_size": 64},
+                                   "features": {"tasks": ["ioi", "nosuchtask"]}}))
     assert main(["check", str(cfg), "--runs-dir", str(tmp_path / "runs")]) == 2
     assert "task source 'nosuchtask': unknown task" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # nothing was written
@@ -156,8 +157,87 @@ def check(tmp_path, data: dict, capsys) -> str:
 
 @pytest.fixture
 def checked(token_file) -> dict:
-    """BASE with a token file that exists, so that `raysae check` passes it."""
-    return {**BASE, "data": {**BASE["data"], "source": str(token_file)}}
+    """BASE with a token file that exists and a budget its 1,000 tokens give, so that
+    `raysae check` passes it."""
+    return {**BASE, "data": {**BASE["data"], "source": str(token_file)},
+            "train": {"num_tokens": 960, "batch_size": 64}}
+
+
+def test_a_budget_beyond_the_data_is_refused_by_check(tmp_path, checked, capsys):
+    """1,000 tokens in windows of 16: 63 windows, 1,008 tokens; in batches of 64, 960 a pass
+    (the streamed source's own count; a cache holds no more)."""
+    train = checked["train"]
+    err = check(tmp_path, {**checked, "train": {**train, "num_tokens": 961}}, capsys)
+    assert ("train.num_tokens: a budget of 961 tokens, but the data gives 960 in 1 pass(es) over "
+            "data.num_tokens (1,000); raise data.num_tokens or set train.data_passes to 2") in err
+    assert "Traceback" not in err
+    assert check(tmp_path, {**checked, "train": {**train, "num_tokens": 961, "data_passes": 2}},
+                 capsys) == ""
+    # two workers: each takes 32 rows of every batch from its own half of the 2 shards
+    two = {**train, "num_workers": 2, "source": "cached"}
+    err = check(tmp_path, {**checked, "train": two}, capsys)
+    assert "the cache: 1 shards cannot feed 2 workers disjoint data" in err
+    cache = {**checked["cache"], "shard_tokens": 512}  # 32 windows a shard: 2 shards of 512, 496
+    assert check(tmp_path, {**checked, "cache": cache, "train": {**two, "num_tokens": 960}},
+                 capsys) == ""
+    err = check(tmp_path, {**checked, "cache": cache, "train": {**two, "num_tokens": 1024}}, capsys)
+    assert "train.num_tokens: a budget of 1,024 tokens, but the data gives 960" in err
+    err = check(tmp_path, {**checked, "train": {**train, "batch_size": 63, "num_workers": 2}}, capsys)
+    assert "train.batch_size: 63 is not divisible by train.num_workers (2)" in err
+    # a sweep's fine-tuning budget, read against the same data
+    sweep = {"layers": [0, 1], "finetune_budgets": [512, 2048], "compute_plan": False}
+    cache = {**checked["cache"], "layers": [0, 1, 2]}
+    err = check(tmp_path, {**checked, "cache": cache, "sweep": sweep}, capsys)
+    assert "sweep.finetune_budgets: a budget of 2,048 tokens, but the data gives 960" in err
+
+
+def stitch_job(checked: dict, probe_file, **stitch) -> dict:
+    """A stitch job of the tiny model onto itself, its probes on `probe_file`."""
+    base = {"large": {"name": "tiny-b", "from_config": TINY_NEOX}, "pairs": [[1, 1]],
+            "widths": [64], "num_tokens": 512, "batch_size": 64, "budgets": [512, 960],
+            "lstsq_tokens": 256, "match_tokens": 256, "checkpoint_every_tokens": 512,
+            "probes": {"source": str(probe_file), "labels": ["topic"], "num_rows": 8}}
+    return {**checked, "stitch": {**base, **stitch}}
+
+
+@pytest.fixture
+def probe_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "probes.parquet"
+    pq.write_table(pa.table({"input_ids": [[0, 5, 6, 7]] * 8, "topic": [[0, 1, 1, 0]] * 8}), path)
+    return path
+
+
+def test_stitch_budgets_probe_labels_and_feature_counts_are_refused_by_check(
+        tmp_path, checked, probe_file, capsys):
+    assert check(tmp_path, stitch_job(checked, probe_file), capsys) == ""
+    err = check(tmp_path, stitch_job(checked, probe_file, budgets=[512, 4096]), capsys)
+    assert "stitch.budgets: a budget of 4,096 tokens, but the data gives 960" in err
+    err = check(tmp_path, stitch_job(checked, probe_file, num_tokens=2048), capsys)
+    assert "stitch.num_tokens: a budget of 2,048 tokens, but the data gives 960" in err
+    # every label a column of the probe data, and the steering label too
+    probes = {"source": str(probe_file), "labels": ["topic", "mood"], "num_rows": 8}
+    err = check(tmp_path, stitch_job(checked, probe_file, probes=probes), capsys)
+    assert f"stitch.probes.labels: label 'mood' is not a column of {str(probe_file)!r}" in err
+    assert "columns: ['input_ids', 'topic']" in err and "Traceback" not in err
+    probes = {"source": str(probe_file), "labels": ["topic"], "steering_label": "depth"}
+    err = check(tmp_path, stitch_job(checked, probe_file, probes=probes), capsys)
+    assert "stitch.probes.steering_label 'depth' is not a column" in err
+    # circuit sizes given as counts must fit the SAEs' width (64 here): never cut to it
+    features = {"tasks": ["ioi"], "faithfulness_n": [0.5, 64], "completeness_n": [4, 100]}
+    err = check(tmp_path, {**stitch_job(checked, probe_file), "features": features}, capsys)
+    assert ("features.completeness_n: got feature counts [100], expected at most the smallest SAE "
+            "width (64, of the widths [64])") in err
+    features = {**features, "completeness_n": [4, 64]}
+    assert check(tmp_path, {**stitch_job(checked, probe_file), "features": features}, capsys) == ""
+    # a layer sweep's SAEs: expansion_factor 8 x d_model 64 = 512
+    sweep = {"layers": [0, 1], "finetune_budgets": [512], "compute_plan": False}
+    features = {"tasks": ["ioi"], "faithfulness_n": [513]}
+    cache = {**checked["cache"], "layers": [0, 1, 2]}
+    err = check(tmp_path, {**checked, "cache": cache, "sweep": sweep, "features": features}, capsys)
+    assert "features.faithfulness_n: got feature counts [513], expected at most the smallest SAE width (512" in err
 
 
 def test_topk_k_above_the_width_is_refused(tmp_path, checked, capsys):

@@ -219,7 +219,7 @@ def test_write_comparison(tmp_path, model, tokens_NT, relu_stats):
 
 
 def test_cli_dashboard(tmp_path, token_file, model):
-    cfg = build_cfg(tmp_path, token_file, train=TrainConfig(eval_tokens=160))
+    cfg = build_cfg(tmp_path, token_file, train=TrainConfig(num_tokens=512, batch_size=64, eval_tokens=160))
     cfg_path = tmp_path / "job.yaml"
     cfg_path.write_text(yaml.safe_dump(to_dict(cfg)))
     sae = build_sae("relu")

@@ -148,7 +148,7 @@ def test_plan_target_imports_no_ray(tmp_path, token_file):
     cfg = {"name": "pilot-cli", "model": {"name": "tiny-neox", "from_config": TINY_NEOX},
            "data": {"source": str(token_file), "context_length": 16, "num_tokens": 512},
            "cache": {"layers": [0, 1]},
-           "train": {"num_tokens": 2048, "batch_size": 256},
+           "train": {"num_tokens": 2048, "batch_size": 256, "data_passes": 4},
            "sweep": {"layers": [0, 1], "finetune_budgets": [1024], "compute_plan": False}}
     path = tmp_path / "pilot.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -107,3 +107,33 @@ def test_streamed_and_cached_sources_give_the_same_batches(cached_job, world) ->
             assert set(a) == set(b) == {hook_name(*site) for site in sites}
             for h in a:
                 torch.testing.assert_close(a[h], b[h], rtol=1e-5, atol=1e-5)
+
+
+def test_heldout_windows_are_read_from_the_corpus_once_and_kept(tmp_path, token_file, monkeypatch):
+    """The evaluation windows follow the training ones; the first reader keeps them (whole, with
+    their digest) and every later one reads that file, not the corpus again."""
+    from raysae import activations
+
+    cfg = build_cfg(tmp_path, token_file)
+    expected = torch.from_numpy(job_tokens(cfg, cfg.train.eval_tokens, cfg.data.num_tokens)).long()
+    both = job_tokens(cfg, cfg.data.num_tokens + cfg.train.eval_tokens)  # one read: the cache's
+    assert torch.equal(torch.from_numpy(both[cfg.data.num_tokens // 16:]).long(), expected)
+    reads = []
+    real = activations.load_rows
+    monkeypatch.setattr(activations, "load_rows", lambda *a: reads.append(a) or real(*a))
+    first = activations.heldout_tokens(cfg)
+    assert torch.equal(first, expected) and first.dtype == torch.int64 and len(reads) == 1
+    for _ in range(3):
+        assert torch.equal(activations.heldout_tokens(cfg), expected)
+    assert len(reads) == 1
+    path = activations.heldout_path(cfg)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+    # other held-out settings: another file, read once more
+    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_tokens=128))
+    assert torch.equal(activations.heldout_tokens(other), expected[:8]) and len(reads) == 2
+    # a kept file whose bytes changed is refused, naming it, not used
+    blob = bytearray(path.read_bytes())
+    blob[-1] ^= 1
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match=rf"{path}: the held-out windows do not match their digest"):
+        activations.heldout_tokens(cfg)

@@ -26,7 +26,9 @@ from raysae.activations import (
     CacheStatus,
     ShardCacher,
     cache_status,
+    heldout_tokens,
     job_tokens,
+    keep_heldout,
     prepare_dirs,
     special_token_ids,
     write_manifests,
@@ -67,10 +69,20 @@ def cache_activations(job: JobConfig) -> dict[str, Path]:
     status = cache_status(job)  # raises on bad layers before any Ray work
     if not status.missing:
         log.info("activation cache %s is complete; reusing it", status.fingerprint)
+        heldout_tokens(job)  # kept by the run that cached; read here, once, if it was not
         return status.dirs
     cache, data = job.cache, job.data
     tokenizer = load_tokenizer(job.model, data)
-    tokens_NT = job_tokens(job, data.num_tokens)
+    # the training windows and the held-out ones right after them, in one read of the corpus
+    T = data.context_length
+    n_train, n_eval = -(-data.num_tokens // T), -(-job.train.eval_tokens // T)
+    try:
+        windows_NT = job_tokens(job, (n_train + n_eval) * T)
+    except ValueError as e:
+        raise ValueError(f"{e}: data.num_tokens ({data.num_tokens:,}) to cache, then "
+                         f"train.eval_tokens ({job.train.eval_tokens:,}) held out") from None
+    tokens_NT = windows_NT[:n_train]
+    keep_heldout(job, windows_NT[n_train:])
     seqs_per_shard = max(1, cache.shard_tokens // data.context_length)
     prepare_dirs(status)
     log.info(

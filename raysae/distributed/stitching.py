@@ -29,13 +29,13 @@ from raysae.distributed.engine import (
     FitResult,
     FitSpec,
     RunSpec,
-    StreamSupply,
     fit_on_ray,
     output_dir,
     worker_seed,
 )
 from raysae.models import load_lm, load_tokenizer
 from raysae.shards import ActivationReader, aligned_shards, paired_stream
+from raysae.sources import StreamSupply, batched_tokens
 from raysae.stitching.evaluate import evaluate_stitch
 from raysae.stitching.stitch import (
     Stitch,
@@ -119,9 +119,8 @@ class StitchFit(Fit):
         pairs = aligned_shards(ActivationReader(spec.shards_a), ActivationReader(spec.shards_b))
 
         def tokens() -> int:
-            b = job.stitch.batch_size // workers
-            return workers * b * min(passes * sum(a.num_tokens for a, _ in pairs[r::workers]) // b
-                                     for r in range(workers))
+            per_worker = [sum(a.num_tokens for a, _ in pairs[r::workers]) for r in range(workers)]
+            return batched_tokens(per_worker, job.stitch.batch_size, passes)
 
         return StreamSupply(batch=("stitch.batch_size", job.stitch.batch_size),
                             budget=("stitch.num_tokens", job.stitch.num_tokens),

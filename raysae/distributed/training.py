@@ -38,7 +38,6 @@ from raysae.distributed.engine import (
     FitResult,
     FitSpec,
     RunSpec,
-    StreamSupply,
     checkpoint_folders,
     fit_on_ray,
     output_dir,
@@ -51,10 +50,14 @@ from raysae.shards import ActivationReader
 from raysae.sources import (
     LMActivations,
     StreamSettings,
+    StreamSupply,
+    batched_tokens,
     batches_from_chunks,
     cached_chunks,
     cached_rows,
+    chunk_seqs,
     streamed_chunks,
+    window_tokens,
 )
 from raysae.train import Trainer, dense_sae_flops_per_token, sae_flops_per_token, sae_trainer
 
@@ -174,23 +177,12 @@ def stream_tokens(job: JobConfig, spec: SAEGroupSpec, world: int) -> int:
     """Tokens the group's stream gives, over every worker and pass, counted from the data
     alone: cached rows from the manifests; streamed, the windows' tokens (an upper bound: the
     special tokens among them are dropped when read)."""
-    b = job.train.batch_size // world
-    passes = job.train.data_passes
     if spec.source == "cached":
         readers = {h: ActivationReader(d) for h, d in spec.shards.items()}
         per_worker = [cached_rows(readers, r, world) for r in range(world)]
     else:
-        T = job.data.context_length
-        windows = -(-job.data.num_tokens // T)
-        chunk = _chunk_seqs(job)
-        chunks = [min(chunk, windows - c * chunk) for c in range(-(-windows // chunk))]
-        per_worker = [sum(chunks[r::world]) * T for r in range(world)]
-    return world * b * min(passes * rows // b for rows in per_worker)
-
-
-def _chunk_seqs(job: JobConfig) -> int:
-    """Sequences per chunk: a shard's worth, so both sources split the data alike."""
-    return max(1, job.cache.shard_tokens // job.data.context_length)
+        per_worker = window_tokens(job, world)
+    return batched_tokens(per_worker, job.train.batch_size, job.train.data_passes)
 
 
 class SAEGroupFit(Fit):
@@ -236,7 +228,7 @@ class SAEGroupFit(Fit):
         lm = LMActivations(self.model_lm(), [parse_hook_name(h) for h in self.hooks],
                            self.special_ids(), job.cache.batch_size, self.device)
         return streamed_chunks(lm, lambda: job_windows(job, job.data.num_tokens),
-                               _chunk_seqs(job), rank, self.world)
+                               chunk_seqs(job), rank, self.world)
 
     def batches(self, skip_batches: int) -> Generator[dict[str, torch.Tensor], None, None]:
         tc = self.job.train

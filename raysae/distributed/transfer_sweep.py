@@ -146,6 +146,7 @@ def _derived(run: StudyRun) -> list[grid.Trial]:
 def _cache(s: TransferSweep, run: StudyRun) -> dict[str, str] | None:
     """Every layer's activations in one pass, when the sweep reads them cached."""
     if s.job.train.source != "cached":
+        heldout_tokens(s.job)  # read once, here, for every group, zero-shot and feature task
         return None
     return {k: str(v) for k, v in cache_activations(s.job).items()}
 

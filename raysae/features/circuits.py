@@ -53,15 +53,17 @@ Edit = Callable[[Tensor, Tensor], Tensor]
 def resolve_n(top_n: Sequence[float], d_sae: int) -> list[int]:
     """Circuit sizes as feature counts: a value in (0, 1) is a fraction of d_sae (the paper's
     2%-8%) rounded to the nearest count, half up (not Python's half-to-even), at least 1; a
-    value >= 1 is a count, at most d_sae. Sorted, no repeats. At d_sae 6144, 2%-8% give 123,
+    value >= 1 is a count, at most d_sae (a larger one is refused, never cut to d_sae).
+    Sorted, no repeats. At d_sae 6144, 2%-8% give 123,
     246, 369, 492: the paper's §2.3 lists 368 for 6% (its code hard-codes the four counts), so
     its config gives counts."""
     out = set()
     for v in top_n:
         if v <= 0:
             raise ValueError(f"circuit size {v}: expected a fraction in (0, 1) or a count >= 1")
-        n = max(1, math.floor(v * d_sae + 0.5)) if v < 1 else int(v)
-        out.add(min(n, d_sae))
+        if v > d_sae:
+            raise ValueError(f"circuit size {v}: a feature count above d_sae ({d_sae})")
+        out.add(max(1, math.floor(v * d_sae + 0.5)) if v < 1 else int(v))
     return sorted(out)
 
 

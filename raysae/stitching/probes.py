@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raysae.config import ProbeConfig
+from raysae.config import ConfigError, ProbeConfig
 from raysae.models import hook_name, model_device, run_with_cache, splice
 from raysae.sae import SAE
 from raysae.stitching.stitch import Stitch, map_probe, map_steering, transfer_sae
@@ -86,7 +86,7 @@ def _read_rows(source: str, split: str, num_rows: int) -> list[dict[str, Any]]:
         files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_BUILDERS) if path.is_dir() else [path]
         builders = {LOCAL_BUILDERS.get(p.suffix) for p in files}
         if not files or None in builders or len(builders) != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"probes.source: {source!r} must be a file or folder of files of one kind among "
                 f"{sorted(LOCAL_BUILDERS)}, got {sorted(p.suffix for p in files) or 'no files'}"
             )
@@ -97,6 +97,23 @@ def _read_rows(source: str, split: str, num_rows: int) -> list[dict[str, Any]]:
         ds = datasets.load_dataset(source, split=split, streaming=True)
     # Streaming reads only the rows taken, never the whole dataset.
     return list(itertools.islice(ds, num_rows))
+
+
+def check_probe_columns(cfg: ProbeConfig, columns: list[str] | None = None) -> None:
+    """Raise ConfigError unless the probe data has a column for every label and the steering
+    label. Without `columns`, read from the first row of a local source (`raysae check`: a hub
+    name is left to the run, which needs the network)."""
+    if columns is None:
+        if not Path(cfg.source).exists():
+            return
+        columns = list(next(iter(_read_rows(cfg.source, cfg.split, 1)), {}))
+    for name in dict.fromkeys((*cfg.labels, cfg.steering_label)):
+        if name not in columns:
+            role = "stitch.probes.steering_label" if name not in cfg.labels else "stitch.probes.labels: label"
+            raise ConfigError(
+                f"{role} {name!r} is not a column of {cfg.source!r}; expected a column of "
+                f"integer classes (per token beside input_ids, or one per text); columns: {columns}"
+            )
 
 
 def _pad_id(tokenizer: Any | None) -> int:
@@ -174,14 +191,8 @@ def load_labelled(cfg: ProbeConfig, tokenizer: Any | None, context_length: int) 
     if len(rows) < 4:
         raise ValueError(f"probes.source: {cfg.source!r} has {len(rows)} rows, expected at least 4")
     columns = list(rows[0])
+    check_probe_columns(cfg, columns)
     wanted = list(dict.fromkeys((*cfg.labels, cfg.steering_label)))
-    for name in wanted:
-        if name not in columns:
-            role = "steering_label" if name not in cfg.labels else "label column"
-            raise ValueError(
-                f"probes: {role} {name!r} is not a column of {cfg.source!r}; expected a column of "
-                f"integer classes (per token beside input_ids, or one per text); columns: {columns}"
-            )
     token_rows = _token_rows(cfg, rows, columns, tokenizer, context_length)
     width = max(1, max(len(t) for t in token_rows))
     ids_NS = _pad_rows(token_rows, width, _pad_id(tokenizer))

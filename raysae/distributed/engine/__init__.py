@@ -28,7 +28,7 @@ from typing import Any
 
 _HOME = {
     "fanout": ("fan_out",),
-    "fit": ("Fit", "StreamSupply", "check_stream", "worker_seed"),
+    "fit": ("Fit", "worker_seed"),
     "launch": ("WORKER_CPUS", "fit_on_ray", "worker_scaling"),
     "layout": ("checkpoint_folders", "checkpoints_dir", "output_dir", "run_name_for",
                "stop_state_dir", "train_runs_dir"),

@@ -6,16 +6,16 @@ settings the data cannot honour, with one message for every Fit (`StreamSupply`)
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from raysae.checkpoint import TrainState
-from raysae.config import ConfigError, JobConfig
+from raysae.config import JobConfig
 from raysae.distributed.engine.specs import FitSpec, RunSpec
+from raysae.sources import StreamSupply, check_stream
 from raysae.train import Trainer
 
 RANK_SEED_STRIDE = 7919
@@ -25,45 +25,6 @@ RANK_SEED_STRIDE = 7919
 def worker_seed(seed: int, rank: int) -> int:
     """The data-order seed of worker `rank`."""
     return seed + RANK_SEED_STRIDE * rank
-
-
-@dataclass(frozen=True)
-class StreamSupply:
-    """What a fit's data can give its workers, read from the data alone on the driver."""
-
-    batch: tuple[str, int]
-    """The setting that sizes a step's batch over every worker, and its value."""
-    budget: tuple[str, int]
-    """The setting that sizes the longest member's training, and its value in tokens."""
-    data: str
-    """What the stream reads, as the message names it (`cached data`, `cached pairs`)."""
-    tokens: Callable[[], int]
-    """Tokens the stream gives over every worker and pass (called once the batch splits)."""
-    shards: tuple[str, int] | None = None
-    """A shard folder and its shard count, where each worker needs shards of its own."""
-
-
-def check_stream(job: JobConfig, supply: StreamSupply) -> None:
-    """Raise unless every worker gets an equal share of every batch, shards of its own, and
-    the longest budget fits the stream without reading the data more often than asked."""
-    world, passes = job.train.num_workers, job.train.data_passes
-    setting, batch = supply.batch
-    if batch % world:
-        raise ValueError(f"{setting}: {batch} is not divisible by train.num_workers ({world}); "
-                         "each worker takes an equal share of every batch")
-    if supply.shards is not None and supply.shards[1] < world:
-        folder, n = supply.shards
-        raise ValueError(f"{folder}: {n} shards cannot feed {world} workers disjoint data; "
-                         "lower cache.shard_tokens or train.num_workers")
-    setting, budget = supply.budget
-    have = supply.tokens()
-    if budget > have:
-        raise ConfigError(
-            f"{setting}: a budget of {budget:,} tokens, but the {supply.data} gives {have:,} in "
-            f"{passes} pass(es) over data.num_tokens ({job.data.num_tokens:,}); raise "
-            f"data.num_tokens or set train.data_passes to {-(-budget * passes // max(have, 1))} "
-            "to read it again (never done silently)"
-        )
 
 
 class Fit(ABC):
