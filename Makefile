@@ -12,7 +12,8 @@ export PATH := $(BIN):$(PATH)
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# The pinned CPU wheel first: an unpinned torch would pull several GB of CUDA wheels.
+	# torch pinned, first: on this project's CPU machines the local mirror gives its CPU wheel (an
+	# unpinned torch would pull several GB of CUDA wheels); from PyPI on Linux it is the CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@

@@ -120,6 +120,15 @@ def check_feature_counts(cfg: JobConfig, widths: list[int]) -> None:
             )
 
 
+def start_ray(cfg: JobConfig) -> None:
+    """Join (or start) Ray, then the preflight on every node, before any work."""
+    from raysae.distributed.preflight import preflight
+
+    init_ray()
+    nodes = preflight(cfg)
+    log.info("preflight: %d node(s) OK: %s", len(nodes), ", ".join(nodes))
+
+
 def cmd_check(cfg: JobConfig) -> None:
     print(f"{cfg.name}: config OK ({cfg.model.name}, layers {list(cfg.cache.layers)})")
 
@@ -163,11 +172,7 @@ def cmd_plan(cfg: JobConfig, calibrate: bool = True, slots: int = 1,
         device = "cuda" if torch.cuda.is_available() and cfg.train.use_gpu else "cpu"
         # as a training worker runs: Ray gives it torch threads for its whole CPUs, at least 1
         cal = costs.calibrate(cfg, device, threads=None if device == "cuda" else max(1, int(WORKER_CPUS)))
-    try:
-        job, why, phases = job_costs(cfg, cal, slots)
-    except ConfigError as e:
-        print(f"raysae: {e}", file=sys.stderr)
-        return 2
+    job, why, phases = job_costs(cfg, cal, slots)
     print(costs.cost_report(job, why, phases, cal))
     return 0
 
@@ -175,7 +180,7 @@ def cmd_plan(cfg: JobConfig, calibrate: bool = True, slots: int = 1,
 def cmd_cache(cfg: JobConfig) -> None:
     from raysae.distributed.caching import cache_activations
 
-    init_ray()
+    start_ray(cfg)
     for name, directory in cache_activations(cfg).items():
         print(f"{name}: {directory}")
 
@@ -195,7 +200,7 @@ def cmd_train(cfg: JobConfig) -> int:
 
     cfg, why = resolve_source(cfg, reads=1)
     print(f"activation source: {why}")
-    init_ray()
+    start_ray(cfg)
     shards = None
     if cfg.train.source == "cached":
         shards = {k: str(v) for k, v in cache_activations(cfg).items()}
@@ -227,7 +232,7 @@ def cmd_sweep(cfg: JobConfig) -> int:
     with `sweep.architectures`, one sweep per architecture, one after the other."""
     from raysae.distributed.transfer_sweep import run_sweep
 
-    init_ray()
+    start_ray(cfg)
     failed = False
     for job in transfer_grid.architecture_jobs(cfg):
         result = run_sweep(job)
@@ -265,7 +270,7 @@ def cmd_stitch(cfg: JobConfig) -> int:
     """The model-stitching sweep of the config's `stitch` section (resumes an interrupted one)."""
     from raysae.distributed.stitch_sweep import run_stitch_sweep
 
-    init_ray()
+    start_ray(cfg)
     result = run_stitch_sweep(cfg)
     print(f"stitch sweep {cfg.name}: {len(result.finished)} trials finished, "
           f"{len(result.failed)} not; pairs {result.summary['pairs']}")
@@ -342,11 +347,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError) as e:
         print(f"raysae: {e}", file=sys.stderr)
         return 2
-    if args.command == "dashboard":
-        return cmd_dashboard(cfg, args.sae, args.out)
-    if args.command == "plan":
-        return cmd_plan(cfg, not args.no_calibrate, args.slots, args.target)
-    return COMMANDS[args.command](cfg) or 0
+    try:
+        if args.command == "dashboard":
+            return cmd_dashboard(cfg, args.sae, args.out)
+        if args.command == "plan":
+            return cmd_plan(cfg, not args.no_calibrate, args.slots, args.target)
+        return COMMANDS[args.command](cfg) or 0
+    except ConfigError as e:  # found late (the preflight, the data itself): named, no traceback
+        print(f"raysae: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

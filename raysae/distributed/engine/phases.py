@@ -8,12 +8,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
+import yaml
 from ray import tune
 
 from raysae.config import JobConfig
@@ -167,14 +169,60 @@ def run_groups(
 
 
 def concurrent_fits(job: JobConfig) -> int:
-    """Fits at once: as many Train worker groups as the cluster's CPUs (or GPUs) hold, each
-    with its driving trial; at most SQLITE_CONCURRENT_TRIALS against a sqlite MLflow store."""
-    res = ray.cluster_resources()
+    """Fits at once (logged with why): as many Train worker groups as the cluster can grow to
+    hold (`cluster_capacity`), each with its driving trial; at most SQLITE_CONCURRENT_TRIALS
+    against a sqlite MLflow store."""
+    n, why = fits_at_once(job, *cluster_capacity())
+    log.info("%d group(s) at once: %s", n, why)
+    return n
+
+
+def fits_at_once(job: JobConfig, resources: dict[str, float], source: str) -> tuple[int, str]:
+    """Groups that `resources` (read from `source`) hold at once, and why."""
     workers = job.train.num_workers
     if job.train.use_gpu:
-        n = int(res.get("GPU", 0) // workers)
+        n = int(resources.get("GPU", 0) // workers)
+        why = f"{resources.get('GPU', 0):g} GPUs / {workers} per group"
     else:
-        n = int(res.get("CPU", 1) // (WORKER_CPUS * workers + TRIAL_CPUS))
-    if tracking_uri(job.runs_dir).startswith("sqlite:"):
-        n = min(n, SQLITE_CONCURRENT_TRIALS)
-    return max(1, n)
+        n = int(resources.get("CPU", 1) // (WORKER_CPUS * workers + TRIAL_CPUS))
+        why = f"{resources.get('CPU', 1):g} CPUs / {WORKER_CPUS * workers + TRIAL_CPUS:g} per group"
+    why += f", {source}"
+    if tracking_uri(job.runs_dir).startswith("sqlite:") and n > SQLITE_CONCURRENT_TRIALS:
+        n, why = SQLITE_CONCURRENT_TRIALS, f"{why}; at most {SQLITE_CONCURRENT_TRIALS} on a sqlite MLflow store"
+    return max(1, n), why
+
+
+AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
+"""Where `ray up` leaves the cluster's config on the head (its node types' resources filled in
+from the instance types); RAYSAE_CLUSTER_CONFIG names another."""
+
+
+def cluster_capacity(present: dict[str, float] | None = None) -> tuple[dict[str, float], str]:
+    """The resources the cluster can grow to, and where they were read: the autoscaler's
+    configured maximum, not what is up when a phase starts (a cluster at `min_workers: 0` has
+    no GPU then); without an autoscaler config, what is present (`ray.cluster_resources()`)."""
+    present = ray.cluster_resources() if present is None else present
+    path = Path(os.environ.get("RAYSAE_CLUSTER_CONFIG", AUTOSCALER_CONFIG)).expanduser()
+    if not path.is_file():
+        return present, "the resources present now (no autoscaler config)"
+    most = autoscaler_max(yaml.safe_load(path.read_text()))
+    grown = {k: max(most.get(k, 0.0), present.get(k, 0.0)) for k in {*most, *present}}
+    return grown, f"the autoscaler's maximum in {path}"
+
+
+def autoscaler_max(cluster: dict[str, Any]) -> dict[str, float]:
+    """The resources of a cluster launcher config at its maximum: the head's, and each worker
+    node type's times its `max_workers`, the cluster's `max_workers` capping the workers (the
+    node types with the most GPUs counted first)."""
+    types = cluster["available_node_types"]
+    head = cluster["head_node_type"]
+    total = {k: float(v) for k, v in types[head].get("resources", {}).items()}
+    left = cluster.get("max_workers", float("inf"))
+    workers = sorted((t for name, t in types.items() if name != head),
+                     key=lambda t: -t.get("resources", {}).get("GPU", 0))
+    for t in workers:
+        n = min(t.get("max_workers", 0), left)
+        left -= n
+        for k, v in t.get("resources", {}).items():
+            total[k] = total.get(k, 0.0) + n * v
+    return total
