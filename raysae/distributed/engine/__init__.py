@@ -9,6 +9,8 @@
   checkpoint) and `collectives` (how workers agree);
 - `launch`: one Ray Train run per group (`fit_on_ray`);
 - `phases`: a sweep as phases of trials (Tune experiments of groups, their retry);
+- `faults`: a failure's kind (a member's own, out of memory, storage, tracking, network, config)
+  and what the phase does about it;
 - `fanout`: a phase as plain Ray tasks.
 
 A Ray Train run is named after its group's stable key, so a worker that dies (or a driver that

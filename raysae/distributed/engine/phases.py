@@ -21,6 +21,7 @@ from ray import tune
 from raysae.config import JobConfig
 from raysae.costs import PhaseCost, cost_report
 from raysae.distributed import root_cause
+from raysae.distributed.engine.faults import retry_plan
 from raysae.distributed.engine.launch import WORKER_CPUS
 from raysae.distributed.engine.specs import FitResult
 from raysae.tracking import Tracker, tracking_uri
@@ -145,25 +146,24 @@ def run_groups(
     members_of: Callable[[Any], list[str]],
     alone: Callable[[Any], dict[str, Any]],
 ) -> tuple[Done, Errors]:
-    """Run a phase's groups (`tune_phase`, `run_group(key, groups=specs, **extra)`); a group
-    that fails is then split and its members retried one per group, so that a fault in one
-    member's data fails that member only, not the SAEs that shared its stream. (A member that
-    diverged has already left its group, which went on without it: it is not retried.)"""
+    """Run a phase's groups (`tune_phase`, `run_group(key, groups=specs, **extra)`); each
+    failure is told apart (`faults`): a group that failed on a member's own data, or ran out of
+    memory, is split and its members retried one per group, so that the SAEs that shared its
+    stream go on; an infrastructure fault (storage, tracking, network) is not split, Tune having
+    retried the whole group from its last checkpoint; a misconfiguration stops the sweep."""
     groups = {k: members_of(spec) for k, spec in specs.items()}
     done, errors = tune_phase(job, experiment, groups, run_group, {"groups": specs, **extra},
                               max_failures)
-    group_failed = {k for k, e in errors.items() if not e.startswith(MEMBER_FAILED)}
-    retry = {k: single for key, spec in specs.items()
-             if len(groups[key]) > 1 and any(m in group_failed for m in groups[key])
-             for k, single in alone(spec).items()}
+    split, errors = retry_plan(experiment, errors, groups, MEMBER_FAILED)
+    retry = {k: single for key in split for k, single in alone(specs[key]).items()}
     if retry:
-        log.info("%s: %d group(s) failed; retrying their %d members one by one", experiment,
-                 sum(1 for k in specs if len(groups[k]) > 1 and set(groups[k]) & group_failed),
-                 len(retry))
+        log.info("%s: %d group(s) failed on a member's own data or out of memory; re-planned as "
+                 "one SAE per group, retrying their %d members", experiment, len(split), len(retry))
         more, still = tune_phase(job, f"{experiment}-alone",
                                  {k: members_of(spec) for k, spec in retry.items()}, run_group,
                                  {"groups": retry, **extra}, max_failures)
         done |= more
+        _, still = retry_plan(experiment, still, {}, MEMBER_FAILED)  # labelled: singles are not split
         errors = {k: v for k, v in errors.items() if k not in more} | still
     return done, errors
 

@@ -1,0 +1,59 @@
+"""Failures told apart (`raysae.distributed.engine.faults`): each root cause gets its kind, and
+only a member's own fault or an out-of-memory splits its group."""
+
+from __future__ import annotations
+
+import pytest
+
+from raysae.config import ConfigError
+from raysae.distributed.engine.faults import fault_kind, retry_plan
+
+CAUSES = {
+    "raysae.shards.ShardError: /r/shard-0.arrow is corrupted: sha256 abc != def": "member",
+    "ValueError: site blocks.9.hook_resid_post is not in the model": "member",
+    "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB": "out-of-memory",
+    "ray.exceptions.OutOfMemoryError: Task was killed due to the node running low on memory.": "out-of-memory",
+    "OSError: [Errno 28] No space left on device": "storage",
+    "PermissionError: [Errno 13] Permission denied: '/mnt/raysae/runs/ray_train'": "storage",
+    "botocore.exceptions.EndpointConnectionError: Could not connect to the endpoint URL": "storage",
+    "mlflow.exceptions.MlflowException: API request to http://head:5000 failed": "tracking",
+    "RuntimeError: NCCL error in: ProcessGroupNCCL.cpp:1191, unhandled system error": "network",
+    "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.": "network",
+    "raysae.config.ConfigError: train.num_tokens: a budget of 8,192 tokens, but ...": "config",
+}
+
+
+@pytest.mark.parametrize(("cause", "kind"), CAUSES.items())
+def test_each_root_cause_gets_its_kind(cause, kind):
+    assert fault_kind(cause) == kind
+
+
+def test_only_a_members_fault_or_out_of_memory_splits_its_group():
+    groups = {"g-shard": ["a", "b"], "g-oom": ["c", "d"], "g-disk": ["e", "f"],
+              "g-net": ["g", "h"], "g-one": ["i"], "g-div": ["j", "k"]}
+    errors = {
+        "a": "failed: raysae.shards.ShardError: shard-0.arrow is corrupted",
+        "b": "failed: raysae.shards.ShardError: shard-0.arrow is corrupted",
+        "c": "failed: torch.OutOfMemoryError: CUDA out of memory",
+        "d": "failed: torch.OutOfMemoryError: CUDA out of memory",
+        "e": "failed: OSError: [Errno 28] No space left on device",
+        "f": "failed: OSError: [Errno 28] No space left on device",
+        "g": "failed: RuntimeError: NCCL error",
+        "h": "failed: RuntimeError: NCCL error",
+        "i": "failed: raysae.shards.ShardError: corrupted",  # alone already: nothing to split
+        "j": "diverged: j: training diverged: non-finite loss",  # left its group, which went on
+    }
+    split, labelled = retry_plan("p", errors, groups, "diverged")
+    assert split == ["g-shard", "g-oom"]  # never the disk's or the network's: retried whole
+    assert labelled["e"] == "failed: [storage] OSError: [Errno 28] No space left on device"
+    assert labelled["g"] == "failed: [network] RuntimeError: NCCL error"
+    assert labelled["c"].startswith("failed: [out-of-memory] ")
+    assert labelled["a"].startswith("failed: [member] ")
+    assert labelled["j"] == errors["j"]  # a divergence is as before, not retried
+
+
+def test_a_misconfiguration_found_late_stops_the_sweep_and_names_it():
+    errors = {"a": "failed: raysae.config.ConfigError: stitch.num_tokens: a budget of 4,096"}
+    with pytest.raises(ConfigError, match=r"p: a misconfiguration found while training a, the "
+                                          r"sweep stops: failed: .*stitch.num_tokens"):
+        retry_plan("p", errors, {"g": ["a", "b"]}, "diverged")
