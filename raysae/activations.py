@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from raysae import shards
 from raysae.config import ConfigError, JobConfig, ModelConfig, digest, local_path, to_dict
@@ -167,9 +165,7 @@ def keep_heldout(job: JobConfig, tokens_NT: np.ndarray) -> None:
     path = heldout_path(job)
     tokens = torch.from_numpy(np.ascontiguousarray(tokens_NT))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    save_file({"tokens": tokens}, tmp, metadata={"sha256": _sha256(tokens)})
-    os.replace(tmp, path)
+    shards.atomic_write_bytes(path, save({"tokens": tokens}, metadata={"sha256": _sha256(tokens)}))
 
 
 def heldout_path(job: JobConfig) -> Path:

@@ -1,11 +1,13 @@
 """What the Ray tests plug into a fit: `traced(...)` is the SAE group fit with a per-step trace
-of every worker and, optionally, a hard kill of one worker, once, mid-run. It overrides only
+of every worker and, optionally, a hard kill of one worker, once, mid-run; `faulty(...)` the
+fit with a planted failure (a full disk, an out-of-memory), for a phase's `run_group`. It overrides only
 what a Fit is made of (`build`, `batches`), so the group loop runs as in production. Shipped to
 the workers by value (`ray.cloudpickle.register_pickle_by_value`), since tests/ is not
 importable there."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -16,6 +18,7 @@ from typing import ClassVar
 
 import torch
 
+from raysae.config import JobConfig, from_dict
 from raysae.distributed.training import SAEGroupFit, member_config
 
 
@@ -92,3 +95,42 @@ def worker_shards(directory: str | Path, rank: int, world: int) -> list[str]:
     from raysae.shards import ActivationReader
 
     return [s.file for s in ActivationReader(directory).manifest.shards][rank::world]
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A planted failure: `storage` raises OSError(ENOSPC) once the stream passes `at_tokens`
+    (every attempt); `oom` raises torch.OutOfMemoryError from `member`'s step while its group
+    holds more than one member (as a group too large for its GPU would)."""
+
+    kind: str
+    at_tokens: int = 0
+    member: str | None = None
+
+
+class FaultyFit(SAEGroupFit):
+    fault: ClassVar[Fault]
+
+    def batches(self, skip_batches: int) -> Generator:
+        tokens = skip_batches * self.job.train.batch_size
+        for batch in super().batches(skip_batches):
+            tokens += self.job.train.batch_size
+            if self.fault.kind == "storage" and tokens > self.fault.at_tokens:
+                raise OSError(errno.ENOSPC, "No space left on device", self.job.runs_dir)
+            yield batch
+
+    def member_batch(self, member, batch):
+        if self.fault.kind == "oom" and member.key == self.fault.member and len(self.spec.members) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().member_batch(member, batch)
+
+
+def faulty_group(key: str, job: dict, groups: dict, max_failures: int, fault: Fault):
+    """A phase's `run_group` (as `training.run_sae_group`) with the fault planted."""
+    from raysae.distributed.engine import fit_on_ray
+
+    spec = groups.get(key)
+    if spec is None or not spec.members:
+        return {}
+    fit = type("FaultyFit", (FaultyFit,), {"fault": fault, "__module__": __name__})
+    return fit_on_ray(from_dict(JobConfig, job), spec, fit, max_failures=max_failures)

@@ -60,7 +60,8 @@ def test_a_node_that_does_not_share_the_store_is_named_before_any_work(tmp_path,
         "data": {"source": str(token_file), "context_length": 16, "num_tokens": 512},
         "cache": {"layers": [0], "shard_tokens": 128},
         "train": {"num_tokens": 512, "batch_size": 64, "eval_tokens": 256}}))
-    with local_head(None, "--num-cpus", "1", "--object-store-memory", "80000000") as head:
+    with local_head(None, "--num-cpus", "1", "--object-store-memory", "80000000",
+                    timeout_s=300) as head:
         # the worker node sees its own empty runs dir, not the head's
         start = (f"mount -t tmpfs tmpfs {runs} && exec {BIN / 'ray'} start --address={head.address} "
                  "--node-ip-address 127.0.0.1 --num-cpus 1 --object-store-memory 80000000 "

@@ -309,3 +309,45 @@ def test_a_member_that_reaches_its_target_leaves_the_group(job, uninterrupted, s
     fresh = SAERun(key="fresh", name="fresh", hook=hook)
     with pytest.raises(ValueError, match=r"members go on from steps \{'stops': 4\}; a group shares"):
         train_on_ray(cfg, dataclasses.replace(group(directory, goes_on, fresh), key="mixed"))
+
+
+def faulty_phase(cfg, directory, name, fault, *members):
+    """A phase of one group of `members` with `fault` planted, through `run_groups`."""
+    from raysae.config import to_dict
+    from raysae.distributed.engine import run_groups
+    from raysae.distributed.training import alone, members_of
+
+    spec = group(directory, *members)
+    extra = {"job": to_dict(cfg), "max_failures": 0, "fault": fault}
+    return run_groups(cfg, name, {spec.key: spec}, chaos.faulty_group, extra, 0, members_of, alone)
+
+
+def test_a_storage_error_fails_the_group_whole_and_is_never_split(job):
+    from raysae.distributed.training import SAERun
+
+    cfg, directory = job
+    hook = "blocks.1.hook_resid_post"
+    members = [SAERun(key=f"disk-{i}", name=f"disk {i}", hook=hook, num_tokens=BUDGET // 2)
+               for i in (1, 2)]
+    done, errors = faulty_phase(cfg, directory, "faults-disk", chaos.Fault("storage", 1024), *members)
+    assert done == {} and set(errors) == {"disk-1", "disk-2"}
+    for e in errors.values():
+        assert e.startswith("failed: [storage] ") and "No space left on device" in e, e
+    tune = Path(cfg.runs_dir) / "tune"
+    assert (tune / "faults-disk").is_dir() and not (tune / "faults-disk-alone").exists()
+
+
+def test_an_out_of_memory_group_is_replanned_smaller_and_completes(job):
+    from raysae.distributed.training import SAERun
+
+    cfg, directory = job
+    hook = "blocks.1.hook_resid_post"
+    members = [SAERun(key=f"oom-{i}", name=f"oom {i}", hook=hook, num_tokens=BUDGET // 2)
+               for i in (1, 2)]
+    done, errors = faulty_phase(cfg, directory, "faults-oom", chaos.Fault("oom", member="oom-1"),
+                                *members)
+    assert errors == {} and set(done) == {"oom-1", "oom-2"}  # every member kept, one per group
+    assert (Path(cfg.runs_dir) / "tune" / "faults-oom-alone").is_dir()
+    for key in done:
+        _, run = mlflow_run(cfg, key)
+        assert run.info.status == "FINISHED" and run.data.tags["raysae.tokens_seen"] == str(BUDGET // 2)

@@ -23,8 +23,10 @@ from typing import Any
 from raysae.config import ConfigError, JobConfig, local_path
 from raysae.tracking import tracking_uri
 
-PROBE_TIMEOUT_S = 30.0
-"""How long the driver waits for every node's answer."""
+PROBE_TIMEOUT_S = 120.0
+"""How long the driver waits for a node's answer: a node that answers names its own problems
+in seconds; this bounds only a node that cannot start the task at all (a worker process on a
+loaded node can take tens of seconds to start)."""
 
 
 @dataclass(frozen=True)
