@@ -114,9 +114,13 @@ def preflight(job: JobConfig, timeout_s: float = PROBE_TIMEOUT_S) -> list[str]:
 
     token = uuid.uuid4().hex
     folder = Path(job.runs_dir) / ".preflight" / token
-    folder.mkdir(parents=True)
     marker = folder / "driver"
-    marker.write_text(token)
+    try:
+        folder.mkdir(parents=True)
+        marker.write_text(token)
+    except OSError as e:
+        raise PreflightError(f"preflight failed before any work: the driver cannot write its "
+                             f"marker {marker} ({e}); make runs_dir {job.runs_dir!r} writable") from None
     uri = tracking_uri(job.runs_dir)
     task = ray.remote(num_cpus=0, max_retries=0)(probe)
     nodes = {n["NodeID"]: f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})"
