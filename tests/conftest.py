@@ -98,6 +98,9 @@ def ray_local():
     job-submission test runs its own `ray start --head` and `ray stop` stops every instance."""
     import ray
 
+    # the nodes start without a tracking URI an earlier test's mlflow.set_tracking_uri exported:
+    # a task then logs where its driver says (the preflight refuses a node whose own URI differs)
+    leaked = os.environ.pop("MLFLOW_TRACKING_URI", None)
     ray.init(
         address="local",
         num_cpus=2,
@@ -105,6 +108,8 @@ def ray_local():
         object_store_memory=200_000_000,
         log_to_driver=False,
     )
+    if leaked is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = leaked
     yield ray
     ray.shutdown()
 
