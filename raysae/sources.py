@@ -295,8 +295,8 @@ def check_budgets(job: JobConfig) -> None:
         budgets.append(("stitch.num_tokens", s.num_tokens, "stitch.batch_size", s.batch_size))
     per_worker = window_tokens(job, world)
     chunks = -(-job.data.num_tokens // (job.data.context_length * chunk_seqs(job)))
+    cached = t.source == "cached" or job.stitch is not None  # a stitch sweep caches both models
     for setting, budget, batch_setting, batch in budgets:
-        cached = t.source == "cached" or batch_setting.startswith("stitch")
         check_stream(job, StreamSupply(
             batch=(batch_setting, batch), budget=(setting, budget), data="data",
             tokens=lambda batch=batch: batched_tokens(per_worker, batch, t.data_passes),
