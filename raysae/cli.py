@@ -19,7 +19,7 @@ from raysae.models import hook_name, model_dims, parse_hook_name, pretrained_nam
 from raysae.sources import check_budgets
 from raysae.stitching import grid as stitch_grid
 from raysae.stitching.probes import check_probe_columns
-from raysae.tracking import ui_hint
+from raysae.tracking import job_tracking_uri, ui_hint
 from raysae.transfer import grid as transfer_grid
 
 log = logging.getLogger("raysae")
@@ -66,6 +66,9 @@ def _load(args: argparse.Namespace) -> JobConfig:
     runs_dir = args.runs_dir or os.environ.get("RAYSAE_RUNS_DIR")
     cfg = dataclasses.replace(cfg, runs_dir=str(Path(runs_dir or cfg.runs_dir).resolve()))
     cfg = resolve_toy(cfg)
+    # the driver's tracking URI goes with the job to every task and worker: a node's own
+    # environment (another MLFLOW_TRACKING_URI, or none) can never send its runs elsewhere
+    cfg = dataclasses.replace(cfg, tracking_uri=job_tracking_uri(cfg))
     try:
         check_job(cfg)  # before Ray starts any work
     except ConfigError as e:
@@ -154,12 +157,12 @@ def cmd_plan(cfg: JobConfig, calibrate: bool = True, slots: int = 1,
     from raysae import costs
 
     if target is not None:  # read from MLflow: no Ray
-        from raysae.tracking import Tracker, tracking_uri
+        from raysae.tracking import Tracker, job_tracking_uri
         from raysae.transfer.pilot import budget_plan_report, sweep_trials
 
         try:
             trials = sweep_trials(cfg)
-            print(budget_plan_report(cfg, target, trials, Tracker(tracking_uri(cfg.runs_dir), cfg.name)))
+            print(budget_plan_report(cfg, target, trials, Tracker(job_tracking_uri(cfg), cfg.name)))
         except ConfigError as e:
             print(f"raysae: {e}", file=sys.stderr)
             return 2

@@ -126,9 +126,10 @@ def digest(value: Any) -> str:
 
 def sweep_digest(job: JobConfig) -> str:
     """A sweep's identity (its parent MLflow run and its Tune experiments): every setting of
-    the job but where it lives (`runs_dir`) and the feature evaluations (`features`, which
-    re-evaluate finished SAEs under their own digest without retraining them)."""
-    return digest({k: v for k, v in to_dict(job).items() if k not in ("runs_dir", "features")})
+    the job but where it lives (`runs_dir`, `tracking_uri`) and the feature evaluations
+    (`features`, which re-evaluate finished SAEs under their own digest without retraining them)."""
+    where = ("runs_dir", "tracking_uri", "features")
+    return digest({k: v for k, v in to_dict(job).items() if k not in where})
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -464,6 +465,10 @@ class JobConfig:
     """SAE training."""
     runs_dir: str = "runs"
     """Root of everything the job writes (a shared filesystem on a multi-node cluster)."""
+    tracking_uri: str | None = None
+    """Where the MLflow runs go (an `mlflow server` for a cluster). None: the driver's
+    MLFLOW_TRACKING_URI, else sqlite:///<runs_dir>/mlflow.db. The driver fixes it when it loads
+    the job, and every task and worker logs there (their own environments are never read)."""
     sweep: SweepConfig | None = None
     """The layer-wise transfer grid (`raysae.transfer.grid`); None for a job without a sweep."""
     stitch: StitchConfig | None = None

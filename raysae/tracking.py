@@ -39,6 +39,8 @@ import requests
 if TYPE_CHECKING:
     from mlflow.entities import Run
 
+    from raysae.config import JobConfig
+
 log = logging.getLogger("raysae.tracking")
 T = TypeVar("T")
 
@@ -124,23 +126,27 @@ def ui_hint(runs_dir: str | Path) -> str:
             f"'Model training' in the side bar, or #/experiments/<id>?workflowType=machine_learning)")
 
 
+def job_tracking_uri(job: JobConfig) -> str:
+    """A job's tracking URI: its `tracking_uri` (fixed by the driver), else `tracking_uri`."""
+    return job.tracking_uri or tracking_uri(job.runs_dir)
+
+
 def tracking_uri(runs_dir: str | Path) -> str:
     """MLFLOW_TRACKING_URI, else sqlite:///<runs_dir>/mlflow.db (absolute)."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    path = Path(runs_dir).resolve() / "mlflow.db"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
+    return f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
 
 
 class Tracker:
     """One MLflow experiment, seen through explicit run ids."""
 
     @classmethod
-    def for_runs_dir(cls, runs_dir: str | Path, experiment: str) -> Tracker:
-        """The job's tracker: its URI, artifacts under `<runs_dir>/mlartifacts`."""
-        return cls(tracking_uri(runs_dir), experiment, Path(runs_dir) / "mlartifacts")
+    def for_runs_dir(cls, runs_dir: str | Path, experiment: str, uri: str | None = None) -> Tracker:
+        """The job's tracker: its URI (`uri`, else `tracking_uri`), artifacts under
+        `<runs_dir>/mlartifacts`."""
+        return cls(uri or tracking_uri(runs_dir), experiment, Path(runs_dir) / "mlartifacts")
 
     def __init__(self, uri: str, experiment: str, artifact_root: str | Path | None = None,
                  wait_s: float | None = None) -> None:
@@ -152,6 +158,8 @@ class Tracker:
         # a Train worker) does not spend its 1.3 s of CPU on it
         from mlflow.tracking import MlflowClient
 
+        if uri.startswith("sqlite:///"):  # its folder, made by the first process to log
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self._client = MlflowClient(uri)
         artifacts = None
         if uri.startswith("sqlite:") and artifact_root is not None:

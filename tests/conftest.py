@@ -92,15 +92,26 @@ def build_cfg(tmp: Path, token_file: Path, **overrides: object) -> JobConfig:
     return JobConfig(**parts)  # type: ignore[arg-type]
 
 
+@pytest.fixture(autouse=True)
+def _tracking_uri_restored():
+    """Each test leaves MLflow's tracking URI as it found it: `mlflow.set_tracking_uri` (the
+    checks' way to read runs) exports MLFLOW_TRACKING_URI, which would send a later test's
+    driver, and the local Ray it starts, to this test's store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(None)  # its global, and the variable it exported
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    if before is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """One local Ray instance per test module (a few seconds to start). Not session-wide: the
     job-submission test runs its own `ray start --head` and `ray stop` stops every instance."""
     import ray
 
-    # the nodes start without a tracking URI an earlier test's mlflow.set_tracking_uri exported:
-    # a task then logs where its driver says (the preflight refuses a node whose own URI differs)
-    leaked = os.environ.pop("MLFLOW_TRACKING_URI", None)
     ray.init(
         address="local",
         num_cpus=2,
@@ -108,8 +119,6 @@ def ray_local():
         object_store_memory=200_000_000,
         log_to_driver=False,
     )
-    if leaked is not None:
-        os.environ["MLFLOW_TRACKING_URI"] = leaked
     yield ray
     ray.shutdown()
 

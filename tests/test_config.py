@@ -333,3 +333,28 @@ def test_local_path_tells_paths_from_hub_names(tmp_path):
         assert local_path(name) is None
     for name in ("./m", "../m", "/m", "a/b/c", "tokens.parquet", "x.jsonl"):
         assert local_path(name) is not None
+
+
+def test_the_driver_fixes_its_tracking_uri_into_the_job(tmp_path, checked, monkeypatch):
+    """The job a driver sends its tasks and workers names the tracking URI: theirs is never read
+    from their own environment (a node with another MLFLOW_TRACKING_URI, or none)."""
+    import argparse
+
+    from raysae.cli import _load
+    from raysae.config import from_dict, sweep_digest, to_dict
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(checked))
+    args = argparse.Namespace(config=str(path), runs_dir=str(tmp_path / "runs"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    local = _load(args)
+    assert local.tracking_uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    served = _load(args)
+    assert served.tracking_uri == "http://127.0.0.1:5000"
+    # what a task receives (to_dict, from_dict) keeps it; another store is not another sweep
+    assert from_dict(JobConfig, to_dict(served)).tracking_uri == "http://127.0.0.1:5000"
+    assert sweep_digest(served) == sweep_digest(local)
+    path.write_text(yaml.safe_dump({**checked, "tracking_uri": "http://10.0.0.1:5000"}))
+    assert _load(args).tracking_uri == "http://10.0.0.1:5000"  # the config's own, over the variable
+    assert not (tmp_path / "runs").exists()  # resolving it writes nothing

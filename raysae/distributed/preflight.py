@@ -3,8 +3,8 @@ otherwise find out late, on that node, with that node's own disk and environment
 
 The driver writes a marker into the runs dir; each node's task reads it and writes one back
 (the store is shared both ways), finds CUDA and the GPU's memory against
-`train.worker_memory_gb` when `use_gpu`, reaches the tracking server it would log to (its own
-MLFLOW_TRACKING_URI, else the driver's), sees the local model and data paths the job names and
+`train.worker_memory_gb` when `use_gpu`, reaches the tracking server it logs to (the job's, fixed by
+the driver: a node's own MLFLOW_TRACKING_URI is never read), sees the local model and data paths the job names and
 can write to its scratch dir (the hub's download cache). A failure names the node, the check,
 what was found and the fix, within seconds (`PreflightError`, exit 2 from the CLI).
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from raysae.config import ConfigError, JobConfig, local_path
-from raysae.tracking import tracking_uri
+from raysae.tracking import job_tracking_uri
 
 PROBE_TIMEOUT_S = 120.0
 """How long the driver waits for a node's answer: a node that answers names its own problems
@@ -80,16 +80,12 @@ def probe(job: JobConfig, marker: str, token: str, reply: str, uri: str) -> list
                 out.append(("gpu", f"{torch.cuda.get_device_name(0)} has {gb:.1f} GiB, "
                             f"train.worker_memory_gb is {job.train.worker_memory_gb:g}",
                             "lower train.worker_memory_gb to the GPU's memory or use a larger GPU"))
-    here = os.environ.get("MLFLOW_TRACKING_URI", uri)
-    if here != uri:
-        out.append(("tracking", f"MLFLOW_TRACKING_URI here is {here!r}, the driver's is {uri!r}",
-                    "set one tracking URI for every node (the job's runtime_env)"))
-    if here.startswith(("http://", "https://")):
+    if uri.startswith(("http://", "https://")):  # the driver's: every task logs there
         try:
-            with urllib.request.urlopen(f"{here.rstrip('/')}/health", timeout=5) as r:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as r:
                 r.read()
         except OSError as e:
-            out.append(("tracking", f"the tracking server {here} does not answer ({e})",
+            out.append(("tracking", f"the tracking server {uri} does not answer ({e})",
                         "start `mlflow server` on the head, reachable from every node"))
     for name, path in _local_paths(job).items():
         if not Path(path).expanduser().exists():
@@ -121,7 +117,7 @@ def preflight(job: JobConfig, timeout_s: float = PROBE_TIMEOUT_S) -> list[str]:
     except OSError as e:
         raise PreflightError(f"preflight failed before any work: the driver cannot write its "
                              f"marker {marker} ({e}); make runs_dir {job.runs_dir!r} writable") from None
-    uri = tracking_uri(job.runs_dir)
+    uri = job_tracking_uri(job)
     task = ray.remote(num_cpus=0, max_retries=0)(probe)
     nodes = {n["NodeID"]: f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})"
              for n in ray.nodes() if n["Alive"]}

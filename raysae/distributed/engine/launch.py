@@ -15,7 +15,7 @@ from raysae.distributed.engine.fit import Fit
 from raysae.distributed.engine.group import train_group
 from raysae.distributed.engine.layout import output_dir, run_name_for, train_runs_dir
 from raysae.distributed.engine.specs import FitResult, FitSpec
-from raysae.tracking import tracking_uri
+from raysae.tracking import job_tracking_uri
 
 WORKER_CPUS = 0.5
 """CPUs per Ray Train worker without a GPU: below one, so that on small nodes whole-CPU workers
@@ -44,7 +44,7 @@ def fit_on_ray(job: JobConfig, spec: FitSpec, fit: type[Fit], *, max_failures: i
     trainer = TorchTrainer(
         train_group,
         train_loop_config={"job": to_dict(job), "spec": spec, "fit": fit,
-                           "uri": tracking_uri(job.runs_dir)},
+                           "uri": job_tracking_uri(job)},
         scaling_config=worker_scaling(job),
         run_config=RunConfig(
             name=run_name_for(spec.key),

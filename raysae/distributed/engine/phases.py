@@ -24,7 +24,7 @@ from raysae.distributed import root_cause
 from raysae.distributed.engine.faults import retry_plan
 from raysae.distributed.engine.launch import WORKER_CPUS
 from raysae.distributed.engine.specs import FitResult
-from raysae.tracking import Tracker, tracking_uri
+from raysae.tracking import Tracker, job_tracking_uri
 
 log = logging.getLogger("raysae.engine")
 
@@ -187,7 +187,7 @@ def fits_at_once(job: JobConfig, resources: dict[str, float], source: str) -> tu
         n = int(resources.get("CPU", 1) // (WORKER_CPUS * workers + TRIAL_CPUS))
         why = f"{resources.get('CPU', 1):g} CPUs / {WORKER_CPUS * workers + TRIAL_CPUS:g} per group"
     why += f", {source}"
-    if tracking_uri(job.runs_dir).startswith("sqlite:") and n > SQLITE_CONCURRENT_TRIALS:
+    if job_tracking_uri(job).startswith("sqlite:") and n > SQLITE_CONCURRENT_TRIALS:
         n, why = SQLITE_CONCURRENT_TRIALS, f"{why}; at most {SQLITE_CONCURRENT_TRIALS} on a sqlite MLflow store"
     return max(1, n), why
 
