@@ -15,7 +15,11 @@ The estimates, per token (d = d_model, F = d_sae, L = the blocks run up to the d
   AuxK adds 4 d (d/2));
 - shards: d x bytes per value (float32 4, float16/bfloat16 2) per cached site;
 - training memory per SAE: weights, gradients and Adam's two moments (16 bytes per parameter)
-  plus the batch's latents (3 B F x 4 bytes).
+  plus the batch's latents (3 B F x 4 bytes);
+- the store (`StoreCost`): every group commit keeps each member's training state (float32
+  weights and Adam's two moments, 12 bytes per parameter; Ray Train keeps every commit), every
+  checkpoint and the end write the member's SAE folder (4 bytes per parameter), and a cached
+  source reads each group's sites back from the shards.
 """
 
 from __future__ import annotations
@@ -119,6 +123,59 @@ class Calibration:
     """Sequential reads from runs_dir."""
 
 
+STATE_BYTES_PER_PARAM = 12
+"""A training state: float32 weights and Adam's two moments (`checkpoint.save_train_state`)."""
+FOLDER_BYTES_PER_PARAM = 4
+"""An SAE folder: float32 weights (`SAE.save`: `sae_weights.safetensors`, `cfg.json`)."""
+FILES_PER_FOLDER = 2
+"""The files of an SAE folder or a training state (safetensors and JSON)."""
+
+
+@dataclass(frozen=True)
+class StoreCost:
+    """What a phase does to the store its runs dir is on (a shared filesystem or a bucket):
+    every file is one write request (PUT) and is kept; what workers read back is egress from the
+    store (shards only: model and data downloads come from the hub, resumes are extra)."""
+
+    written: int
+    """Bytes written, and kept."""
+    files: int
+    """Files written (PUT requests on an object store)."""
+    read: int
+    """Bytes read back by the phase's workers."""
+
+    def __add__(self, other: StoreCost) -> StoreCost:
+        return StoreCost(self.written + other.written, self.files + other.files,
+                         self.read + other.read)
+
+
+def group_store(job: JobConfig, d: int, members: Sequence[SAECost], streamed: bool) -> StoreCost:
+    """One group's writes and reads: a commit every `checkpoint_every_tokens` up to its largest
+    budget (`group.json` and each member still training's state; an upper bound: a member's last
+    commit may hold its result instead), each member's SAE folder at each of its checkpoints and
+    at its end; cached, its stream reads its sites' shards for its tokens."""
+    every = job.train.checkpoint_every_tokens
+    tokens = max(m.budget for m in members)
+    written = files = 0
+    for m in members:
+        params = m.sae.spec.parameters(d, m.sae.width(d))
+        checkpoints = -(-m.budget // every)
+        written += checkpoints * params * (STATE_BYTES_PER_PARAM + FOLDER_BYTES_PER_PARAM)
+        written += params * FOLDER_BYTES_PER_PARAM  # the final folder
+        files += FILES_PER_FOLDER * (2 * checkpoints + 1)
+    files += -(-tokens // every)  # each commit's group.json
+    sites = len({m.hook for m in members})
+    read = 0 if streamed else tokens * d * BYTES[job.cache.dtype] * sites
+    return StoreCost(written, files, read)
+
+
+def cache_store(job: JobConfig) -> StoreCost:
+    """The cache phase writes every site's shards and a manifest per shard set."""
+    sets = len(job.cache.sites) * len(job.cache.layers)
+    shards = -(-job.data.num_tokens // job.cache.shard_tokens)
+    return StoreCost(shard_bytes(job), sets * (shards + 1), 0)
+
+
 @dataclass(frozen=True)
 class SAECost:
     """One SAE training as the plan sees it."""
@@ -147,6 +204,8 @@ class PhaseCost:
     """Shards written (the cache phase)."""
     memory_per_worker: int
     """The largest group's memory on one worker, its stream included."""
+    store: StoreCost = dataclasses.field(default_factory=lambda: StoreCost(0, 0, 0))
+    """What the phase writes to and reads from the runs dir's store."""
     seconds: float | None = None
     """Predicted wall time (None without a calibration): the compute at the calibrated
     throughputs, each group's Ray Train start-up and its checkpoint evaluations."""
@@ -161,7 +220,8 @@ def cache_phase(job: JobConfig, cal: Calibration | None, slots: int) -> PhaseCos
     secs = None
     if cal is not None:
         secs = job.data.num_tokens / cal.forward_tokens_per_s / max(job.cache.num_actors, 1)
-    return PhaseCost("cache", 0, 0, job.data.num_tokens, 0, flops, 0, shard_bytes(job), 0, secs)
+    return PhaseCost("cache", 0, 0, job.data.num_tokens, 0, flops, 0, shard_bytes(job), 0,
+                     cache_store(job), secs)
 
 
 def training_phase(job: JobConfig, name: str, saes: Sequence[SAECost], streamed: bool,
@@ -172,6 +232,7 @@ def training_phase(job: JobConfig, name: str, saes: Sequence[SAECost], streamed:
     for x in saes:
         by_model.setdefault(x.model.name, []).append(x)
     groups = stream = lm = sae_flops = sae_tokens = memory = 0
+    store = StoreCost(0, 0, 0)
     busy: list[float] = []
     for members in by_model.values():
         _, d = model_dims(members[0].model)
@@ -189,6 +250,7 @@ def training_phase(job: JobConfig, name: str, saes: Sequence[SAECost], streamed:
             sae_flops += group_sae
             sae_tokens += sum(m.budget for m in group)
             memory = max(memory, overhead + sum(sizes[i] for i in idx))
+            store += group_store(job, d, group, streamed)
             if cal is not None:
                 t = sum(m.budget for m in group) / cal.sae_tokens_per_s
                 if streamed:
@@ -203,7 +265,7 @@ def training_phase(job: JobConfig, name: str, saes: Sequence[SAECost], streamed:
         # groups run `slots` at a time; a phase lasts at least its longest group
         secs = max(sum(busy) / max(min(slots, len(busy)), 1), max(busy, default=0.0))
     return PhaseCost(name, groups, len(saes), stream, sae_tokens, lm, sae_flops + extra_flops,
-                     0, memory, secs)
+                     0, memory, store, secs)
 
 
 def cost_table(phases: Sequence[PhaseCost]) -> str:
@@ -217,6 +279,14 @@ def cost_table(phases: Sequence[PhaseCost]) -> str:
         f"{'-' if p.seconds is None else format_seconds(p.seconds)} |"
         for p in phases
     ]
+    return "\n".join([head, *rows])
+
+
+def store_table(phases: Sequence[PhaseCost]) -> str:
+    """What each phase writes to the runs dir's store and reads back, as a markdown table."""
+    head = "| phase | written (kept) | files (PUTs) | read back |\n|---|---|---|---|"
+    rows = [f"| {p.name} | {format_bytes(p.store.written)} | {p.store.files:,} "
+            f"| {format_bytes(p.store.read)} |" for p in phases]
     return "\n".join([head, *rows])
 
 
@@ -418,8 +488,12 @@ def cost_report(job: JobConfig, why: str, phases: Sequence[PhaseCost],
     total = sum(p.seconds or 0.0 for p in phases)
     flops = sum(p.lm_flops + p.sae_flops for p in phases)
     disk = sum(p.disk_bytes for p in phases)
+    store = sum((p.store for p in phases), StoreCost(0, 0, 0))
     lines.append(f"total: {format_flops(flops)} FLOPs, {format_bytes(disk)} of shards"
                  + (f", predicted {format_seconds(total)}" if cal is not None else ""))
+    lines += ["", "store (the runs dir):", "", store_table(phases), "",
+              f"store total: {format_bytes(store.written)} written and kept in {store.files:,} "
+              f"files, {format_bytes(store.read)} read back"]
     if cal is not None:
         lines.append(f"calibration: forward {cal.forward_tokens_per_s:,.0f} tokens/s, one SAE step "
                      f"{cal.sae_tokens_per_s:,.0f} tokens/s, reads {format_bytes(cal.read_bytes_per_s)}/s")

@@ -101,11 +101,12 @@ def worker_shards(directory: str | Path, rank: int, world: int) -> list[str]:
 class Fault:
     """A planted failure: `storage` raises OSError(ENOSPC) once the stream passes `at_tokens`
     (every attempt); `oom` raises torch.OutOfMemoryError from `member`'s step while its group
-    holds more than one member (as a group too large for its GPU would)."""
+    holds more than `fits` members (as a group too large for its GPU would)."""
 
     kind: str
     at_tokens: int = 0
     member: str | None = None
+    fits: int = 1
 
 
 class FaultyFit(SAEGroupFit):
@@ -120,7 +121,7 @@ class FaultyFit(SAEGroupFit):
             yield batch
 
     def member_batch(self, member, batch):
-        if self.fault.kind == "oom" and member.key == self.fault.member and len(self.spec.members) > 1:
+        if self.fault.kind == "oom" and member.key == self.fault.member and len(self.spec.members) > self.fault.fits:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return super().member_batch(member, batch)
 

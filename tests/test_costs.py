@@ -91,3 +91,48 @@ def test_plan_command_prints_the_table(tmp_path, capsys):
     assert main(["plan", str(PAPER), "--runs-dir", str(tmp_path), "--no-calibrate"]) == 0
     out = capsys.readouterr().out
     assert "activation source streamed" in out and "| scratch | 1 | 12 | 1,000,000,000 |" in out
+
+
+def test_store_per_checkpoint_is_what_the_saves_write(tmp_path):
+    """The plan's bytes per parameter are the files' sizes: an SAE folder is its float32
+    weights, a training state its weights and Adam's two moments (plus headers, the JSON and
+    the per-latent counters)."""
+    from raysae.checkpoint import save_train_state
+    from raysae.config import TrainConfig
+    from raysae.sae import SAE
+    from raysae.train import run_trainer, sae_trainer
+
+    d, F = 32, 256
+    cfg = SAEConfig(architecture="relu", d_sae=F)
+    sae = SAE(cfg, d)
+    train = TrainConfig(num_tokens=64, batch_size=32, checkpoint_every_tokens=64)
+    state = run_trainer(sae_trainer(sae, train), [torch.randn(32, d) for _ in range(2)])
+    params = cfg.spec.parameters(d, F)
+    size = lambda p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file())  # noqa: E731
+    folder, kept = sae.save(tmp_path / "sae"), save_train_state(state, tmp_path / "state")
+    assert [len(list(p.iterdir())) for p in (folder, kept)] == [costs.FILES_PER_FOLDER] * 2
+    assert 0 <= size(folder) - costs.FOLDER_BYTES_PER_PARAM * params < 8192
+    assert 0 <= size(kept) - costs.STATE_BYTES_PER_PARAM * params < 8192 + 16 * F
+
+
+def test_store_of_a_group_and_of_the_paper_plan(tmp_path):
+    job = dataclasses.replace(load_config(PAPER), runs_dir=str(tmp_path))
+    d, F = 768, 6144
+    P = 2 * d * F + F + d
+    assert job.train.checkpoint_every_tokens == 100_000_000
+    saes = [costs.SAECost(job.model, f"blocks.{i}.hook_resid_post", job.sae, b)
+            for i, b in ((0, 10**9), (1, 250_000_000))]
+    # 10 and 3 checkpoints (250M: 100M, 200M, 250M), each a state and a folder, plus the ends;
+    # a commit's group.json for each of the group's 10 commits; streamed: nothing read back
+    got = costs.group_store(job, d, saes, streamed=True)
+    assert got.written == (10 + 3) * P * (12 + 4) + 2 * P * 4
+    assert got.files == 2 * (2 * 10 + 1) + 2 * (2 * 3 + 1) + 10
+    assert got.read == 0
+    # cached: each site's shards for the group's tokens, in the cache's dtype (2 bytes)
+    assert job.cache.dtype == "bfloat16"
+    assert costs.group_store(job, d, saes, streamed=False).read == 10**9 * d * 2 * 2
+    by = {p.name: p for p in job_costs(job)[2]}
+    assert by["scratch"].store.written == 12 * (10 * P * 16 + P * 4)
+    assert by["transfer"].store.written == 22 * (5 * P * 16 + P * 4)
+    report = costs.cost_report(job, "streamed", list(by.values()))
+    assert "| scratch | 17.3 GiB | 514 | 0 B |" in report and "store total: 33.6 GiB" in report

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from raysae.config import ConfigError
-from raysae.distributed.engine.faults import fault_kind, retry_plan
+from raysae.distributed.engine.faults import fault_kind, parts, retry_plan
 
 CAUSES = {
     "raysae.shards.ShardError: /r/shard-0.arrow is corrupted: sha256 abc != def": "member",
@@ -44,12 +44,27 @@ def test_only_a_members_fault_or_out_of_memory_splits_its_group():
         "j": "diverged: j: training diverged: non-finite loss",  # left its group, which went on
     }
     split, labelled = retry_plan("p", errors, groups, "diverged")
-    assert split == ["g-shard", "g-oom"]  # never the disk's or the network's: retried whole
+    # never the disk's or the network's: retried whole
+    assert split == {"g-shard": "member", "g-oom": "out-of-memory"}
     assert labelled["e"] == "failed: [storage] OSError: [Errno 28] No space left on device"
     assert labelled["g"] == "failed: [network] RuntimeError: NCCL error"
     assert labelled["c"].startswith("failed: [out-of-memory] ")
     assert labelled["a"].startswith("failed: [member] ")
     assert labelled["j"] == errors["j"]  # a divergence is as before, not retried
+
+
+def test_an_out_of_memory_group_is_halved_and_a_members_fault_split_one_per_group():
+    for n in range(2, 12):
+        halves = parts(n, "out-of-memory")
+        assert len(halves) == 2 and sorted(i for h in halves for i in h) == list(range(n))
+        assert all(len(h) in (n // 2, (n + 1) // 2) for h in halves)
+        assert parts(n, "member") == [[i] for i in range(n)]
+    # halving again ends at one member per group: ceil(log2 n) rounds at most
+    sizes, rounds = [11], 0
+    while any(s > 1 for s in sizes):
+        sizes = [len(h) for s in sizes if s > 1 for h in parts(s, "out-of-memory")] + [s for s in sizes if s == 1]
+        rounds += 1
+    assert rounds == 4 and sorted(sizes) == [1] * 11
 
 
 def test_a_misconfiguration_found_late_stops_the_sweep_and_names_it():

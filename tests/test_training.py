@@ -315,11 +315,11 @@ def faulty_phase(cfg, directory, name, fault, *members):
     """A phase of one group of `members` with `fault` planted, through `run_groups`."""
     from raysae.config import to_dict
     from raysae.distributed.engine import run_groups
-    from raysae.distributed.training import alone, members_of
+    from raysae.distributed.training import members_of, regroup
 
     spec = group(directory, *members)
     extra = {"job": to_dict(cfg), "max_failures": 0, "fault": fault}
-    return run_groups(cfg, name, {spec.key: spec}, chaos.faulty_group, extra, 0, members_of, alone)
+    return run_groups(cfg, name, {spec.key: spec}, chaos.faulty_group, extra, 0, members_of, regroup)
 
 
 def test_a_storage_error_fails_the_group_whole_and_is_never_split(job):
@@ -334,20 +334,27 @@ def test_a_storage_error_fails_the_group_whole_and_is_never_split(job):
     for e in errors.values():
         assert e.startswith("failed: [storage] ") and "No space left on device" in e, e
     tune = Path(cfg.runs_dir) / "tune"
-    assert (tune / "faults-disk").is_dir() and not (tune / "faults-disk-alone").exists()
+    assert (tune / "faults-disk").is_dir() and not list(tune.glob("faults-disk-retry*"))
 
 
 def test_an_out_of_memory_group_is_replanned_smaller_and_completes(job):
-    from raysae.distributed.training import SAERun
+    """A group of three that does not fit (one member's step runs out of memory while its group
+    holds more than two) is halved: a group of two and a group of one, every member kept, each
+    at its exact budget; no third round."""
+    from raysae.distributed.engine.tags import GROUP_TAG
+    from raysae.distributed.training import SAERun, group_key
 
     cfg, directory = job
     hook = "blocks.1.hook_resid_post"
     members = [SAERun(key=f"oom-{i}", name=f"oom {i}", hook=hook, num_tokens=BUDGET // 2)
-               for i in (1, 2)]
-    done, errors = faulty_phase(cfg, directory, "faults-oom", chaos.Fault("oom", member="oom-1"),
+               for i in (1, 2, 3)]
+    done, errors = faulty_phase(cfg, directory, "faults-oom", chaos.Fault("oom", member="oom-1", fits=2),
                                 *members)
-    assert errors == {} and set(done) == {"oom-1", "oom-2"}  # every member kept, one per group
-    assert (Path(cfg.runs_dir) / "tune" / "faults-oom-alone").is_dir()
-    for key in done:
+    assert errors == {} and set(done) == {"oom-1", "oom-2", "oom-3"}
+    tune = Path(cfg.runs_dir) / "tune"
+    assert (tune / "faults-oom-retry1").is_dir() and not (tune / "faults-oom-retry2").exists()
+    pair = group_key(members[:2])
+    for key, trained_in in (("oom-1", pair), ("oom-2", pair), ("oom-3", "oom-3")):
         _, run = mlflow_run(cfg, key)
         assert run.info.status == "FINISHED" and run.data.tags["raysae.tokens_seen"] == str(BUDGET // 2)
+        assert run.data.tags[GROUP_TAG] == trained_in, (key, run.data.tags[GROUP_TAG])

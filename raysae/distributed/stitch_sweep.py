@@ -42,8 +42,8 @@ from raysae.distributed.study import Phase, Study, StudyRun, run_study
 from raysae.distributed.training import (
     SAEGroupSpec,
     SAERun,
-    alone,
     members_of,
+    regroup,
     sae_dir_for,
     sae_groups,
     train_on_ray,
@@ -168,15 +168,16 @@ def _train(sw: StitchSweep, phase: str, run: StudyRun, todo: list[StitchTrial]) 
     assert s is not None
     groups = _groups(sw.job, todo, run.made["cache"], run.parent)
     return run_groups(sw.job, f"{sw.job.name}-{sw.digest}-stitch-{phase}", groups, _run_group,
-                      {"max_failures": s.max_failures}, s.max_failures, _members_of, _alone)
+                      {"max_failures": s.max_failures}, s.max_failures, _members_of, _regroup)
 
 
 def _members_of(group: tuple[dict, StitchSpec | SAEGroupSpec]) -> list[str]:
     return members_of(group[1])
 
 
-def _alone(group: tuple[dict, StitchSpec | SAEGroupSpec]) -> dict[str, tuple[dict, Any]]:
-    return {k: (group[0], v) for k, v in alone(group[1]).items()}
+def _regroup(group: tuple[dict, StitchSpec | SAEGroupSpec],
+             parts: list[list[int]]) -> dict[str, tuple[dict, Any]]:
+    return {k: (group[0], v) for k, v in regroup(group[1], parts).items()}
 
 
 def _per_pair(task: Any, run: StudyRun, todo: list[StitchTrial]) -> tuple[Done, Errors]:

@@ -38,8 +38,8 @@ from raysae.distributed.redecide import going_on_groups, redecide_members
 from raysae.distributed.training import (
     SAEGroupSpec,
     SAERun,
-    alone,
     members_of,
+    regroup,
     run_sae_group,
     sae_groups,
 )
@@ -195,7 +195,7 @@ def train_saes(run: StudyRun, phase: str, experiment: str, members: list[SAERun]
              sum(len(g.members) for g in groups.values()), sum(bool(g.members) for g in groups.values()))
     done, errors = run_groups(job, experiment, groups, run_sae_group,
                               {"job": to_dict(job), "max_failures": max_failures},
-                              max_failures, members_of, alone)
+                              max_failures, members_of, regroup)
     return settled | done, errors | refused
 
 

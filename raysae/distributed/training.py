@@ -153,9 +153,14 @@ def members_of(spec: SAEGroupSpec) -> list[str]:
     return [m.key for m in spec.members]
 
 
-def alone(spec: SAEGroupSpec) -> dict[str, SAEGroupSpec]:
-    """Each member of a group as a group of its own (a failed group's retry)."""
-    return {m.key: dataclasses.replace(spec, key=m.key, members=(m,)) for m in spec.members}
+def regroup(spec: SAEGroupSpec, parts: list[list[int]]) -> dict[str, SAEGroupSpec]:
+    """The group's members (by index) in `parts`, each a group of its own (a failed group's
+    retry: `engine.run_groups`), keyed by `group_key`."""
+    out = {}
+    for idx in parts:
+        members = tuple(spec.members[i] for i in idx)
+        out[group_key(members)] = dataclasses.replace(spec, key=group_key(members), members=members)
+    return out
 
 
 def run_sae_group(key: str, job: dict, groups: dict[str, SAEGroupSpec],

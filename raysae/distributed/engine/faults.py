@@ -2,8 +2,8 @@
 
 - `member`: the member's own data or settings (a corrupted shard, a bad site): the group is
   split and its members retried one per group, so the SAEs that shared its stream go on;
-- `out-of-memory`: the group did not fit its worker: re-planned smaller, one member per group
-  (every member kept), and the phase says so;
+- `out-of-memory`: the group did not fit its worker: re-planned smaller, halved (every member
+  kept; a half that still does not fit is halved again), and the phase says so;
 - `storage`, `tracking`, `network` (NCCL or Gloo, a lost node or worker): the infrastructure,
   not a member: Tune has already retried the whole group from its last committed checkpoint up
   to `max_failures`; it is never split (each part would fail the same way);
@@ -32,7 +32,7 @@ FAULTS: tuple[tuple[str, tuple[str, ...]], ...] = (
 member's own."""
 
 SPLIT = ("member", "out-of-memory")
-"""The kinds whose group is retried one member per group."""
+"""The kinds whose group is retried in parts (`parts`)."""
 
 
 def fault_kind(cause: str) -> str:
@@ -50,10 +50,10 @@ def label(error: str, kind: str) -> str:
 
 
 def retry_plan(experiment: str, errors: dict[str, str], groups: dict[str, list[str]],
-               diverged: str) -> tuple[list[str], dict[str, str]]:
-    """The groups to split (a member's own fault or out of memory, with more than one member)
-    and every error labelled with its kind. Raises ConfigError on a misconfiguration: the sweep
-    stops there."""
+               diverged: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The groups to retry in parts, each with the kind that splits it (a member's own fault or
+    out of memory, in a group of more than one member; a member's fault wins), and every error
+    labelled with its kind. Raises ConfigError on a misconfiguration: the sweep stops there."""
     labelled, kinds = {}, {}
     for key, error in errors.items():
         if error.startswith(diverged):
@@ -64,6 +64,19 @@ def retry_plan(experiment: str, errors: dict[str, str], groups: dict[str, list[s
             raise ConfigError(f"{experiment}: a misconfiguration found while training {key}, the "
                               f"sweep stops: {error}")
         labelled[key] = label(error, kind)
-    split = [g for g, members in groups.items()
-             if len(members) > 1 and any(kinds.get(m) in SPLIT for m in members)]
+    split = {}
+    for g, members in groups.items():
+        found = [k for k in SPLIT if any(kinds.get(m) == k for m in members)]
+        if len(members) > 1 and found:
+            split[g] = found[0]
     return split, labelled
+
+
+def parts(n: int, kind: str) -> list[list[int]]:
+    """The members (by index) of each group a failed group of `n` is retried as: out of memory,
+    two halves (every member kept, the stream shared by fewer); a member's own fault, one per
+    group (the bad member fails alone and the others go on)."""
+    if kind == "out-of-memory":
+        half = (n + 1) // 2
+        return [list(range(half)), list(range(half, n))]
+    return [[i] for i in range(n)]

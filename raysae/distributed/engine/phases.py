@@ -21,7 +21,7 @@ from ray import tune
 from raysae.config import JobConfig
 from raysae.costs import PhaseCost, cost_report
 from raysae.distributed import root_cause
-from raysae.distributed.engine.faults import retry_plan
+from raysae.distributed.engine.faults import parts, retry_plan
 from raysae.distributed.engine.launch import WORKER_CPUS
 from raysae.distributed.engine.specs import FitResult
 from raysae.tracking import Tracker, job_tracking_uri
@@ -144,26 +144,33 @@ def run_groups(
     extra: dict[str, Any],
     max_failures: int,
     members_of: Callable[[Any], list[str]],
-    alone: Callable[[Any], dict[str, Any]],
+    regroup: Callable[[Any, list[list[int]]], dict[str, Any]],
 ) -> tuple[Done, Errors]:
     """Run a phase's groups (`tune_phase`, `run_group(key, groups=specs, **extra)`); each
-    failure is told apart (`faults`): a group that failed on a member's own data, or ran out of
-    memory, is split and its members retried one per group, so that the SAEs that shared its
-    stream go on; an infrastructure fault (storage, tracking, network) is not split, Tune having
-    retried the whole group from its last checkpoint; a misconfiguration stops the sweep."""
+    failure is told apart (`faults`): a group that failed on a member's own data is split and
+    its members retried one per group, so that the SAEs that shared its stream go on; one that
+    ran out of memory is halved, and a half that still fails halved again (`regroup(spec,
+    parts)`: the spec's members in those parts, by key); an infrastructure fault (storage,
+    tracking, network) is not split, Tune having retried the whole group from its last
+    checkpoint; a misconfiguration stops the sweep. Retry round r is Tune experiment
+    `<experiment>-retry<r>`."""
     groups = {k: members_of(spec) for k, spec in specs.items()}
     done, errors = tune_phase(job, experiment, groups, run_group, {"groups": specs, **extra},
                               max_failures)
     split, errors = retry_plan(experiment, errors, groups, MEMBER_FAILED)
-    retry = {k: single for key in split for k, single in alone(specs[key]).items()}
-    if retry:
-        log.info("%s: %d group(s) failed on a member's own data or out of memory; re-planned as "
-                 "one SAE per group, retrying their %d members", experiment, len(split), len(retry))
-        more, still = tune_phase(job, f"{experiment}-alone",
-                                 {k: members_of(spec) for k, spec in retry.items()}, run_group,
-                                 {"groups": retry, **extra}, max_failures)
+    round_ = 0
+    while split:
+        specs = {k: part for key, kind in split.items()
+                 for k, part in regroup(specs[key], parts(len(groups[key]), kind)).items()}
+        round_ += 1
+        log.info("%s: retry %d: %s; re-planned as %d group(s) of %s SAEs", experiment, round_,
+                 ", ".join(f"{k} ({kind})" for k, kind in split.items()), len(specs),
+                 "/".join(str(len(members_of(s))) for s in specs.values()))
+        groups = {k: members_of(spec) for k, spec in specs.items()}
+        more, still = tune_phase(job, f"{experiment}-retry{round_}", groups, run_group,
+                                 {"groups": specs, **extra}, max_failures)
+        split, still = retry_plan(experiment, still, groups, MEMBER_FAILED)
         done |= more
-        _, still = retry_plan(experiment, still, {}, MEMBER_FAILED)  # labelled: singles are not split
         errors = {k: v for k, v in errors.items() if k not in more} | still
     return done, errors
 
