@@ -86,6 +86,13 @@ def test_every_trial_finished_exactly_once(swept):
                    "transfer": 2, "probes": 1}
     assert set(df["status"]) == {"FINISHED"}
     assert df["tags.raysae.run_key"].n_unique() == len(df)
+    # one-worker groups ran in their Tune trials: their commits are the trials' checkpoints (the
+    # killed transfer trial resumed from one), and no Ray Train run was started
+    runs = swept["runs"]
+    assert not (runs / "ray_train").exists()
+    for phase in ("fit", "transfer"):
+        commits = list((runs / "tune").glob(f"stitch-test-*-stitch-{phase}/*/checkpoint_*/group.json"))
+        assert commits, phase
 
 
 def test_b_saes_stop_at_the_largest_threshold(swept):

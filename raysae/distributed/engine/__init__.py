@@ -7,14 +7,14 @@
 - `group`: the group loop every worker runs (step, evaluate, stop, retire, commit, finish),
   with `members` (a member's MLflow run), `stops` (the stop policy), `commits` (the group
   checkpoint) and `collectives` (how workers agree);
-- `launch`: one Ray Train run per group (`fit_on_ray`);
+- `launch`: one Ray Train run per group (`fit_on_ray`), or a one-worker group in its Tune trial;
 - `phases`: a sweep as phases of trials (Tune experiments of groups, their retry);
 - `faults`: a failure's kind (a member's own, out of memory, storage, tracking, network, config)
   and what the phase does about it;
 - `fanout`: a phase as plain Ray tasks.
 
-A Ray Train run is named after its group's stable key, so a worker that dies (or a driver that
-is restarted) resumes from the last committed checkpoint: every unfinished member from its own
+A Ray Train run is named after its group's stable key and a Tune trial after its group's, so a
+worker that dies (or a driver that is restarted) resumes from the last committed checkpoint: every unfinished member from its own
 state at that step, finished members not at all, and their MLflow runs found by key continue;
 token budgets are met exactly either way. Each member's checkpoints are also kept as artefact
 folders of their own (`<runs_dir>/checkpoints/<run>/tokens_<n>/`), for the evaluations that

@@ -1,7 +1,8 @@
 """A group's commits: what a group checkpoint holds (the step, each unfinished member's training
 state at that step, the finished members' final metrics, the failed members' errors, the MLflow
 run ids), how rank 0 commits one, and how a worker that starts (fresh or after a failure)
-resumes from the last one."""
+resumes from the last one. Commits go to Ray Train (`TrainCommits`: a data-parallel group's
+workers) or to the Tune trial that runs a one-worker group itself (`TrialCommits`)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import ray.train
+from ray import tune
 from ray.train import Checkpoint, CheckpointConsistencyMode
 
 from raysae.checkpoint import TrainState, load_train_state, save_train_state
@@ -44,10 +47,47 @@ def read_group(folder: Path, states: bool = True) -> GroupState:
     return GroupState(group["step"], kept, group["finished"], group["run_ids"], group["failed"])
 
 
-def resume(members: Sequence[RunSpec]) -> GroupState:
+class Commits(Protocol):
+    """Where a group's commits go and come back from."""
+
+    def last(self) -> Any:
+        """The last committed checkpoint (a folder behind `as_directory()`), or None."""
+
+    def report(self, metrics: dict[str, Any], folder: str | None, name: str | None) -> None:
+        """Report `metrics` and, from rank 0, commit the checkpoint in `folder` (as `name`);
+        return once it is registered, so that a death after it does not lose it."""
+
+
+class TrainCommits:
+    """A Ray Train run's: every worker reports, rank 0 with the checkpoint, which the
+    controller has registered before rank 0 goes on."""
+
+    def last(self) -> Any:
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], folder: str | None, name: str | None) -> None:
+        checkpoint = None if folder is None else Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        if checkpoint is not None:
+            ray.train.get_all_reported_checkpoints(CheckpointConsistencyMode.COMMITTED)
+
+
+class TrialCommits:
+    """A Tune trial's own, for the one-worker group it runs itself (`launch.fit_on_ray`): Tune
+    persists each checkpoint before `tune.report` returns, and a retried or restored trial
+    gets the last one back."""
+
+    def last(self) -> Any:
+        return tune.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], folder: str | None, name: str | None) -> None:
+        tune.report(metrics, checkpoint=None if folder is None else tune.Checkpoint.from_directory(folder))
+
+
+def resume(members: Sequence[RunSpec], commits: Commits) -> GroupState:
     """The group state of the last committed checkpoint; for a fresh run, the states the
     members go on from (`resume_from`, all at one step), or nothing."""
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = commits.last()
     if checkpoint is None:
         states = {m.key: load_train_state(m.resume_from) for m in members if m.resume_from}
         return GroupState(next(iter(states.values())).step if states else 0, states)
@@ -55,12 +95,13 @@ def resume(members: Sequence[RunSpec]) -> GroupState:
         return read_group(Path(d))
 
 
-def commit(group: GroupState, trainers: Mapping[str, Trainer], rank: int) -> None:
+def commit(group: GroupState, trainers: Mapping[str, Trainer], rank: int, commits: Commits
+           ) -> None:
     """Every worker reports; rank 0 writes the group state (every unfinished member's state at
-    this step), then waits until the controller has registered it: a worker that dies before
-    that would send the run back to the previous checkpoint, costing a whole interval."""
+    this step), then waits until it is registered: a worker that dies before that would send
+    the run back to the previous checkpoint, costing a whole interval."""
     if rank != 0:
-        ray.train.report({"step": group.step}, checkpoint=None)
+        commits.report({"step": group.step}, None, None)
         return
     with tempfile.TemporaryDirectory() as tmp:
         for key, trainer in trainers.items():
@@ -68,7 +109,5 @@ def commit(group: GroupState, trainers: Mapping[str, Trainer], rank: int) -> Non
         record = {"step": group.step, "active": list(trainers), "finished": group.finished,
                   "run_ids": group.run_ids, "failed": group.failed}
         (Path(tmp) / GROUP_FILE).write_text(json.dumps(record))
-        ray.train.report({"step": group.step, "finished": len(group.finished)},
-                         checkpoint=Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"step_{group.step:012d}")
-    ray.train.get_all_reported_checkpoints(CheckpointConsistencyMode.COMMITTED)
+        commits.report({"step": group.step, "finished": len(group.finished)}, tmp,
+                       f"step_{group.step:012d}")

@@ -1,4 +1,5 @@
-"""The group loop: what every worker of a Ray Train run does, for every Fit.
+"""The group loop: what every worker of a Ray Train run (or the Tune trial that runs a one-worker
+group itself) does, for every Fit.
 
     open the group (resume its last commit, build the unfinished members, open their runs)
     -> this worker's stream from the step it stopped at -> for each batch: `step` every live
@@ -27,7 +28,7 @@ import torch
 from raysae.checkpoint import TrainState, save_train_state
 from raysae.config import JobConfig, from_dict
 from raysae.distributed.engine.collectives import allreduce_mean
-from raysae.distributed.engine.commits import GroupState, commit, resume
+from raysae.distributed.engine.commits import Commits, GroupState, TrainCommits, commit, resume
 from raysae.distributed.engine.fit import Fit
 from raysae.distributed.engine.layout import stop_state_dir
 from raysae.distributed.engine.members import MemberRun, log_readout
@@ -45,7 +46,13 @@ def train_group(config: dict[str, Any]) -> None:
     fit: Fit = config["fit"](from_dict(JobConfig, config["job"]), config["spec"],
                              ctx.get_world_rank(), ctx.get_world_size(),
                              ray.train.torch.get_device())
-    group = Group(fit, config["uri"])
+    group_loop(fit, config["uri"], TrainCommits())
+
+
+def group_loop(fit: Fit, uri: str, commits: Commits) -> GroupState:
+    """The loop, from the last commit in `commits` until no member is live; returns where the
+    group ends (its last commit's content)."""
+    group = Group(fit, uri, commits)
     clock = group.clock
     with contextlib.closing(fit.batches(group.state.step)) as batches:
         while group.live:
@@ -64,6 +71,7 @@ def train_group(config: dict[str, Any]) -> None:
                 with clock("commit"):
                     group.commit()
             group.finish(done)
+    return group.state
 
 
 @dataclass(eq=False)
@@ -106,9 +114,9 @@ class Member:
 class Group:
     """A group's members on this worker, from its last commit to its end, one step at a time."""
 
-    def __init__(self, fit: Fit, uri: str) -> None:
-        self.fit, self.rank, self.world = fit, fit.rank, fit.world
-        self.state: GroupState = resume(fit.spec.members)
+    def __init__(self, fit: Fit, uri: str, commits: Commits) -> None:
+        self.fit, self.rank, self.world, self.commits = fit, fit.rank, fit.world, commits
+        self.state: GroupState = resume(fit.spec.members, commits)
         self.stops = StopPolicy(fit.world)
         self.clock = Clock()
         settled = self.state.finished.keys() | self.state.failed.keys()
@@ -221,7 +229,7 @@ class Group:
 
     def commit(self) -> None:
         """A group checkpoint at this step: every live member's state (`commits.commit`)."""
-        commit(self.state, {m.key: m.trainer for m in self.live}, self.rank)
+        commit(self.state, {m.key: m.trainer for m in self.live}, self.rank, self.commits)
 
     def finish(self, done: list[Member]) -> None:
         """Rank 0: finish the runs of the members done at this step, with the group's clocks."""

@@ -22,14 +22,12 @@ from raysae.config import JobConfig
 from raysae.costs import PhaseCost, cost_report
 from raysae.distributed import root_cause
 from raysae.distributed.engine.faults import parts, retry_plan
-from raysae.distributed.engine.launch import WORKER_CPUS
+from raysae.distributed.engine.launch import TRIAL_CPUS, WORKER_CPUS, in_trial, trial_resources
 from raysae.distributed.engine.specs import FitResult
 from raysae.tracking import Tracker, job_tracking_uri
 
 log = logging.getLogger("raysae.engine")
 
-TRIAL_CPUS = 0.1
-"""CPUs of a Tune trial, which only drives its Train run (its workers ask for their own)."""
 SQLITE_CONCURRENT_TRIALS = 2
 """Trials at once against a sqlite MLflow store, which serialises its writers."""
 MEMBER_FAILED = "diverged"
@@ -67,9 +65,10 @@ class SweepResult:
 
 def _tune_trial(config: dict[str, Any], run_group: Callable[..., dict[str, FitResult]],
                 payload: dict) -> None:
-    """A Tune function trainable: one trial drives one Fit (a group) and reports the final
-    metrics of each of its members."""
-    results = run_group(config["key"], **payload)
+    """A Tune function trainable: one trial drives one Fit (a group; one of one worker it runs
+    itself, `launch.in_trial`) and reports the final metrics of each of its members."""
+    with in_trial():
+        results = run_group(config["key"], **payload)
     members = {k: {"metrics": r.metrics, "out_dir": str(r.out_dir), "error": r.error}
                for k, r in results.items()}
     tune.report({"members": json.dumps(members)})
@@ -98,7 +97,7 @@ def tune_phase(
     phase without any runs no Tune experiment."""
     storage = Path(job.runs_dir).resolve() / "tune"
     trainable = tune.with_resources(
-        tune.with_parameters(_tune_trial, run_group=run_group, payload=payload), {"CPU": TRIAL_CPUS}
+        tune.with_parameters(_tune_trial, run_group=run_group, payload=payload), trial_resources(job)
     )
     path = storage / experiment
     todo = [k for k, members in groups.items() if members]
