@@ -4,7 +4,8 @@
 
 Writes `<out>/<experiment>/layers.csv` and `layers.md` (CES, KL score, explained variance, L0,
 dead fraction of each run's last checkpoint) and prints the markdown. The tracking URI is
-MLFLOW_TRACKING_URI when set, else the sqlite file under the runs directory. Imports no
+--tracking-uri (the job's tracking_uri), else MLFLOW_TRACKING_URI, else the sqlite file under the
+runs directory. Imports no
 training code: only MLflow's run table.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import mlflow
 import polars as pl
-from common import to_markdown, tracking_uri
+from common import store_args, to_markdown, tracking_uri
 
 COLUMNS = {
     "tags.raysae.layer": "layer",
@@ -57,10 +58,10 @@ def layer_table(runs: pl.DataFrame) -> pl.DataFrame:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment")
-    p.add_argument("--runs-dir", default="runs")
+    store_args(p)
     p.add_argument("--out", default=None, help="output folder (default: <runs-dir>/analysis)")
     args = p.parse_args(argv)
-    table = layer_table(load_runs(args.experiment, tracking_uri(args.runs_dir)))
+    table = layer_table(load_runs(args.experiment, tracking_uri(args)))
     out = Path(args.out or Path(args.runs_dir) / "analysis") / args.experiment
     out.mkdir(parents=True, exist_ok=True)
     table.write_csv(out / "layers.csv")

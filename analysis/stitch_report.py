@@ -22,7 +22,7 @@ Writes to `<out>/<experiment>/` (default out: <runs-dir>/analysis), each table a
                       sizes, direct logit attribution, the AtP check (with `features:`)
 and logs them as artifacts of a `<experiment> stitch summary` run (unless --no-log). A piece
 whose runs are missing is skipped with a note. Reads nothing but MLflow (and the paper's
-numbers, raysae/reference/stitching.json): the tracking URI is MLFLOW_TRACKING_URI, else sqlite
+numbers, raysae/reference/stitching.json): the tracking URI is --tracking-uri (the job's tracking_uri), else MLFLOW_TRACKING_URI, else sqlite
 under the runs directory.
 
 Every explained variance is the held-out one (fp64, around the mean) logged at checkpoints
@@ -703,7 +703,7 @@ def circuits(runs: pl.DataFrame) -> pl.DataFrame | None:
 def main(argv: list[str] | None = None) -> int:
     args = report_args(__doc__, argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keeps stdout tables
-    mlflow.set_tracking_uri(tracking_uri(args.runs_dir))
+    mlflow.set_tracking_uri(tracking_uri(args))
     client = MlflowClient()
     out = Path(args.out or Path(args.runs_dir) / "analysis") / args.experiment
     out.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ With `sweep.architectures` each architecture gets these in `<out>/<experiment>/<
 and architectures.csv/.md puts them side by side (scratch CES, EV, L0; per direction and budget
 the transferred SAEs' normalized CES, MMCS with scratch and combined transfer score). All are
 logged as artifacts of a `<experiment> summary` run (unless --no-log). Reads nothing but
-MLflow and the paper's numbers: the tracking URI is MLFLOW_TRACKING_URI, else sqlite under the
+MLflow and the paper's numbers: the tracking URI is --tracking-uri (the job's tracking_uri), else MLFLOW_TRACKING_URI, else sqlite under the
 runs directory.
 """
 
@@ -547,7 +547,7 @@ def architectures_table(runs: pl.DataFrame) -> pl.DataFrame:
 
 def main(argv: list[str] | None = None) -> int:
     args = report_args(__doc__, argv)
-    mlflow.set_tracking_uri(tracking_uri(args.runs_dir))
+    mlflow.set_tracking_uri(tracking_uri(args))
     client = MlflowClient()
     out = Path(args.out or Path(args.runs_dir) / "analysis") / args.experiment
     out.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,8 @@ if __name__ == "__main__":
             status = main([command, path, *runs]) or status
             if status == 0:
                 runs_dir = runs[1] if runs else "runs"
+                uri = ["--tracking-uri", cfg.tracking_uri] if cfg.tracking_uri else []
                 status = subprocess.call(
-                    [sys.executable, str(ANALYSIS / script), cfg.name, "--runs-dir", runs_dir]
+                    [sys.executable, str(ANALYSIS / script), cfg.name, "--runs-dir", runs_dir, *uri]
                 )
     sys.exit(status)

@@ -157,12 +157,12 @@ def cmd_plan(cfg: JobConfig, calibrate: bool = True, slots: int = 1,
     from raysae import costs
 
     if target is not None:  # read from MLflow: no Ray
-        from raysae.tracking import Tracker, job_tracking_uri
+        from raysae.tracking import Tracker
         from raysae.transfer.pilot import budget_plan_report, sweep_trials
 
         try:
             trials = sweep_trials(cfg)
-            print(budget_plan_report(cfg, target, trials, Tracker(job_tracking_uri(cfg), cfg.name)))
+            print(budget_plan_report(cfg, target, trials, Tracker.for_job(cfg)))
         except ConfigError as e:
             print(f"raysae: {e}", file=sys.stderr)
             return 2

@@ -143,10 +143,10 @@ class Tracker:
     """One MLflow experiment, seen through explicit run ids."""
 
     @classmethod
-    def for_runs_dir(cls, runs_dir: str | Path, experiment: str, uri: str | None = None) -> Tracker:
-        """The job's tracker: its URI (`uri`, else `tracking_uri`), artifacts under
-        `<runs_dir>/mlartifacts`."""
-        return cls(uri or tracking_uri(runs_dir), experiment, Path(runs_dir) / "mlartifacts")
+    def for_job(cls, job: JobConfig) -> Tracker:
+        """The job's tracker, the same for its driver, workers and tasks: its experiment, its
+        URI (`job_tracking_uri`), artifacts of a new experiment under `<runs_dir>/mlartifacts`."""
+        return cls(job_tracking_uri(job), job.name, Path(job.runs_dir) / "mlartifacts")
 
     def __init__(self, uri: str, experiment: str, artifact_root: str | Path | None = None,
                  wait_s: float | None = None) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from conftest import TINY_NEOX
@@ -358,3 +360,13 @@ def test_the_driver_fixes_its_tracking_uri_into_the_job(tmp_path, checked, monke
     path.write_text(yaml.safe_dump({**checked, "tracking_uri": "http://10.0.0.1:5000"}))
     assert _load(args).tracking_uri == "http://10.0.0.1:5000"  # the config's own, over the variable
     assert not (tmp_path / "runs").exists()  # resolving it writes nothing
+    # the analysis scripts find the same store: --tracking-uri (the job's), else as the driver
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "analysis"))
+    from common import tracking_uri
+
+    store = argparse.Namespace(runs_dir=args.runs_dir, tracking_uri=None)
+    assert tracking_uri(store) == "http://127.0.0.1:5000"
+    assert tracking_uri(argparse.Namespace(**{**vars(store), "tracking_uri": "http://10.0.0.1:5000"})
+                        ) == "http://10.0.0.1:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking_uri(store) == local.tracking_uri

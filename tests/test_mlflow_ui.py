@@ -75,9 +75,7 @@ def free_port() -> int:
 
 def build_store(root: Path) -> tuple[str, dict[str, str]]:
     """The Tracker's store: a sweep parent, three children with grid-axis tags and metrics."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        tracker = Tracker.for_runs_dir(root, "ui-check")
+    tracker = Tracker(f"sqlite:///{root.resolve() / 'mlflow.db'}", "ui-check", root / "mlartifacts")
     parent = tracker.open_run("sweep", SWEEP, tags={"raysae.phase": "sweep"})
     children = {}
     for i, (name, (tags, fvu)) in enumerate(CHILDREN.items()):

@@ -39,7 +39,7 @@ from raysae.features.targets import FeatureTarget
 from raysae.features.tasks import TaskSet, load_tasks
 from raysae.models import hook_name, load_lm, load_tokenizer
 from raysae.sae import SAE
-from raysae.tracking import Tracker, job_tracking_uri
+from raysae.tracking import Tracker
 
 log = logging.getLogger("raysae.features")
 
@@ -78,7 +78,7 @@ def features_phase(
     fc = job.features
     if fc is None or not targets:
         return {}, {}
-    tracker = Tracker(job_tracking_uri(job), job.name)
+    tracker = Tracker.for_job(job)
     settings = digest(to_dict(fc))
     settled = {t.key: m for t in targets
                if (m := _settled(tracker, tracker.find(t.key), settings)) is not None}
@@ -114,7 +114,7 @@ def _evaluate_sae(
 ) -> dict[str, dict[str, float]]:
     (key,) = keys
     job, target = from_dict(JobConfig, job_d), targets[key]
-    tracker = Tracker(job_tracking_uri(job), job.name)
+    tracker = Tracker.for_job(job)
     run_id = tracker.find(target.key)
     if run_id is None:
         raise RuntimeError(f"no MLflow run carries the key {target.key!r}")

@@ -58,7 +58,7 @@ from raysae.stitching import pairs
 from raysae.stitching.grid import StitchTrial
 from raysae.stitching.stitch import Stitch
 from raysae.stopping import threshold_rule
-from raysae.tracking import Tracker, job_tracking_uri
+from raysae.tracking import Tracker
 
 log = logging.getLogger("raysae.stitch_sweep")
 
@@ -279,7 +279,7 @@ def _zeroshot_pair(keys: list[str], payload: dict[str, Any]) -> Done:
     job_cfg = from_dict(JobConfig, payload["job"])
     s = job_cfg.stitch
     assert s is not None
-    tracker = Tracker(job_tracking_uri(job_cfg), job_cfg.name)
+    tracker = Tracker.for_job(job_cfg)
     out: Done = {}
     model_b = tokens = special = None
     for key in keys:
@@ -313,7 +313,7 @@ def _probes_pair(keys: list[str], payload: dict[str, Any]) -> Done:
     job_cfg = from_dict(JobConfig, payload["job"])
     s = job_cfg.stitch
     assert s is not None
-    tracker = Tracker(job_tracking_uri(job_cfg), job_cfg.name)
+    tracker = Tracker.for_job(job_cfg)
     (key,) = keys
     done = tracker.finished_metrics(key)
     if done is not None:

@@ -112,7 +112,7 @@ class Study:
 def run_study(study: Study) -> SweepResult:
     """Run (or resume) every phase of the study; a failed trial fails the parent run."""
     job = study.job
-    tracker = Tracker.for_runs_dir(job.runs_dir, job.name, job.tracking_uri)
+    tracker = Tracker.for_job(job)
     parent = tracker.open_run(study.key, study.name, study.tags, flatten(job))
     log_costs(tracker, parent, *study.costs)
     run = StudyRun(job, tracker, parent)

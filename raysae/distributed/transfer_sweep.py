@@ -42,7 +42,7 @@ from raysae.features.tasks import TaskSet
 from raysae.models import hook_name, load_lm, load_tokenizer, model_dims
 from raysae.sae import SAE
 from raysae.stopping import NoTarget, StopRule, transfer_rule
-from raysae.tracking import Tracker, job_tracking_uri
+from raysae.tracking import Tracker
 from raysae.transfer import grid, scores
 from raysae.transfer.derived import heldout_sites, new_normalized_ces, transfer_scores
 from raysae.transfer.pilot import budget_plan_report, budget_plan_run_summary, read_pilot
@@ -274,7 +274,7 @@ def _zeroshot_layer(keys: list[str], payload: dict[str, Any]) -> Done:
     forward per batch, shared)."""
     job = from_dict(JobConfig, payload["job"])
     assert job.sweep is not None
-    tracker = Tracker(job_tracking_uri(job), job.name)
+    tracker = Tracker.for_job(job)
     trials = {key: grid.Trial(**payload["trials"][key]) for key in keys}
     out: Done = {}
     for key in keys:
