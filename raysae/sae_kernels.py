@@ -168,6 +168,18 @@ class JumpReLUKernels(Kernels):
         sparsity = _Step.apply(pre_BF, sae.threshold, eps).sum(-1).mean()
         return feats_BF.reshape(*shape, sae.d_sae), sparsity
 
+    def train_forward(self, sae: SAE, x_BD: Tensor, x_c: Tensor, w: Weights,
+                      dead_F: Tensor | None, sparsity_coeff: float | Tensor) -> TrainOutput:
+        """Under autocast, in float32 from the float32 inputs and master weights: the
+        straight-through window |pre - θ| < ε/2 (ε = 0.001 by default) is finer than bf16
+        resolves near θ (its spacing there is about θ/128), so in bf16 θ's gradient is exactly 0
+        for θ >= 0.2 and wrong below it; rounding x or W to bf16 alone moves pre by more than ε."""
+        if x_c.dtype.itemsize < 4:
+            x_c = x_BD.to(w.loss_dt)
+            w = Weights(*(p.to(w.loss_dt) for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)),
+                        w.loss_dt)
+        return super().train_forward(sae, x_BD, x_c, w, dead_F, sparsity_coeff)
+
     def fused(self, sae: SAE, x_c: Tensor, w: Weights) -> tuple[Tensor, Tensor, Tensor]:
         return _JumpReLUTrain.apply(x_c, w.W_enc_DF, w.b_enc_F, w.W_dec_FD, w.b_dec_D,
                                     sae.threshold.to(x_c.dtype), sae.cfg.jumprelu_bandwidth)

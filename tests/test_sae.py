@@ -11,6 +11,7 @@ from conftest import perturb
 from safetensors.torch import load_file, save_file
 
 from raysae import metrics
+from raysae.architectures import ARCHITECTURES
 from raysae.config import SAEConfig
 from raysae.models import hook_name
 from raysae.sae import (
@@ -315,3 +316,33 @@ def test_relu_training_graph_allows_one_backward() -> None:
     out.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.loss.backward()
+
+
+def _step_grads(arch: str, amp: bool, **cfg: object) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient of one training forward (fp32 or under CPU bf16 autocast, as
+    `SAELearner.loss` runs it), from the same SAE and batch."""
+    torch.manual_seed(0)
+    widths = {"matryoshka_widths": (64, 256)} if arch.startswith("matryoshka") else {}
+    sae = build_sae(arch, d_in=64, d_sae=256, k=16, **widths, **cfg)
+    x_BD = torch.randn(2048, 64)
+    with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+        sae.train_forward(x_BD, 1e-2).loss.backward()
+    return {n: p.grad for n, p in sae.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch,theta", [
+    *((a, None) for a in sorted(ARCHITECTURES) if a != "jumprelu"),
+    *(("jumprelu", t) for t in (0.05, 0.1, 0.2, 0.5, 1.0)),
+])
+def test_bf16_autocast_keeps_every_gradient(arch: str, theta: float | None) -> None:
+    """Under bf16 autocast every parameter's gradient points where fp32's does (cosine >= 0.99)
+    and none is all zero where fp32's is not: JumpReLU's threshold too, whose straight-through
+    window bf16 cannot resolve (it trains in float32; at θ >= 0.2 its gradient was exactly 0)."""
+    cfg = {} if theta is None else {"jumprelu_threshold": theta}
+    full, half = _step_grads(arch, False, **cfg), _step_grads(arch, True, **cfg)
+    assert set(half) == set(full)
+    for name, g in full.items():
+        assert g.abs().sum() > 0 and half[name].abs().sum() > 0, name
+        cos = torch.nn.functional.cosine_similarity(g.flatten().double(),
+                                                    half[name].flatten().double(), dim=0)
+        assert cos >= 0.99, (name, float(cos))
