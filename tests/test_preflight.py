@@ -18,7 +18,9 @@ from conftest import TINY_NEOX, build_cfg, driver_env
 from local_head import kill_session, local_head
 
 from raysae.config import TrainConfig
-from raysae.distributed.preflight import PreflightError, preflight
+from raysae.distributed import root_cause
+from raysae.distributed.engine.faults import fault_kind
+from raysae.distributed.preflight import PreflightError, check_node, preflight, preflight_ran
 
 pytestmark = pytest.mark.ray
 
@@ -32,7 +34,10 @@ def test_a_good_node_passes_and_a_missing_gpu_or_server_is_named(ray_local, tmp_
     t0 = time.time()
     [node] = preflight(cfg)
     assert node.startswith(ray_local.nodes()[0]["NodeManagerAddress"])
-    assert not list((tmp_path / "runs" / ".preflight").iterdir())  # its markers removed
+    # its markers removed but the one kept for nodes that join later; this node listed as passed
+    kept = tmp_path / "runs" / ".preflight"
+    assert sorted(p.name for p in kept.iterdir()) == ["driver", "nodes"]
+    assert [p.name for p in (kept / "nodes").iterdir()] == [ray_local.nodes()[0]["NodeID"]]
     # a CPU node with use_gpu: named, with the fix
     gpu = dataclasses.replace(cfg, train=TrainConfig(use_gpu=True, eval_tokens=256))
     with pytest.raises(PreflightError) as e:
@@ -47,6 +52,39 @@ def test_a_good_node_passes_and_a_missing_gpu_or_server_is_named(ray_local, tmp_
         preflight(cfg)
     assert f"node {node}: tracking: the tracking server http://127.0.0.1:{port} does not answer" in str(e.value)
     assert time.time() - t0 < 30
+
+
+def test_a_node_that_joins_later_is_checked_where_its_first_trial_lands(ray_local, tmp_path,
+                                                                         token_file, monkeypatch):
+    """`check_node`, which each trial runs first after a preflight: a node listed as passed is
+    not checked again; one not listed is, with every check, and named on one line, a
+    misconfiguration (the sweep stops), not a member's fault."""
+    cfg = build_cfg(tmp_path / "runs", token_file)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert not preflight_ran(cfg)
+    preflight(cfg)
+    assert preflight_ran(cfg)
+    check = ray_local.remote(num_cpus=0)(check_node)
+    nodes = tmp_path / "runs" / ".preflight" / "nodes"
+    (nodes / ray_local.nodes()[0]["NodeID"]).unlink()  # as a node that joined after it
+    gpu = dataclasses.replace(cfg, train=TrainConfig(use_gpu=True, eval_tokens=256))
+    with pytest.raises(Exception) as e:
+        ray_local.get(check.remote(gpu))
+    cause = root_cause(e.value)
+    assert "joined after the preflight and fails it: gpu: train.use_gpu is set but CUDA is not " \
+           "available here" in cause and fault_kind(cause) == "config"
+    listed = lambda: [p.name for p in nodes.iterdir() if p.suffix != ".answer"]  # noqa: E731
+    assert listed() == []  # a failed node is not listed
+    ray_local.get(check.remote(cfg))  # it passes: listed, and not checked again
+    assert listed() == [ray_local.nodes()[0]["NodeID"]]
+    ray_local.get(check.remote(gpu))
+    # a node whose runs dir is not the driver's store (its own disk: no kept marker there)
+    elsewhere = dataclasses.replace(cfg, runs_dir=str(tmp_path / "elsewhere"))
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(Exception) as e:
+        ray_local.get(check.remote(elsewhere))
+    assert f"store: the driver's marker {tmp_path / 'elsewhere'}/.preflight/driver cannot be read" \
+           in root_cause(e.value)
 
 
 def test_a_node_that_does_not_share_the_store_is_named_before_any_work(tmp_path, token_file):

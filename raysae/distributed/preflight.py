@@ -7,6 +7,11 @@ The driver writes a marker into the runs dir; each node's task reads it and writ
 the driver: a node's own MLFLOW_TRACKING_URI is never read), sees the local model and data paths the job names and
 can write to its scratch dir (the hub's download cache). A failure names the node, the check,
 what was found and the fix, within seconds (`PreflightError`, exit 2 from the CLI).
+
+A node that joins later (the autoscaler's) is checked before its first group: each Tune trial
+runs `check_node` where it lands, once per node (the store read through the marker the driver
+keeps, `.preflight/driver`); a node that fails stops its trial with a `PreflightError` naming it,
+a misconfiguration (`faults`), not a member's fault.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from typing import Any
 from raysae.config import ConfigError, JobConfig, local_path
 from raysae.tracking import job_tracking_uri
 
+KEPT = "driver"
+"""The driver's marker under `<runs_dir>/.preflight/`, kept for the nodes that join later; the
+nodes that passed are listed beside it (`nodes/<node id>`)."""
 PROBE_TIMEOUT_S = 120.0
 """How long the driver waits for a node's answer: a node that answers names its own problems
 in seconds; this bounds only a node that cannot start the task at all (a worker process on a
@@ -54,15 +62,18 @@ def _local_paths(job: JobConfig) -> dict[str, str]:
     return {k: v for k, v in named.items() if v and local_path(v) is not None}
 
 
-def probe(job: JobConfig, marker: str, token: str, reply: str, uri: str) -> list[tuple[str, str, str]]:
-    """On one node: every check, as (check, found, fix) for those that fail."""
+def probe(job: JobConfig, marker: str, token: str | None, reply: str, uri: str
+          ) -> list[tuple[str, str, str]]:
+    """On one node: every check, as (check, found, fix) for those that fail (`token`: what the
+    marker must hold; None: any driver's)."""
     out: list[tuple[str, str, str]] = []
     runs = job.runs_dir
     try:
         seen = Path(marker).read_text()
-        if seen != token:
+        if token is not None and seen != token:
             raise OSError(f"it holds {seen!r}, not this run's marker")
-        Path(reply).write_text(token)
+        Path(reply).parent.mkdir(parents=True, exist_ok=True)
+        Path(reply).write_text(seen)
     except OSError as e:
         out.append(("store", f"the driver's marker {marker} cannot be read and answered here ({e})",
                     f"make runs_dir {runs!r} a store every node reaches (a shared mount at the "
@@ -114,6 +125,10 @@ def preflight(job: JobConfig, timeout_s: float = PROBE_TIMEOUT_S) -> list[str]:
     try:
         folder.mkdir(parents=True)
         marker.write_text(token)
+        kept = Path(job.runs_dir) / ".preflight" / KEPT
+        (kept.parent / "nodes").mkdir(exist_ok=True)
+        kept.with_name(f".{KEPT}.tmp").write_text(token)
+        kept.with_name(f".{KEPT}.tmp").replace(kept)
     except OSError as e:
         raise PreflightError(f"preflight failed before any work: the driver cannot write its "
                              f"marker {marker} ({e}); make runs_dir {job.runs_dir!r} writable") from None
@@ -138,8 +153,43 @@ def preflight(job: JobConfig, timeout_s: float = PROBE_TIMEOUT_S) -> list[str]:
             problems.append(Problem(node, "store", "its answer is not in the driver's store",
                                     f"make runs_dir {job.runs_dir!r} the same store on every node"))
     shutil.rmtree(folder, ignore_errors=True)
+    passed = set(nodes) - {refs[r] for r in late} - {n for n, name in nodes.items()
+                                                     if any(p.node == name for p in problems)}
+    for node in passed:
+        _kept(job, node).touch()
     for r in late:
         ray.cancel(r, force=True)
     if problems:
         raise PreflightError("preflight failed before any work:\n" + "\n".join(f"  {p}" for p in problems))
     return sorted(nodes.values())
+
+
+def _kept(job: JobConfig, node: str) -> Path:
+    """Where a node that passed the preflight is recorded."""
+    return Path(job.runs_dir) / ".preflight" / "nodes" / node
+
+
+def preflight_ran(job: JobConfig) -> bool:
+    """Whether a driver ran the preflight on this runs dir (its kept marker is there)."""
+    return (Path(job.runs_dir) / ".preflight" / KEPT).is_file()
+
+
+def check_node(job: JobConfig) -> None:
+    """The preflight of the node this runs on, before its first work, when it has none yet (it
+    joined after the job's): every check `probe` makes, the store read through the driver's kept
+    marker. Raises PreflightError naming the node, on one line."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    node = ctx.get_node_id()
+    ok = _kept(job, node)
+    if ok.exists():
+        return
+    found = probe(job, str(Path(job.runs_dir) / ".preflight" / KEPT), None,
+                  str(ok.with_name(f"{node}.answer")), job_tracking_uri(job))
+    if not found:
+        ok.touch()
+    else:
+        where = ray.util.get_node_ip_address()
+        raise PreflightError(f"node {where} ({node[:8]}) joined after the preflight and fails it: "
+                             + "; ".join(f"{check}: {what}; {fix}" for check, what, fix in found))

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import ray.train
-from ray import tune
 from ray.train import Checkpoint, CheckpointConsistencyMode
 
 from raysae.checkpoint import TrainState, load_train_state, save_train_state
@@ -78,9 +77,13 @@ class TrialCommits:
     gets the last one back."""
 
     def last(self) -> Any:
+        from ray import tune  # here: a Train worker, which imports this module, never loads Tune
+
         return tune.get_checkpoint()
 
     def report(self, metrics: dict[str, Any], folder: str | None, name: str | None) -> None:
+        from ray import tune
+
         tune.report(metrics, checkpoint=None if folder is None else tune.Checkpoint.from_directory(folder))
 
 

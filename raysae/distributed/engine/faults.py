@@ -19,7 +19,7 @@ from __future__ import annotations
 from raysae.config import ConfigError
 
 FAULTS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("config", ("ConfigError",)),
+    ("config", ("ConfigError", "PreflightError")),
     ("out-of-memory", ("OutOfMemoryError", "out of memory", "MemoryError")),
     ("tracking", ("MlflowException", "mlflow.exceptions", "TrackingUnavailable")),
     ("storage", ("OSError", "IOError", "PermissionError", "FileNotFoundError", "No space left",

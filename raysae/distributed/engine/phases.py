@@ -24,6 +24,7 @@ from raysae.distributed import root_cause
 from raysae.distributed.engine.faults import parts, retry_plan
 from raysae.distributed.engine.launch import TRIAL_CPUS, WORKER_CPUS, in_trial, trial_resources
 from raysae.distributed.engine.specs import FitResult
+from raysae.distributed.preflight import check_node, preflight_ran
 from raysae.tracking import Tracker, job_tracking_uri
 
 log = logging.getLogger("raysae.engine")
@@ -64,9 +65,12 @@ class SweepResult:
 
 
 def _tune_trial(config: dict[str, Any], run_group: Callable[..., dict[str, FitResult]],
-                payload: dict) -> None:
+                payload: dict, checked: JobConfig | None) -> None:
     """A Tune function trainable: one trial drives one Fit (a group; one of one worker it runs
-    itself, `launch.in_trial`) and reports the final metrics of each of its members."""
+    itself, `launch.in_trial`) and reports the final metrics of each of its members. After a
+    preflight (`checked`: its job), a node that joined later is checked first (`check_node`)."""
+    if checked is not None:
+        check_node(checked)
     with in_trial():
         results = run_group(config["key"], **payload)
     members = {k: {"metrics": r.metrics, "out_dir": str(r.out_dir), "error": r.error}
@@ -97,7 +101,9 @@ def tune_phase(
     phase without any runs no Tune experiment."""
     storage = Path(job.runs_dir).resolve() / "tune"
     trainable = tune.with_resources(
-        tune.with_parameters(_tune_trial, run_group=run_group, payload=payload), trial_resources(job)
+        tune.with_parameters(_tune_trial, run_group=run_group, payload=payload,
+                             checked=job if preflight_ran(job) else None),
+        trial_resources(job),
     )
     path = storage / experiment
     todo = [k for k, members in groups.items() if members]
