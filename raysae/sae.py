@@ -225,10 +225,10 @@ class SAE(nn.Module):
         batchtopk and matryoshka_batchtopk select k·B latents over the batch, as in training.
         `dead_F` (bool per latent) turns on the AuxK loss of the k architectures when
         `aux_coefficient` > 0. Under autocast, everything runs in the autocast dtype except the
-        loss (at least float32).
+        loss (at least float32), for the architectures whose kernels allow it (`autocast`).
         """
         dev = x_BD.device.type
-        amp = torch.is_autocast_enabled(dev)
+        amp = torch.is_autocast_enabled(dev) and self.kernels.autocast
         dt = torch.get_autocast_dtype(dev) if amp else self.W_enc.dtype
         loss_dt = torch.promote_types(dt, torch.float32)
         with torch.autocast(dev, enabled=False):

@@ -102,6 +102,9 @@ class Kernels:
 
     has_threshold = False
     """Whether inference gates each latent at a threshold, saved as SAELens's `threshold`."""
+    autocast = True
+    """Whether the training forward runs in the autocast dtype under autocast (else in the
+    weights' dtype)."""
 
     def add_state(self, sae: SAE, cfg: SAEConfig, d_sae: int, kw: dict[str, Any]) -> None:
         """Parameters or buffers beyond the four SAELens tensors (`kw`: dtype and device)."""
@@ -145,6 +148,11 @@ class JumpReLUKernels(Kernels):
     """f = pre · H(pre - θ), θ = exp(log_threshold) per latent, penalty λ Σ_i H(pre_i - θ_i)."""
 
     has_threshold = True
+    autocast = False
+    """Trains in float32 under autocast, from the float32 inputs and master weights: the
+    straight-through window |pre - θ| < ε/2 (ε = 0.001 by default) is finer than bf16 resolves
+    near θ (its spacing there is about θ/128), so in bf16 θ's gradient is exactly 0 for θ >= 0.2
+    and wrong below it; rounding x or W to bf16 alone moves pre by more than ε."""
 
     def add_state(self, sae: SAE, cfg: SAEConfig, d_sae: int, kw: dict[str, Any]) -> None:
         sae.log_threshold = nn.Parameter(
@@ -167,18 +175,6 @@ class JumpReLUKernels(Kernels):
         feats_BF = _JumpReLU.apply(pre_BF, sae.threshold, eps)
         sparsity = _Step.apply(pre_BF, sae.threshold, eps).sum(-1).mean()
         return feats_BF.reshape(*shape, sae.d_sae), sparsity
-
-    def train_forward(self, sae: SAE, x_BD: Tensor, x_c: Tensor, w: Weights,
-                      dead_F: Tensor | None, sparsity_coeff: float | Tensor) -> TrainOutput:
-        """Under autocast, in float32 from the float32 inputs and master weights: the
-        straight-through window |pre - θ| < ε/2 (ε = 0.001 by default) is finer than bf16
-        resolves near θ (its spacing there is about θ/128), so in bf16 θ's gradient is exactly 0
-        for θ >= 0.2 and wrong below it; rounding x or W to bf16 alone moves pre by more than ε."""
-        if x_c.dtype.itemsize < 4:
-            x_c = x_BD.to(w.loss_dt)
-            w = Weights(*(p.to(w.loss_dt) for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)),
-                        w.loss_dt)
-        return super().train_forward(sae, x_BD, x_c, w, dead_F, sparsity_coeff)
 
     def fused(self, sae: SAE, x_c: Tensor, w: Weights) -> tuple[Tensor, Tensor, Tensor]:
         return _JumpReLUTrain.apply(x_c, w.W_enc_DF, w.b_enc_F, w.W_dec_FD, w.b_dec_D,

@@ -153,10 +153,10 @@ def preflight(job: JobConfig, timeout_s: float = PROBE_TIMEOUT_S) -> list[str]:
             problems.append(Problem(node, "store", "its answer is not in the driver's store",
                                     f"make runs_dir {job.runs_dir!r} the same store on every node"))
     shutil.rmtree(folder, ignore_errors=True)
-    passed = set(nodes) - {refs[r] for r in late} - {n for n, name in nodes.items()
-                                                     if any(p.node == name for p in problems)}
-    for node in passed:
-        _kept(job, node).touch()
+    failed = {p.node for p in problems}  # a node that did not answer is one
+    for node, name in nodes.items():
+        if name not in failed:
+            _kept(job, node).touch()
     for r in late:
         ray.cancel(r, force=True)
     if problems:

@@ -44,10 +44,15 @@ def in_trial() -> Iterator[None]:
         _IN_TRIAL.reset(token)
 
 
+def runs_in_trial(job: JobConfig) -> bool:
+    """Whether a trial runs its group itself (one worker) rather than on a Ray Train run."""
+    return job.train.num_workers == 1
+
+
 def trial_resources(job: JobConfig) -> dict[str, float]:
     """A Tune trial's resources: those of the one worker it runs itself, or (data-parallel)
     TRIAL_CPUS, its Train workers asking for their own (`worker_scaling`)."""
-    if job.train.num_workers > 1:
+    if not runs_in_trial(job):
         return {"CPU": TRIAL_CPUS}
     return {"CPU": 1.0, "GPU": 1.0} if job.train.use_gpu else {"CPU": TRIAL_CPUS + WORKER_CPUS}
 
@@ -72,7 +77,7 @@ def fit_on_ray(job: JobConfig, spec: FitSpec, fit: type[Fit], *, max_failures: i
     if steps and (len(set(steps.values())) > 1 or len(steps) < len(spec.members)):
         raise ValueError(f"group {spec.key}: members go on from steps {steps}; a group shares "
                          "one stream, so all its members must go on from one step")
-    if _IN_TRIAL.get() and job.train.num_workers == 1:
+    if _IN_TRIAL.get() and runs_in_trial(job):
         device = torch.device("cuda" if job.train.use_gpu else "cpu")
         group = group_loop(fit(job, spec, 0, 1, device), job_tracking_uri(job), TrialCommits())
     else:
